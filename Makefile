@@ -1,0 +1,33 @@
+# The two quick-start commands:  `make demo`  and  `make test`.
+# Each creates ./.venv on first use (Python >= 3.11 and pip are all a fresh machine needs).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c requirements/constraints.txt
+WORKDIR ?= runs/mnist
+
+.PHONY: demo test venv venv-test clean
+
+$(VENV)/.base: setup.cfg pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+## make demo: train the default MNIST DDPM on the CPU (~10 min) and write samples + figures to $(WORKDIR)
+demo: $(VENV)/.base
+	$(VENV)/bin/ddpm-jax demo --workdir $(WORKDIR)
+
+## make test: the whole test suite (what CI runs)
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs
