@@ -1,0 +1,256 @@
+"""Building blocks of the diffusion U-Net, bottom-up.
+
+The DDPM network (Ho et al. 2020, Appendix B) is a U-Net "based on a Wide ResNet" with the
+PixelCNN++ backbone: ResNet blocks with GroupNorm, the timestep added to every block through a
+sinusoidal (Transformer) embedding, and self-attention at the 16×16 resolution. Stable Diffusion's
+U-Net (Rombach et al. 2022) reuses the same blocks and adds cross-attention to text.
+
+Every module here mirrors one diffusers module, and its parameters carry the same names
+(``conv1``, ``time_emb_proj``, ``to_q``, …) so that ``ddpm_jax.pretrained`` can load diffusers
+checkpoints with a plain key mapping:
+
+=====================  ==========================================
+ours                   diffusers
+=====================  ==========================================
+timestep_embedding     embeddings.get_timestep_embedding
+TimestepMLP            embeddings.TimestepEmbedding
+ResnetBlock            resnet.ResnetBlock2D
+Downsample             downsampling.Downsample2D (use_conv=True)
+Upsample               upsampling.Upsample2D (use_conv=True)
+Attention              attention_processor.Attention (the math)
+SpatialSelfAttention   Attention(norm_num_groups=…, residual_connection=True), the U-Net's attention block
+=====================  ==========================================
+
+Arrays are NHWC: ``[B, H, W, C]``. Parameters are float32; ``dtype`` is the computation dtype
+(e.g. ``jnp.bfloat16`` on accelerators).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Timestep embedding
+# --------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(
+    t: Array,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    max_period: float = 10000.0,
+) -> Array:
+    """Sinusoidal embedding of the timestep (the Transformer's position encoding, Vaswani et al. 2017 §3.5).
+
+    With ``half = dim // 2`` frequencies
+
+        ω_i    = max_period ** (−i / (half − downscale_freq_shift)),     i = 0, …, half − 1
+        emb(t) = [sin(t·ω_0), …, sin(t·ω_{half−1}), cos(t·ω_0), …, cos(t·ω_{half−1})]
+
+    ``flip_sin_to_cos=True`` puts the cosines first. The original DDPM code (and the
+    google/ddpm-* checkpoints) uses ``downscale_freq_shift=1`` and sines first; Stable Diffusion
+    uses ``downscale_freq_shift=0`` and cosines first. An odd ``dim`` gets one zero column.
+
+    Args:
+      t: timesteps, shape [B]; integers or floats.
+      dim: embedding size.
+    Returns:
+      float32 array [B, dim].
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    freqs = jnp.exp(exponent / (half - downscale_freq_shift))  # [half]
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)  # [B, 2·half]
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))  # [B, dim]
+    return emb
+
+
+class TimestepMLP(nn.Module):
+    """The two-layer MLP on top of the sinusoidal embedding: Dense → SiLU → Dense.
+
+    In the DDPM code this is ``temb = dense1(nonlinearity(dense0(get_timestep_embedding(t))))``,
+    with ``features = 4 · ch``. The result is shared by every ResNet block of the U-Net.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: Array) -> Array:
+        # emb: [B, D_in] → [B, features]
+        emb = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(emb)
+        emb = nn.silu(emb)
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(emb)
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions: ResNet block, down- and up-sampling
+# --------------------------------------------------------------------------------------------
+
+# "Same" 3×3 convolution, PyTorch's Conv2d(kernel_size=3, padding=1).
+Conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)))
+
+
+class ResnetBlock(nn.Module):
+    """The pre-activation ResNet block of the DDPM U-Net (Wide ResNet / PixelCNN++ style).
+
+        h = conv1(SiLU(GroupNorm(x)))
+        h = h + Dense(SiLU(temb))                          (timestep conditioning, per channel)
+        h = conv2(Dropout(SiLU(GroupNorm(h))))
+        out = (shortcut(x) + h) / output_scale_factor
+
+    ``shortcut`` is the identity, or a 1×1 conv when the channel count changes. ``temb=None``
+    gives the unconditioned block used by the VAE.
+    """
+
+    out_channels: int
+    num_groups: int = 32
+    eps: float = 1e-6
+    dropout: float = 0.0
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False) -> Array:
+        # x: [B, H, W, C_in], temb: [B, D] → [B, H, W, out_channels]
+        group_norm = functools.partial(
+            nn.GroupNorm, num_groups=self.num_groups, epsilon=self.eps, dtype=self.dtype
+        )
+        h = nn.silu(group_norm(name="norm1")(x))
+        h = Conv3x3(self.out_channels, dtype=self.dtype, name="conv1")(h)  # [B, H, W, C_out]
+        if temb is not None:
+            temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + temb[:, None, None, :]  # [B, 1, 1, C_out] broadcast over H, W
+        h = nn.silu(group_norm(name="norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Conv3x3(self.out_channels, dtype=self.dtype, name="conv2")(h)  # [B, H, W, C_out]
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 convolution.
+
+    ``padding=1`` pads one pixel on every side (diffusers' default). ``padding=0`` pads one pixel
+    at the bottom and right only, which is what TensorFlow's ``"SAME"`` does for stride 2 and
+    therefore what the original DDPM code and the google/ddpm-* checkpoints use.
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # x: [B, H, W, C] → [B, H/2, W/2, out_channels]
+        if self.padding not in (0, 1):
+            raise ValueError(f"Downsample padding must be 0 or 1, got {self.padding}")
+        p = self.padding
+        return nn.Conv(
+            self.out_channels,
+            (3, 3),
+            strides=(2, 2),
+            padding=((p, 1), (p, 1)),  # (top, bottom), (left, right)
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour ×2, then a 3×3 convolution."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # x: [B, H, W, C] → [B, 2H, 2W, out_channels]
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+        return Conv3x3(self.out_channels, dtype=self.dtype, name="conv")(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017, Eq. 1 and §3.2.2).
+
+        Q = x W_q,  K = c W_k,  V = c W_v            (c = context, or x itself for self-attention)
+        head_i = softmax(Q_i K_iᵀ / √head_dim) V_i    (one slice of head_dim channels per head)
+        out = concat(head_1, …, head_H) W_out
+
+    Self-attention when ``context`` is None; cross-attention otherwise (queries from the image,
+    keys and values from e.g. the text encoder, in Stable Diffusion). The context may have any
+    feature size: the key/value projections adapt to it.
+    """
+
+    query_dim: int  # feature size of x, and of the output
+    num_heads: int = 1
+    head_dim: int = 64
+    use_bias: bool = True  # q/k/v projection biases (True in the DDPM U-Net, False in SD's transformer)
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        inner_dim = self.num_heads * self.head_dim
+        projection = functools.partial(nn.Dense, inner_dim, use_bias=self.use_bias, dtype=self.dtype)
+        self.to_q = projection()
+        self.to_k = projection()
+        self.to_v = projection()
+        self.to_out_0 = nn.Dense(self.query_dim, dtype=self.dtype)  # diffusers' to_out[0]
+
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        # x: [B, T, query_dim], context: [B, S, D_ctx] → [B, T, query_dim]
+        context = x if context is None else context
+        batch, tokens, _ = x.shape
+        split_heads = lambda a: a.reshape(a.shape[0], a.shape[1], self.num_heads, self.head_dim)
+        q = split_heads(self.to_q(x))  # [B, T, heads, head_dim]
+        k = split_heads(self.to_k(context))  # [B, S, heads, head_dim]
+        v = split_heads(self.to_v(context))  # [B, S, heads, head_dim]
+        # softmax(q kᵀ / √head_dim) v per head; the softmax runs in float32 even for bf16 inputs.
+        out = jax.nn.dot_product_attention(q, k, v)  # [B, T, heads, head_dim]
+        out = out.reshape(batch, tokens, self.num_heads * self.head_dim)  # [B, T, inner_dim]
+        return self.to_out_0(out)
+
+
+class SpatialSelfAttention(Attention):
+    """The U-Net's self-attention block: every pixel attends to every pixel of the feature map.
+
+        out = (x + Attention(GroupNorm(x) as H·W tokens)) / rescale_output_factor
+
+    In Ho et al. it sits after the ResNet blocks at 16×16 and in the middle of the U-Net (one
+    head over all channels); diffusers' ``attention_head_dim`` splits it into several heads.
+    """
+
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    rescale_output_factor: float = 1.0
+
+    def setup(self):
+        super().setup()
+        self.group_norm = nn.GroupNorm(
+            num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype
+        )
+
+    def __call__(self, x: Array) -> Array:
+        # x: [B, H, W, C] with C == query_dim
+        batch, height, width, channels = x.shape
+        tokens = self.group_norm(x).reshape(batch, height * width, channels)  # [B, H·W, C]
+        h = super().__call__(tokens).reshape(batch, height, width, channels)  # [B, H, W, C]
+        return (x + h) / self.rescale_output_factor

@@ -1,0 +1,213 @@
+"""Load pretrained PyTorch (diffusers) weights into our Flax modules, with nothing but NumPy.
+
+A diffusers model folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``. We
+read the tensors with ``safetensors.numpy`` (no torch at run time), then convert the flat PyTorch
+state dict into our nested params in two steps:
+
+1. names: ``down_blocks.0.resnets.1.conv1.weight`` → ``("down_blocks_0", "resnets_1", "conv1", "kernel")``
+   (our modules are named like diffusers' with ``.N`` written ``_N``; PyTorch's ``weight`` is a
+   Flax ``kernel`` (Dense, Conv), ``scale`` (GroupNorm, LayerNorm) or ``embedding`` (Embed));
+2. layouts: conv weights are OIHW in PyTorch and HWIO in Flax; linear weights are [out, in] in
+   PyTorch and [in, out] in Flax.
+
+``convert_state_dict`` does both for any model given a key-renaming function, so the VAE and
+CLIP loaders reuse it. Every missing, unexpected or mis-shaped key is reported in one ValueError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ddpm_jax.models.unet import UNet, UNetConfig
+
+Params = dict[str, Any]
+
+# --------------------------------------------------------------------------------------------
+# Generic: a PyTorch state dict → Flax params
+# --------------------------------------------------------------------------------------------
+
+
+def flax_path(torch_key: str) -> tuple[str, ...]:
+    """``"down_blocks.0.resnets.1.conv1.weight"`` → ``("down_blocks_0", "resnets_1", "conv1", "weight")``."""
+    path: list[str] = []
+    for part in torch_key.split("."):
+        if part.isdigit() and path:
+            path[-1] += f"_{part}"  # a PyTorch ModuleList index becomes a name suffix
+        else:
+            path.append(part)
+    return tuple(path)
+
+
+def _to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)  # conv: [O, I, kh, kw] → [kh, kw, I, O]
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T  # linear: [out, in] → [in, out]
+    return array
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    target: Params,
+    rename: Callable[[str], str] = lambda key: key,
+) -> Params:
+    """Convert a flat PyTorch state dict into Flax params shaped like ``target``.
+
+    Args:
+      state_dict: PyTorch names → NumPy arrays (e.g. ``safetensors.numpy.load_file(...)``).
+      target: the model's params, or their shapes (``jax.eval_shape(module.init, ...)["params"]``).
+      rename: maps a checkpoint key to the PyTorch key our module naming mirrors (e.g. an old
+        attention name to its current diffusers name); applied before ``flax_path``.
+    Returns:
+      nested params with target's structure, as float32 (target's dtype) jax arrays.
+    Raises:
+      ValueError listing every key missing from the checkpoint, unexpected in it, or mis-shaped.
+    """
+    wanted = traverse_util.flatten_dict(target)  # {("down_blocks_0", ..., "kernel"): ShapeDtypeStruct}
+    params, unexpected, misshaped = {}, [], {}  # misshaped: Flax path → message
+    for key, array in state_dict.items():
+        *parent, leaf = flax_path(rename(key))
+        parent = tuple(parent)
+        if leaf == "weight":  # which kind of layer decides the Flax name
+            leaf = next((n for n in ("kernel", "scale", "embedding") if parent + (n,) in wanted), "weight")
+        path = parent + (leaf,)
+        if path not in wanted:
+            unexpected.append(key)
+            continue
+        value = _to_flax_layout(np.asarray(array), leaf)
+        if value.shape != tuple(wanted[path].shape):
+            misshaped[path] = (
+                f"{key}: checkpoint {tuple(array.shape)} -> {value.shape}, model {'/'.join(path)} expects "
+                f"{tuple(wanted[path].shape)}"
+            )
+            continue
+        params[path] = jnp.asarray(value, dtype=wanted[path].dtype)
+    missing = ["/".join(path) for path in wanted if path not in params and path not in misshaped]
+    if missing or unexpected or misshaped:
+        lines = ["checkpoint does not match the model:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(sorted(missing))}")
+        if unexpected:
+            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {', '.join(sorted(unexpected))}")
+        if misshaped:
+            lines.append(f"  wrong shape ({len(misshaped)}): {'; '.join(sorted(misshaped.values()))}")
+        raise ValueError("\n".join(lines))
+    return traverse_util.unflatten_dict(params)
+
+
+def read_state_dict(folder: Path, stem: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
+    """Read ``{stem}.safetensors`` with NumPy; fall back to ``{stem}.bin`` (needs torch)."""
+    safetensors_file, bin_file = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
+    if safetensors_file.exists():
+        from safetensors.numpy import load_file
+
+        return load_file(safetensors_file)
+    if bin_file.exists():
+        try:
+            import torch
+        except ImportError as err:
+            raise ValueError(f"{bin_file} is a PyTorch pickle and torch is not installed; use .safetensors") from err
+        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise FileNotFoundError(f"no {stem}.safetensors (or .bin) in {folder}")
+
+
+# --------------------------------------------------------------------------------------------
+# The DDPM U-Net (diffusers UNet2DModel)
+# --------------------------------------------------------------------------------------------
+
+# UNet2DModel's defaults, for keys that an older config.json leaves out.
+_UNET2D_DEFAULTS = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1.0,
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "add_attention": True,
+    "time_embedding_dim": None,
+}
+
+# Options of UNet2DModel that this U-Net implements only with these values.
+_UNET2D_REQUIRED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "act_fn": ("silu", "swish"),
+    "resnet_time_scale_shift": ("default",),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+}
+
+
+def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
+    """A diffusers UNet2DModel ``config.json`` (as a dict) → ``UNetConfig``."""
+    class_name = diffusers_config.get("_class_name")
+    if class_name != "UNet2DModel":
+        raise ValueError(f"load_unet reads diffusers UNet2DModel folders, but config.json has _class_name={class_name!r}")
+    for key, allowed in _UNET2D_REQUIRED.items():
+        if key in diffusers_config and diffusers_config[key] not in allowed:
+            raise ValueError(f"config.json sets {key}={diffusers_config[key]!r}, not implemented (supported: {allowed})")
+    if diffusers_config.get("attn_norm_num_groups") not in (None, diffusers_config.get("norm_num_groups", 32)):
+        raise ValueError("config.json sets attn_norm_num_groups different from norm_num_groups: not implemented")
+
+    fields = {key: diffusers_config.get(key, default) for key, default in _UNET2D_DEFAULTS.items()}
+    if "attention_head_dim" not in diffusers_config and "attn_num_head_channels" in diffusers_config:
+        fields["attention_head_dim"] = diffusers_config["attn_num_head_channels"]  # its name before diffusers 0.15
+    if fields["sample_size"] is None:
+        fields["sample_size"] = 2 ** (len(fields["block_out_channels"]) - 1)
+    return UNetConfig(**fields)
+
+
+# The google/ddpm-* checkpoints use diffusers' old attention-block names.
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_ATTENTION_KEY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.")
+
+
+def _unet_key(key: str) -> str:
+    """``mid_block.attentions.0.proj_attn.weight`` → ``mid_block.attentions.0.to_out.0.weight``; others unchanged."""
+    return _LEGACY_ATTENTION_KEY.sub(lambda m: f"{m[1]}.{_LEGACY_ATTENTION_NAMES[m[2]]}.", key)
+
+
+def load_unet(path: str | Path) -> tuple[UNet, Params]:
+    """Load a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors).
+
+    Returns ``(module, params)``; run it with ``module.apply({"params": params}, x, t)``, x NHWC.
+    Both the current (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy
+    (``query``/``key``/``value``/``proj_attn``) attention names are accepted.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config = unet_config_from_diffusers(json.loads(config_file.read_text()))
+    module = UNet(config)
+    size = 2 ** (config.num_levels - 1)  # the smallest valid input: params do not depend on it
+    target = jax.eval_shape(
+        module.init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )["params"]
+    params = convert_state_dict(read_state_dict(folder), target, rename=_unet_key)
+    return module, params
