@@ -1,0 +1,59 @@
+"""Tests for ddpm_jax.plotting: each figure is written, with the expected size and pixels."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax import plotting
+
+
+def test_save_image_grid_grayscale_and_rgb(tmp_path):
+    gray = np.linspace(-1, 1, 6 * 8 * 8).reshape(6, 8, 8, 1)
+    path = plotting.save_image_grid(gray, tmp_path / "g.png", nrow=3, min_tile=16)
+    with Image.open(path) as im:
+        assert im.mode == "L"
+        # 3 x 2 tiles of 8 px with 2 px padding, enlarged 2x
+        assert im.size == (2 * (3 * 10 + 2), 2 * (2 * 10 + 2))
+    rgb = np.full((4, 5, 5, 3), -1.0)
+    rgb[..., 0] = 1.0  # pure red
+    path = plotting.save_image_grid(rgb, tmp_path / "sub" / "c.png", min_tile=1)
+    with Image.open(path) as im:
+        assert im.mode == "RGB" and im.size == (2 * 7 + 2, 2 * 7 + 2)
+        assert im.getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_to_uint8_maps_range_and_clips():
+    np.testing.assert_array_equal(plotting.to_uint8([-2.0, -1.0, 0.0, 1.0, 3.0]), [0, 0, 128, 255, 255])
+
+
+def test_save_trajectory_strip_picks_first_and_last_frames(tmp_path):
+    traj = np.zeros((21, 3, 4, 4, 1))
+    traj[0], traj[-1] = -1.0, 1.0  # x_T black, x_0 white
+    path = plotting.save_trajectory_strip(traj, tmp_path / "t.png", num_frames=5, min_tile=1)
+    with Image.open(path) as im:
+        px = np.asarray(im)
+    assert px.shape == (3 * 6 + 2, 5 * 6 + 2)  # 3 rows (samples) x 5 frames
+    assert (px[2:6, 2:6] == 0).all() and (px[2:6, -6:-2] == 255).all()
+
+
+def test_plot_loss_curve(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(30)))
+    path = plotting.plot_loss_curve(metrics, tmp_path / "loss.png")
+    assert path.stat().st_size > 1000
+    np.testing.assert_allclose(plotting.smooth([2.0, 2.0, 2.0]), 2.0)  # bias-corrected EMA
+    metrics.write_text(json.dumps({"step": 0, "lr": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="'loss'"):
+        plotting.plot_loss_curve(metrics, tmp_path / "loss.png")
+
+
+def test_plot_forward_process(tmp_path):
+    from ddpm_jax import schedules
+
+    x0 = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+    schedule = schedules.get_schedule("linear", 100)
+    path = plotting.plot_forward_process(x0, schedule, tmp_path / "fwd.png", timesteps=(0, 50, 99))
+    with Image.open(path) as im:
+        assert im.size[0] > 300
