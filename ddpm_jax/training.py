@@ -1,0 +1,401 @@
+"""Training: ``TrainState``, the pure ``train_step`` (Algorithm 1 of Ho et al. 2020) and the loop.
+
+Algorithm 1 (Training), one step per batch::
+
+    repeat
+        x_0 ~ q(x_0)                          # a batch of training images   (data.get_batch)
+        t ~ Uniform({1, ..., T})              # index 0..T-1 here             (diffusion.loss_simple)
+        ε ~ N(0, I)
+        take a gradient step on ∇_θ ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖²
+    until converged
+
+plus what the paper's experiments add (Section 4 and Appendix B): Adam (lr 2e-4, linear warm-up over
+5000 steps), gradient clipping to global norm 1, dropout, random horizontal flips (CIFAR-10) and an
+exponential moving average (EMA, decay 0.9999) of the parameters, which is what is sampled from.
+
+Randomness: the loop holds ONE key (from ``train.seed``). Step s uses ``fold_in(key, s)``; example i of
+the global batch uses ``fold_in(fold_in(key, s), i)``, split into its flip / (t, ε) / dropout keys. So
+every random number is a function of (seed, step, example index) only: restarting at step s replays the
+same stream, and the result does not depend on how many devices share the batch (jit or pmap).
+
+Parallelism (``train.parallel``): "jit" (default) compiles the global-batch step once with
+``jax.jit`` over a ``Mesh`` (``parallel.py``): batch sharded on "data", state replicated, state buffers
+donated. "pmap" runs the per-device body under ``jax.pmap`` and averages loss and gradients with
+``lax.pmean`` over "data". Both call the same ``_loss_and_grads`` and ``_apply_gradients``. jit is the
+default because pmap is in maintenance mode since JAX 0.8 (see ``parallel.py``).
+
+Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/`` fill it)::
+
+    config.data.name            str    "mnist_bundled" | "tfds:<name>[:<split>]" | "folder:<path>"
+    config.data.image_size      int    H = W
+    config.data.channels        int    1 or 3
+    config.data.random_flip     bool   random horizontal flips (done inside the step)
+    config.data.*                      anything else data.load_dataset understands (data_dir, num_examples)
+    config.model.*                     UNetConfig fields (models/unet.py): UNet(UNetConfig(**config.model))
+    config.diffusion.schedule   str    "linear" | "cosine" | "scaled_linear"
+    config.diffusion.num_timesteps int T (1000)
+    config.diffusion.prediction str    "eps" | "x0" | "v"   (what the model predicts)
+    config.diffusion.variance   str    "fixed_small" | "fixed_large"   (ancestral sampling)
+    config.train.batch_size     int    global batch (all devices, all hosts); divisible by the device count
+    config.train.num_steps      int    total optimizer steps
+    config.train.lr             float  peak learning rate (2e-4)
+    config.train.warmup_steps   int    linear warm-up from 0 (5000); 0 = none
+    config.train.grad_clip      float  global-norm clip (1.0); 0 or None = none
+    config.train.ema_decay      float  0.9999 for CIFAR-10
+    config.train.seed           int    model init, data order and every random draw
+    config.train.log_every      int    metrics.jsonl line + progress-bar update every N steps
+    config.train.ckpt_every     int    checkpoint every N steps (and at the end)
+    config.train.keep_checkpoints int  keep the last K
+    config.train.sample_every   int    sample grid PNG every N steps (and at the end); 0 = never
+    config.train.num_samples    int    images per grid
+    config.train.parallel       str    "jit" | "pmap"
+    config.sample.sampler       str    "ddim" | "ddpm"
+    config.sample.steps         int    DDIM steps
+    config.sample.eta           float  DDIM η (0 = deterministic)
+
+Outputs in ``workdir``: config.json, metrics.jsonl (step, loss, grad_norm, lr, steps_per_sec),
+loss.png, samples/step_<N>.png, checkpoints/<step>/.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax import lax
+
+from ddpm_jax import checkpoints, diffusion, parallel, samplers
+from ddpm_jax.models.unet import UNet, UNetConfig
+from ddpm_jax.schedules import Schedule, get_schedule
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+# ================================================================================================
+# Train state
+# ================================================================================================
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree), plus the code that changes it (static)."""
+
+    step: jax.Array                 # int32 [], number of updates done
+    params: PyTree                  # θ
+    ema_params: PyTree              # EMA of θ, used for sampling
+    opt_state: optax.OptState       # Adam moments (and clipping/schedule counters)
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       sample_shape: tuple[int, ...]) -> TrainState:
+    """Initializes the parameters from ``key`` with a dummy input x [sample_shape], t [sample_shape[0]]."""
+    x = jnp.zeros(sample_shape, jnp.float32)                # [B, H, W, C]
+    t = jnp.zeros(sample_shape[:1], jnp.int32)              # [B]
+    params = model.init({"params": key}, x, t)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),      # separate buffers (the state is donated)
+        opt_state=tx.init(params),
+        apply_fn=model.apply,
+        tx=tx,
+    )
+
+
+# ================================================================================================
+# Optimizer and EMA
+# ================================================================================================
+
+def make_lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+    """lr · min(step / warmup_steps, 1), as in Ho et al.'s code (0 at step 0)."""
+    if warmup_steps <= 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup_steps)
+
+
+def make_optimizer(lr: float = 2e-4, warmup_steps: int = 5000, grad_clip: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam with linear warm-up, after clipping the gradients to global norm ``grad_clip``."""
+    adam = optax.adam(make_lr_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps)
+    if not grad_clip:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
+
+
+def ema_update(ema_params: PyTree, params: PyTree, decay: float) -> PyTree:
+    """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+# ================================================================================================
+# The step: one body, two parallel formulations
+# ================================================================================================
+
+def _loss_and_grads(params: PyTree, x0: jax.Array, example_keys: jax.Array, *, model: nn.Module,
+                    schedule: Schedule, prediction: str, random_flip: bool) -> tuple[jax.Array, PyTree]:
+    """Mean L_simple over the examples in ``x0`` [B, H, W, C] and its gradient; one key per example [B]."""
+
+    def example_loss(params: PyTree, x: jax.Array, key: jax.Array) -> jax.Array:  # x [H, W, C]
+        flip_key, loss_key, dropout_key = jax.random.split(key, 3)
+        if random_flip:
+            x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
+
+        def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+            return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
+
+        return diffusion.loss_simple(schedule, model_fn, x[None], loss_key, prediction=prediction)  # Algorithm 1
+
+    def loss_fn(params: PyTree) -> jax.Array:
+        return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, x0, example_keys))
+
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def _apply_gradients(state: TrainState, grads: PyTree, ema_decay: float) -> TrainState:
+    """Adam (+ clipping, warm-up) update of θ, then the EMA."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema_update(state.ema_params, params, ema_decay))
+
+
+def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict, *,
+                    axis_name: str | None = None) -> Callable[[TrainState, jax.Array, jax.Array],
+                                                              tuple[TrainState, Metrics]]:
+    """The pure ``train_step(state, batch, key) -> (state, metrics)``.
+
+    ``axis_name=None``: ``batch`` is the global batch [B, H, W, C] (run it under ``jax.jit``, sharded or
+    not). ``axis_name="data"``: ``batch`` is this device's [B/D, H, W, C] and the step averages loss and
+    gradients over the named axis (run it under ``jax.pmap(axis_name="data")``). ``key`` never changes;
+    the step derives its keys from it and ``state.step``. Metrics: loss, grad_norm (before clipping), lr.
+    """
+    lr_schedule = make_lr_schedule(config.train.lr, config.train.warmup_steps)
+    loss_and_grads = functools.partial(
+        _loss_and_grads, model=model, schedule=schedule, prediction=config.diffusion.prediction,
+        random_flip=bool(config.data.get("random_flip", False)))
+    ema_decay = float(config.train.ema_decay)
+
+    def train_step(state: TrainState, batch: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
+        local_batch = batch.shape[0]                                                     # B (jit) or B/D (pmap)
+        first = 0 if axis_name is None else lax.axis_index(axis_name) * local_batch
+        example_ids = first + jnp.arange(local_batch)                                    # [B_local] global indices
+        step_key = jax.random.fold_in(key, state.step)
+        example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(example_ids)  # [B_local]
+        loss, grads = loss_and_grads(state.params, batch, example_keys)
+        if axis_name is not None:
+            loss, grads = lax.pmean((loss, grads), axis_name)                            # equal shard sizes
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        return _apply_gradients(state, grads, ema_decay), metrics
+
+    return train_step
+
+
+def compile_train_step(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh) -> Callable:
+    """``make_train_step`` compiled once for ``config.train.parallel`` ("jit" over ``mesh`` or "pmap")."""
+    kind = config.train.get("parallel", "jit")
+    if kind == "jit":
+        replicated = parallel.replicated_sharding(mesh)
+        return jax.jit(make_train_step(model, schedule, config),
+                       in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+                       out_shardings=(replicated, replicated),
+                       donate_argnums=0)
+    if kind == "pmap":
+        return jax.pmap(make_train_step(model, schedule, config, axis_name=parallel.DATA_AXIS),
+                        axis_name=parallel.DATA_AXIS, in_axes=(0, 0, None), donate_argnums=0)
+    raise ValueError(f"train.parallel must be 'jit' or 'pmap', got {kind!r}")
+
+
+# ================================================================================================
+# Sampling during training
+# ================================================================================================
+
+def make_eps_fn(model: nn.Module, params: PyTree) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``eps_fn(x_t [B, H, W, C], t [B]) -> model output`` for the samplers (eval mode: no dropout)."""
+    return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+
+
+def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict,
+                   shape: tuple[int, ...]) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """``sample(params, key) -> x_0 [shape]`` with ``config.sample`` (not compiled)."""
+    sampler = config.sample.get("sampler", "ddim")
+    prediction = config.diffusion.prediction
+
+    def sample(params: PyTree, key: jax.Array) -> jax.Array:
+        eps_fn = make_eps_fn(model, params)
+        if sampler == "ddim":
+            return samplers.ddim_sample(eps_fn, schedule, shape, key, num_steps=config.sample.steps,
+                                        eta=config.sample.eta, prediction=prediction)
+        if sampler == "ddpm":
+            return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction,
+                                        variance=config.diffusion.variance)
+        raise ValueError(f"sample.sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+
+    return sample
+
+
+# ================================================================================================
+# The loop
+# ================================================================================================
+
+def _first_local(x: jax.Array) -> np.ndarray:
+    """A replicated global array's value on this host (works multi-host, where device_get may not)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keeps only the metrics.jsonl records with record["step"] <= step."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          images: np.ndarray | None = None) -> TrainState:
+    """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final state.
+
+    ``images`` [N, H, W, C] in [-1, 1] overrides ``data.load_dataset(config.data)``. Re-running the same
+    call after a crash resumes from the latest checkpoint with the same data order and random numbers.
+    Raises FloatingPointError at the first non-finite loss (nothing is saved after the last good
+    checkpoint) and ValueError when the batch does not split over the devices.
+    """
+    # Imported here: data and plotting (matplotlib) are only needed by the loop.
+    from ddpm_jax import config as config_lib
+    from ddpm_jax import data as data_lib
+    from ddpm_jax import plotting
+
+    cfg = config.train
+    workdir = os.fspath(workdir)
+    is_chief = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(cfg.batch_size, mesh)
+    kind = cfg.get("parallel", "jit")
+    if kind == "pmap" and (cfg.batch_size // jax.process_count()) % jax.local_device_count():
+        raise ValueError(f"train.batch_size={cfg.batch_size} does not split over "
+                         f"{jax.local_device_count()} local devices per process")
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    if is_chief:
+        config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
+
+    # ---------------------------------------------------------------------------------------------
+    # Data, model, diffusion, optimizer
+    # ---------------------------------------------------------------------------------------------
+    if images is None:
+        images = data_lib.load_dataset(config.data)
+    images = np.asarray(images, np.float32)                                   # [N, H, W, C]
+    model = UNet(UNetConfig(**config.model.to_dict()))
+    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    tx = make_optimizer(cfg.lr, cfg.warmup_steps, cfg.grad_clip)
+    init_key, train_key, sample_key = jax.random.split(jax.random.key(cfg.seed), 3)
+
+    # ---------------------------------------------------------------------------------------------
+    # State: initialized replicated over the mesh, then the latest checkpoint if any
+    # ---------------------------------------------------------------------------------------------
+    replicated = parallel.replicated_sharding(mesh)
+    state = jax.jit(functools.partial(create_train_state, model, tx, sample_shape=(1, *images.shape[1:])),
+                    out_shardings=replicated)(init_key)
+    ckpt = checkpoints.Checkpointer(workdir, save_every=cfg.ckpt_every, keep=cfg.get("keep_checkpoints", 3))
+    state = ckpt.restore_latest(state)
+    start_step = int(_first_local(state.step))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_chief:
+        _truncate_metrics(metrics_path, start_step)  # drop lines a killed run wrote after its last checkpoint
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("%s params; %s at step %d", f"{num_params:,}", "resuming" if start_step else "starting",
+                 start_step)
+
+    # The two parallel formulations differ only in how state and batch are laid out.
+    train_step = compile_train_step(model, schedule, config, mesh)
+    if kind == "jit":
+        put_batch = lambda b: parallel.shard_batch(b, mesh)                   # [B/P] per host → [B] global
+        canonical = lambda s: s                                               # already replicated global
+        first_metrics = lambda m: jax.tree.map(_first_local, m)
+    else:
+        state = parallel.replicate(state)                                     # [D, ...] per leaf
+        put_batch = parallel.split_for_pmap                                   # [B/P] → [D, B/(P·D)]
+        canonical = lambda s: jax.device_put(parallel.unreplicate(s), replicated)
+        first_metrics = lambda m: jax.tree.map(lambda x: np.asarray(x[0]), m)
+
+    num_samples = cfg.get("num_samples", 64)
+    sample_fn = jax.jit(make_sample_fn(model, schedule, config, (num_samples, *images.shape[1:])),
+                        out_shardings=replicated)
+
+    # ---------------------------------------------------------------------------------------------
+    # Loop
+    # ---------------------------------------------------------------------------------------------
+    window: list[dict[str, np.ndarray]] = []     # checked host metrics since the last log line
+    pending: tuple[int, Metrics] | None = None   # (step, metrics) dispatched but not yet checked
+    t_log, steps_at_log = time.time(), start_step
+
+    def check_pending() -> None:
+        """Waits for the last dispatched step; stops at a non-finite loss."""
+        nonlocal pending
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        host = first_metrics(metrics)
+        if not np.isfinite(host["loss"]):
+            raise FloatingPointError(
+                f"loss is {host['loss']} at step {step} (the update from step {step} to {step + 1}); stopping "
+                f"without saving it. The last good checkpoint is step {ckpt.latest_step()} in "
+                f"{checkpoints.checkpoint_dir(workdir)}. Lower train.lr or check the data.")
+        window.append(host)
+
+    bar = tqdm.tqdm(total=cfg.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not is_chief, desc=os.path.basename(os.path.abspath(workdir)))
+    try:
+        for step in range(start_step, cfg.num_steps):
+            batch = data_lib.get_batch(images, step, cfg.batch_size, cfg.seed,
+                                       jax.process_index(), jax.process_count())  # [B/P, H, W, C]
+            state, metrics = train_step(state, put_batch(batch), train_key)
+            check_pending()  # the previous step: done by now, so this overlaps with the one just queued
+            pending = (step, metrics)
+            done = step + 1
+            bar.update(1)
+            last = done == cfg.num_steps
+            log_now = done % cfg.log_every == 0 or last
+            ckpt_now = done % cfg.ckpt_every == 0 or last
+            sample_now = bool(cfg.sample_every) and (done % cfg.sample_every == 0 or last)
+            if not (log_now or ckpt_now or sample_now):
+                continue
+            check_pending()  # never log, save or sample a state whose loss was not checked
+
+            if log_now and window:
+                now = time.time()
+                record = {"step": done, "steps_per_sec": (done - steps_at_log) / max(now - t_log, 1e-9)}
+                record.update({k: float(np.mean([w[k] for w in window])) for k in window[0]})
+                t_log, steps_at_log, window = now, done, []
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if is_chief:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if ckpt_now:
+                ckpt.save(canonical(state), force=last)
+            if sample_now:
+                samples = _first_local(sample_fn(canonical(state).ema_params, sample_key))  # [n, H, W, C]
+                if is_chief:
+                    plotting.save_image_grid(samples, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
+                    plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
+    finally:
+        bar.close()
+        ckpt.close()  # waits for the last (good) checkpoint to be on disk
+    return canonical(state)
