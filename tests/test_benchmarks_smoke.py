@@ -1,0 +1,65 @@
+"""The benchmark's code path on a tiny U-Net, one timed call each, so the script cannot rot.
+
+Nothing here asserts a speed: timings on a shared CI machine mean nothing. It checks that every
+measurement runs and is a positive finite number, that the diffusers model built from our config
+has exactly our parameter count, and that the table and JSON come out.
+"""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
+_spec = importlib.util.spec_from_file_location("bench_unet", _PATH)  # works without the repo on sys.path
+bench_unet = importlib.util.module_from_spec(_spec)
+sys.modules["bench_unet"] = bench_unet  # dataclasses look their module up here
+_spec.loader.exec_module(bench_unet)
+
+
+def _positive(value):
+    return value is not None and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_tiny_config(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench_unet.main(["--config", "tiny", "--iters", "1", "--ddim-steps", "2", "--json", str(out)])
+
+    jax_row = report["rows"][0]
+    assert jax_row["framework"] == "jax" and jax_row["config"] == "tiny"
+    for key in ("compile_s", "train_steps_per_s", "train_images_per_s", "forward_images_per_s", "ddim_images_per_s"):
+        assert _positive(jax_row[key]), (key, jax_row[key])
+    if bench_unet.torch_available():
+        torch_row = report["rows"][1]
+        assert torch_row["framework"] == "diffusers"
+        assert torch_row["params"] == jax_row["params"]  # the identical network
+        assert _positive(torch_row["train_steps_per_s"]) and _positive(torch_row["ddim_images_per_s"])
+        assert set(report["ratios"][0]) >= {"train_steps_per_s", "forward_images_per_s", "ddim_images_per_s"}
+
+    assert json.loads(out.read_text())["rows"][0]["params"] == jax_row["params"]
+    printed = capsys.readouterr().out
+    assert "train steps/s" in printed and "tiny" in printed
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_diffusers_model_from_our_config_has_our_parameter_count(name):
+    """diffusers_kwargs builds the same network (checked by parameter count, without timing it)."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    from ddpm_jax.models.unet import UNet
+
+    cfg = bench_unet.CONFIGS[name]()
+    shapes = jax.eval_shape(UNet(cfg.unet).init, jax.random.key(0),
+                            jnp.zeros((1, cfg.height, cfg.width, cfg.channels)), jnp.zeros((1,), jnp.int32))
+    ours = bench_unet.count_params(shapes["params"])
+    theirs = sum(p.numel() for p in diffusers.UNet2DModel(**bench_unet.diffusers_kwargs(cfg.unet)).parameters())
+    assert ours == theirs
+    if name == "cifar10":
+        assert ours == 35_746_307  # Ho et al.'s 35.7M
