@@ -19,7 +19,10 @@ For sampling, :func:`load_params` reads just the parameters (EMA by default) wit
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -38,12 +41,25 @@ def _state_tree(state: Any) -> dict[str, Any]:
             "opt_state": state.opt_state}
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silences orbax's "Given directory is read only" warnings while a read-only manager is made."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _manager(workdir: str | os.PathLike, *, save_every: int = 1, keep: int | None = None,
              read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        save_interval_steps=0 if read_only else save_every, max_to_keep=keep, create=not read_only,
+        read_only=read_only, cleanup_tmp_directories=not read_only)
+    with _quiet_absl() if read_only else contextlib.nullcontext():
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def _missing(workdir: str | os.PathLike) -> FileNotFoundError:

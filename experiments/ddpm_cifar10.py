@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
             warmup_steps=5000,
             grad_clip=1.0,
             ema_decay=0.9999,
+            ema_warmup=False,  # the paper's plain EMA
             seed=0,
             log_every=100,
             ckpt_every=10_000,

@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
             lr=1e-3,  # TODO(lead): tune (2e-4 is the paper's, for a 35.7M-parameter model)
             warmup_steps=100,
             grad_clip=1.0,
-            ema_decay=0.999,  # averages over ~1,000 steps: short run, short memory
+            ema_decay=0.995,  # averages over ~200 steps: a short run needs a short memory
+            ema_warmup=True,  # decay min(0.995, (1+s)/(10+s)): no trace of the random init
             seed=0,
             log_every=50,
             ckpt_every=500,

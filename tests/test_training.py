@@ -49,6 +49,14 @@ def test_optimizer_clips_the_global_norm_before_adam():
     np.testing.assert_allclose(s[0].mu["w"], 0.1 * np.array([30.0, 40.0, 0.0]), rtol=1e-5)
 
 
+def test_ema_decay_warmup():
+    steps = jnp.arange(4)
+    np.testing.assert_allclose(training.ema_decay_at(steps, 0.999, warmup=False), [0.999] * 4)
+    np.testing.assert_allclose(training.ema_decay_at(steps, 0.999, warmup=True),
+                               [1 / 10, 2 / 11, 3 / 12, 4 / 13], rtol=1e-6)
+    assert float(training.ema_decay_at(jnp.asarray(10**6), 0.999, warmup=True)) == np.float32(0.999)
+
+
 def test_ema_update():
     ema = training.ema_update({"a": jnp.ones(2)}, {"a": jnp.zeros(2)}, decay=0.9)
     np.testing.assert_allclose(ema["a"], [0.9, 0.9])
