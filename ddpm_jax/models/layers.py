@@ -215,8 +215,10 @@ class Attention(nn.Module):
         self.to_v = projection()
         self.to_out_0 = nn.Dense(self.query_dim, dtype=self.dtype)  # diffusers' to_out[0]
 
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
+    def __call__(self, x: Array, context: Array | None = None, *, mask: Array | None = None) -> Array:
         # x: [B, T, query_dim], context: [B, S, D_ctx] → [B, T, query_dim]
+        # mask: optional boolean, broadcastable to [B, heads, T, S]; False = "may not attend" (e.g. the
+        # causal mask of CLIP's text transformer, token i sees tokens 0..i only).
         context = x if context is None else context
         batch, tokens, _ = x.shape
         split_heads = lambda a: a.reshape(a.shape[0], a.shape[1], self.num_heads, self.head_dim)
@@ -224,7 +226,7 @@ class Attention(nn.Module):
         k = split_heads(self.to_k(context))  # [B, S, heads, head_dim]
         v = split_heads(self.to_v(context))  # [B, S, heads, head_dim]
         # softmax(q kᵀ / √head_dim) v per head; the softmax runs in float32 even for bf16 inputs.
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, T, heads, head_dim]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, heads, head_dim]
         out = out.reshape(batch, tokens, self.num_heads * self.head_dim)  # [B, T, inner_dim]
         return self.to_out_0(out)
 

@@ -1,0 +1,182 @@
+"""Load transformers CLIP checkpoints (text tower, vision tower, or both) into ``models.clip``.
+
+A transformers model folder holds ``config.json`` and ``model.safetensors`` — e.g. the
+``text_encoder/`` folder of every Stable Diffusion checkpoint (a ``CLIPTextModel``), or
+``openai/clip-vit-large-patch14`` (a ``CLIPModel``). Tensors are read with safetensors' NumPy
+loader (no torch at run time) and converted by ``pretrained.convert_state_dict``, which lists
+every missing, unexpected or mis-shaped key in one ValueError. Our modules use transformers'
+names except in attention, which is the U-Net's (``q_proj`` → ``to_q``, …, ``out_proj`` →
+``to_out.0``); ``position_ids`` buffers (saved by older transformers versions) are ignored.
+
+transformers v5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix that older
+versions (and SD checkpoints) have; both are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.models.clip import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTextTransformer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    CLIPVisionTransformer,
+)
+from ddpm_jax.pretrained import Params, convert_state_dict, read_state_dict
+
+# transformers' config defaults, for keys that a config.json leaves out.
+_TEXT_DEFAULTS = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+    "eos_token_id": 49407,
+}
+_VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+}
+# model_type → architecture, for config.json files without "architectures"
+_MODEL_TYPES = {"clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel"}
+
+
+def text_config_from_transformers(config: Mapping[str, Any]) -> CLIPTextConfig:
+    """A transformers CLIPTextConfig (as a dict) → ``CLIPTextConfig``."""
+    return CLIPTextConfig(**{key: config.get(key, default) for key, default in _TEXT_DEFAULTS.items()})
+
+
+def vision_config_from_transformers(config: Mapping[str, Any]) -> CLIPVisionConfig:
+    """A transformers CLIPVisionConfig (as a dict) → ``CLIPVisionConfig``."""
+    return CLIPVisionConfig(**{key: config.get(key, default) for key, default in _VISION_DEFAULTS.items()})
+
+
+def _read_config(folder: Path, loader: str, expected: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """config.json → (architecture, config); ValueError if the architecture is not one of ``expected``."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config = json.loads(config_file.read_text())
+    architectures = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type"), None)]
+    found = next((a for a in architectures if a in expected), None)
+    if found is None:
+        raise ValueError(
+            f"{loader} reads a transformers {' or '.join(expected)} folder, but {config_file} has "
+            f"architectures={config.get('architectures')!r} (model_type={config.get('model_type')!r})"
+        )
+    return found, config
+
+
+_ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
+_ATTENTION_KEY = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.")
+
+
+def _clip_key(key: str) -> str:
+    """``…self_attn.q_proj.weight`` → ``…self_attn.to_q.weight`` (our attention is the U-Net's)."""
+    return _ATTENTION_KEY.sub(lambda m: f".self_attn.{_ATTENTION_NAMES[m[1]]}.", key)
+
+
+def _state_dict(folder: Path, strip: str | None = None) -> dict[str, np.ndarray]:
+    """Read model.safetensors, drop ``position_ids`` buffers, and strip a leading ``strip`` prefix."""
+    state = {k: v for k, v in read_state_dict(folder, "model").items() if not k.endswith("position_ids")}
+    if strip is not None:
+        state = {k.removeprefix(strip): v for k, v in state.items()}
+    return state
+
+
+def _target(module, *example_inputs) -> Params:
+    """The params' shapes and dtypes, without running or allocating anything."""
+    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
+
+
+def _example_ids(config: CLIPTextConfig) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
+
+
+def _example_images(config: CLIPVisionConfig) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+
+
+def load_clip_text(path: str | Path) -> tuple[CLIPTextTransformer | CLIPTextModelWithProjection, Params]:
+    """Load a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` folder.
+
+    Returns ``(module, params)``: a ``CLIPTextTransformer`` for a CLIPTextModel (e.g. Stable
+    Diffusion's ``text_encoder/``), a ``CLIPTextModelWithProjection`` otherwise. Run it with
+    ``module.apply({"params": params}, input_ids)`` → ``CLIPEncoderOutput``.
+    """
+    folder = Path(path)
+    architecture, config_dict = _read_config(
+        folder, "load_clip_text", ("CLIPTextModel", "CLIPTextModelWithProjection")
+    )
+    config = text_config_from_transformers(config_dict)
+    if architecture == "CLIPTextModel":
+        module = CLIPTextTransformer(config)
+        state = _state_dict(folder, strip="text_model.")
+    else:
+        module = CLIPTextModelWithProjection(config)
+        state = _state_dict(folder)
+    return module, convert_state_dict(state, _target(module, _example_ids(config)), rename=_clip_key)
+
+
+def load_clip_vision(path: str | Path) -> tuple[CLIPVisionTransformer | CLIPVisionModelWithProjection, Params]:
+    """Load a transformers ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` folder.
+
+    Returns ``(module, params)``; run it with ``module.apply({"params": params}, images)``, images
+    NHWC ``[B, image_size, image_size, 3]`` (transformers takes NCHW: transpose with (0, 2, 3, 1)).
+    """
+    folder = Path(path)
+    architecture, config_dict = _read_config(
+        folder, "load_clip_vision", ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+    )
+    config = vision_config_from_transformers(config_dict)
+    if architecture == "CLIPVisionModel":
+        module = CLIPVisionTransformer(config)
+        state = _state_dict(folder, strip="vision_model.")
+    else:
+        module = CLIPVisionModelWithProjection(config)
+        state = _state_dict(folder)
+    return module, convert_state_dict(state, _target(module, _example_images(config)), rename=_clip_key)
+
+
+def load_clip(path: str | Path) -> tuple[CLIPModel, Params]:
+    """Load a full transformers ``CLIPModel`` folder (both towers, projections, logit_scale).
+
+    Returns ``(module, params)``; ``module.apply({"params": params}, input_ids, images)`` →
+    ``CLIPOutput`` (``logits_per_image`` etc.); ``method=CLIPModel.encode_text`` /
+    ``encode_image`` embed one side only.
+    """
+    folder = Path(path)
+    _, config_dict = _read_config(folder, "load_clip", ("CLIPModel",))
+    config = CLIPConfig(
+        text=text_config_from_transformers(config_dict.get("text_config") or {}),
+        vision=vision_config_from_transformers(config_dict.get("vision_config") or {}),
+        projection_dim=config_dict.get("projection_dim", 512),
+        logit_scale_init_value=config_dict.get("logit_scale_init_value", 2.6592),
+    )
+    module = CLIPModel(config)
+    target = _target(module, _example_ids(config.text), _example_images(config.vision))
+    return module, convert_state_dict(_state_dict(folder), target, rename=_clip_key)
