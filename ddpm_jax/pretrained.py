@@ -211,3 +211,83 @@ def load_unet(path: str | Path) -> tuple[UNet, Params]:
     )["params"]
     params = convert_state_dict(read_state_dict(folder), target, rename=_unet_key)
     return module, params
+
+
+# --------------------------------------------------------------------------------------------
+# The LDM / Stable Diffusion VAE (diffusers AutoencoderKL)
+# --------------------------------------------------------------------------------------------
+
+from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
+
+# AutoencoderKL's defaults, for keys that an older config.json leaves out.
+_AUTOENCODER_KL_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "mid_block_add_attention": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+}
+
+_LEGACY_OR_NEW_ATTENTION_WEIGHT = re.compile(r"attentions\.\d+\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def autoencoder_kl_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> AutoencoderKLConfig:
+    """A diffusers AutoencoderKL ``config.json`` (as a dict) → ``AutoencoderKLConfig``."""
+    class_name = diffusers_config.get("_class_name")
+    if class_name != "AutoencoderKL":
+        raise ValueError(
+            f"load_vae reads diffusers AutoencoderKL folders, but config.json has _class_name={class_name!r}"
+        )
+    fields = {key: diffusers_config.get(key, default) for key, default in _AUTOENCODER_KL_DEFAULTS.items()}
+    fields["block_out_channels"] = tuple(fields["block_out_channels"])
+    levels = len(fields["block_out_channels"])
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = tuple(diffusers_config.get(key, (block,) * levels))
+        if types != (block,) * levels:
+            raise ValueError(f"config.json sets {key}={types}; only {levels} × {block!r} is implemented")
+    if diffusers_config.get("act_fn", "silu") not in ("silu", "swish"):
+        raise ValueError(f"config.json sets act_fn={diffusers_config['act_fn']!r}, not implemented (supported: silu)")
+    for key in ("latents_mean", "latents_std"):
+        if diffusers_config.get(key) is not None:
+            raise ValueError(f"config.json sets {key}: per-channel latent normalisation is not implemented")
+    if isinstance(fields["sample_size"], (list, tuple)):
+        fields["sample_size"] = fields["sample_size"][0]
+    return AutoencoderKLConfig(**fields)
+
+
+def _vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Attention projections stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]."""
+    out = {}
+    for key, array in state_dict.items():
+        if _LEGACY_OR_NEW_ATTENTION_WEIGHT.search(key) and array.ndim == 4 and array.shape[2:] == (1, 1):
+            array = array[:, :, 0, 0]
+        out[key] = array
+    return out
+
+
+def load_vae(path: str | Path) -> tuple[AutoencoderKL, Params]:
+    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).
+
+    Returns ``(module, params)``; e.g. ``module.apply({"params": params}, x, method=AutoencoderKL.encode)``
+    with x NHWC in [−1, 1]. Both the current (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy
+    (``query``/``key``/``value``/``proj_attn``) attention names are accepted, as in ``load_unet``.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    config = autoencoder_kl_config_from_diffusers(json.loads(config_file.read_text()))
+    module = AutoencoderKL(config)
+    size = config.downsampling_factor  # the smallest valid input: params do not depend on it
+    target = jax.eval_shape(
+        module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+    )["params"]
+    params = convert_state_dict(_vae_state_dict(read_state_dict(folder)), target, rename=_unet_key)
+    return module, params
