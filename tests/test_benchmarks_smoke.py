@@ -63,3 +63,16 @@ def test_diffusers_model_from_our_config_has_our_parameter_count(name):
     assert ours == theirs
     if name == "cifar10":
         assert ours == 35_746_307  # Ho et al.'s 35.7M
+
+
+def test_layer_profile_runs_on_a_tiny_shape():
+    """benchmarks/bench_layers.py (the conv/GroupNorm profile) on one tiny shape, one iteration."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layers.py"
+    spec = importlib.util.spec_from_file_location("bench_layers", path)
+    bench_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_layers)
+    rows = bench_layers.main(["--shapes", "2x8x8x8", "--groups", "4", "--iters", "1"])
+    assert {row["op"] for row in rows} == {"conv_fwd", "conv_fwd_bwd", "group_norm"}
+    assert all(_positive(row["jax_ms"]) for row in rows)
+    with pytest.raises(ValueError, match="BxHxWxC"):
+        bench_layers.parse_shape("8x8")
