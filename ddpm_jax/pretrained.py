@@ -104,6 +104,14 @@ def convert_state_dict(
     return traverse_util.unflatten_dict(params)
 
 
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; FileNotFoundError naming the folder when it is missing."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return json.loads(config_file.read_text())
+
+
 def read_state_dict(folder: Path, stem: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
     """Read ``{stem}.safetensors`` with NumPy; fall back to ``{stem}.bin`` (needs torch)."""
     safetensors_file, bin_file = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
@@ -197,10 +205,7 @@ def load_unet(path: str | Path) -> tuple[UNet, Params]:
     (``query``/``key``/``value``/``proj_attn``) attention names are accepted.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    config = unet_config_from_diffusers(json.loads(config_file.read_text()))
+    config = unet_config_from_diffusers(read_config_json(folder))
     module = UNet(config)
     size = 2 ** (config.num_levels - 1)  # the smallest valid input: params do not depend on it
     target = jax.eval_shape(
@@ -280,10 +285,7 @@ def load_vae(path: str | Path) -> tuple[AutoencoderKL, Params]:
     (``query``/``key``/``value``/``proj_attn``) attention names are accepted, as in ``load_unet``.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    config = autoencoder_kl_config_from_diffusers(json.loads(config_file.read_text()))
+    config = autoencoder_kl_config_from_diffusers(read_config_json(folder))
     module = AutoencoderKL(config)
     size = config.downsampling_factor  # the smallest valid input: params do not depend on it
     target = jax.eval_shape(

@@ -14,7 +14,6 @@ versions (and SD checkpoints) have; both are accepted.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ from ddpm_jax.models.clip import (
     CLIPVisionModelWithProjection,
     CLIPVisionTransformer,
 )
-from ddpm_jax.pretrained import Params, convert_state_dict, read_state_dict
+from ddpm_jax.pretrained import Params, convert_state_dict, read_config_json, read_state_dict
 
 # transformers' config defaults, for keys that a config.json leaves out.
 _TEXT_DEFAULTS = {
@@ -78,9 +77,7 @@ def vision_config_from_transformers(config: Mapping[str, Any]) -> CLIPVisionConf
 def _read_config(folder: Path, loader: str, expected: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     """config.json → (architecture, config); ValueError if the architecture is not one of ``expected``."""
     config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    config = json.loads(config_file.read_text())
+    config = read_config_json(folder)
     architectures = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type"), None)]
     found = next((a for a in architectures if a in expected), None)
     if found is None:
