@@ -118,6 +118,22 @@ def _example_images(config: CLIPVisionConfig) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
 
 
+def _load_tower(folder: Path, loader: str, bare: str, config_fn, bare_module, projected_module, prefix: str,
+                example_fn) -> tuple[Any, Params]:
+    """One tower (text or vision): ``bare`` (e.g. CLIPTextModel) or ``bare + "WithProjection"``.
+
+    transformers v5 saves a bare tower's keys without its ``prefix`` (``text_model.``); v4 and the
+    projection models keep it, so it is stripped for the bare architecture only.
+    """
+    architecture, config_dict = _read_config(folder, loader, (bare, bare + "WithProjection"))
+    config = config_fn(config_dict)
+    if architecture == bare:
+        module, state = bare_module(config), _state_dict(folder, strip=prefix)
+    else:
+        module, state = projected_module(config), _state_dict(folder)
+    return module, convert_state_dict(state, _target(module, example_fn(config)), rename=_clip_key)
+
+
 def load_clip_text(path: str | Path) -> tuple[CLIPTextTransformer | CLIPTextModelWithProjection, Params]:
     """Load a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` folder.
 
@@ -125,18 +141,8 @@ def load_clip_text(path: str | Path) -> tuple[CLIPTextTransformer | CLIPTextMode
     Diffusion's ``text_encoder/``), a ``CLIPTextModelWithProjection`` otherwise. Run it with
     ``module.apply({"params": params}, input_ids)`` → ``CLIPEncoderOutput``.
     """
-    folder = Path(path)
-    architecture, config_dict = _read_config(
-        folder, "load_clip_text", ("CLIPTextModel", "CLIPTextModelWithProjection")
-    )
-    config = text_config_from_transformers(config_dict)
-    if architecture == "CLIPTextModel":
-        module = CLIPTextTransformer(config)
-        state = _state_dict(folder, strip="text_model.")
-    else:
-        module = CLIPTextModelWithProjection(config)
-        state = _state_dict(folder)
-    return module, convert_state_dict(state, _target(module, _example_ids(config)), rename=_clip_key)
+    return _load_tower(Path(path), "load_clip_text", "CLIPTextModel", text_config_from_transformers,
+                       CLIPTextTransformer, CLIPTextModelWithProjection, "text_model.", _example_ids)
 
 
 def load_clip_vision(path: str | Path) -> tuple[CLIPVisionTransformer | CLIPVisionModelWithProjection, Params]:
@@ -145,18 +151,8 @@ def load_clip_vision(path: str | Path) -> tuple[CLIPVisionTransformer | CLIPVisi
     Returns ``(module, params)``; run it with ``module.apply({"params": params}, images)``, images
     NHWC ``[B, image_size, image_size, 3]`` (transformers takes NCHW: transpose with (0, 2, 3, 1)).
     """
-    folder = Path(path)
-    architecture, config_dict = _read_config(
-        folder, "load_clip_vision", ("CLIPVisionModel", "CLIPVisionModelWithProjection")
-    )
-    config = vision_config_from_transformers(config_dict)
-    if architecture == "CLIPVisionModel":
-        module = CLIPVisionTransformer(config)
-        state = _state_dict(folder, strip="vision_model.")
-    else:
-        module = CLIPVisionModelWithProjection(config)
-        state = _state_dict(folder)
-    return module, convert_state_dict(state, _target(module, _example_images(config)), rename=_clip_key)
+    return _load_tower(Path(path), "load_clip_vision", "CLIPVisionModel", vision_config_from_transformers,
+                       CLIPVisionTransformer, CLIPVisionModelWithProjection, "vision_model.", _example_images)
 
 
 def load_clip(path: str | Path) -> tuple[CLIPModel, Params]:
