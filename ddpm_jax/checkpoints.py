@@ -20,6 +20,7 @@ For sampling, :func:`load_params` reads just the parameters (EMA by default) wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -36,9 +37,13 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 
 def _state_tree(state: Any) -> dict[str, Any]:
-    """The saved part of a TrainState (its pytree fields) as a plain dict."""
-    return {"step": state.step, "params": state.params, "ema_params": state.ema_params,
-            "opt_state": state.opt_state}
+    """The saved part of a train state (a ``flax.struct.dataclass``): its pytree fields as a plain dict.
+
+    The diffusion TrainState saves step, params, ema_params, opt_state; the autoencoder's state adds the
+    discriminator's params and optimizer state; functions and optimizers (static fields) are not saved.
+    """
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.metadata.get("pytree_node", True)}
 
 
 @contextlib.contextmanager

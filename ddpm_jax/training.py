@@ -61,10 +61,8 @@ loss.png, samples/step_<N>.png, checkpoints/<step>/.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,10 +73,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from jax import lax
 
-from ddpm_jax import checkpoints, diffusion, parallel, samplers
+from ddpm_jax import diffusion, parallel, samplers, train_loop
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.schedules import Schedule, get_schedule
 
@@ -225,16 +222,10 @@ def compile_train_step(model: nn.Module, schedule: Schedule, config: ml_collecti
                        mesh: jax.sharding.Mesh) -> Callable:
     """``make_train_step`` compiled once for ``config.train.parallel`` ("jit" over ``mesh`` or "pmap")."""
     kind = config.train.get("parallel", "jit")
-    if kind == "jit":
-        replicated = parallel.replicated_sharding(mesh)
-        return jax.jit(make_train_step(model, schedule, config),
-                       in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
-                       out_shardings=(replicated, replicated),
-                       donate_argnums=0)
-    if kind == "pmap":
-        return jax.pmap(make_train_step(model, schedule, config, axis_name=parallel.DATA_AXIS),
-                        axis_name=parallel.DATA_AXIS, in_axes=(0, 0, None), donate_argnums=0)
-    raise ValueError(f"train.parallel must be 'jit' or 'pmap', got {kind!r}")
+    if kind not in ("jit", "pmap"):
+        raise ValueError(f"train.parallel must be 'jit' or 'pmap', got {kind!r}")
+    pmap_step = make_train_step(model, schedule, config, axis_name=parallel.DATA_AXIS) if kind == "pmap" else None
+    return train_loop.compile_step(make_train_step(model, schedule, config), mesh, kind, pmap_step)
 
 
 # ================================================================================================
@@ -269,21 +260,6 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
 # The loop
 # ================================================================================================
 
-def _first_local(x: jax.Array) -> np.ndarray:
-    """A replicated global array's value on this host (works multi-host, where device_get may not)."""
-    return np.asarray(x.addressable_data(0))
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Keeps only the metrics.jsonl records with record["step"] <= step."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           images: np.ndarray | None = None) -> TrainState:
     """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final state.
@@ -302,11 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     workdir = os.fspath(workdir)
     is_chief = jax.process_index() == 0
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(cfg.batch_size, mesh)
     kind = cfg.get("parallel", "jit")
-    if kind == "pmap" and (cfg.batch_size // jax.process_count()) % jax.local_device_count():
-        raise ValueError(f"train.batch_size={cfg.batch_size} does not split over "
-                         f"{jax.local_device_count()} local devices per process")
+    train_loop.check_batch_split(cfg.batch_size, mesh, kind)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     if is_chief:
         config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
@@ -323,95 +296,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     init_key, train_key, sample_key = jax.random.split(jax.random.key(cfg.seed), 3)
 
     # ---------------------------------------------------------------------------------------------
-    # State: initialized replicated over the mesh, then the latest checkpoint if any
+    # State (initialized replicated over the mesh; train_loop.run restores the latest checkpoint)
     # ---------------------------------------------------------------------------------------------
     replicated = parallel.replicated_sharding(mesh)
     state = jax.jit(functools.partial(create_train_state, model, tx, sample_shape=(1, *images.shape[1:])),
                     out_shardings=replicated)(init_key)
-    ckpt = checkpoints.Checkpointer(workdir, save_every=cfg.ckpt_every, keep=cfg.get("keep_checkpoints", 3))
-    state = ckpt.restore_latest(state)
-    start_step = int(_first_local(state.step))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if is_chief:
-        _truncate_metrics(metrics_path, start_step)  # drop lines a killed run wrote after its last checkpoint
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("%s params; %s at step %d", f"{num_params:,}", "resuming" if start_step else "starting",
-                 start_step)
 
-    # The two parallel formulations differ only in how state and batch are laid out.
-    train_step = compile_train_step(model, schedule, config, mesh)
-    if kind == "jit":
-        put_batch = lambda b: parallel.shard_batch(b, mesh)                   # [B/P] per host → [B] global
-        canonical = lambda s: s                                               # already replicated global
-        first_metrics = lambda m: jax.tree.map(_first_local, m)
-    else:
-        state = parallel.replicate(state)                                     # [D, ...] per leaf
-        put_batch = parallel.split_for_pmap                                   # [B/P] → [D, B/(P·D)]
-        canonical = lambda s: jax.device_put(parallel.unreplicate(s), replicated)
-        first_metrics = lambda m: jax.tree.map(lambda x: np.asarray(x[0]), m)
+    def log_start(start_step: int) -> None:
+        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        logging.info("%s params; %s at step %d", f"{num_params:,}", "resuming" if start_step else "starting",
+                     start_step)
 
+    # ---------------------------------------------------------------------------------------------
+    # Sample grids during training
+    # ---------------------------------------------------------------------------------------------
     num_samples = cfg.get("num_samples", 64)
     sample_fn = jax.jit(make_sample_fn(model, schedule, config, (num_samples, *images.shape[1:])),
                         out_shardings=replicated)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def save_samples(state: TrainState, step: int) -> None:
+        samples = train_loop.first_local(sample_fn(state.ema_params, sample_key))   # [n, H, W, C]
+        if is_chief:
+            plotting.save_image_grid(samples, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+            plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
 
     # ---------------------------------------------------------------------------------------------
-    # Loop
+    # Loop (train_loop.run: resume, step, check, log, checkpoint, hooks)
     # ---------------------------------------------------------------------------------------------
-    window: list[dict[str, np.ndarray]] = []     # checked host metrics since the last log line
-    pending: tuple[int, Metrics] | None = None   # (step, metrics) dispatched but not yet checked
-    t_log, steps_at_log = time.time(), start_step
+    def batch_fn(step: int) -> np.ndarray:                                    # [B/P, H, W, C]
+        return data_lib.get_batch(images, step, cfg.batch_size, cfg.seed, jax.process_index(),
+                                  jax.process_count())
 
-    def check_pending() -> None:
-        """Waits for the last dispatched step; stops at a non-finite loss."""
-        nonlocal pending
-        if pending is None:
-            return
-        step, metrics = pending
-        pending = None
-        host = first_metrics(metrics)
-        if not np.isfinite(host["loss"]):
-            raise FloatingPointError(
-                f"loss is {host['loss']} at step {step} (the update from step {step} to {step + 1}); stopping "
-                f"without saving it. The last good checkpoint is step {ckpt.latest_step()} in "
-                f"{checkpoints.checkpoint_dir(workdir)}. Lower train.lr or check the data.")
-        window.append(host)
-
-    bar = tqdm.tqdm(total=cfg.num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not is_chief, desc=os.path.basename(os.path.abspath(workdir)))
-    try:
-        for step in range(start_step, cfg.num_steps):
-            batch = data_lib.get_batch(images, step, cfg.batch_size, cfg.seed,
-                                       jax.process_index(), jax.process_count())  # [B/P, H, W, C]
-            state, metrics = train_step(state, put_batch(batch), train_key)
-            check_pending()  # the previous step: done by now, so this overlaps with the one just queued
-            pending = (step, metrics)
-            done = step + 1
-            bar.update(1)
-            last = done == cfg.num_steps
-            log_now = done % cfg.log_every == 0 or last
-            ckpt_now = done % cfg.ckpt_every == 0 or last
-            sample_now = bool(cfg.sample_every) and (done % cfg.sample_every == 0 or last)
-            if not (log_now or ckpt_now or sample_now):
-                continue
-            check_pending()  # never log, save or sample a state whose loss was not checked
-
-            if log_now and window:
-                now = time.time()
-                record = {"step": done, "steps_per_sec": (done - steps_at_log) / max(now - t_log, 1e-9)}
-                record.update({k: float(np.mean([w[k] for w in window])) for k in window[0]})
-                t_log, steps_at_log, window = now, done, []
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if is_chief:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if ckpt_now:
-                ckpt.save(canonical(state), force=last)
-            if sample_now:
-                samples = _first_local(sample_fn(canonical(state).ema_params, sample_key))  # [n, H, W, C]
-                if is_chief:
-                    plotting.save_image_grid(samples, os.path.join(workdir, "samples", f"step_{done:07d}.png"))
-                    plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
-    finally:
-        bar.close()
-        ckpt.close()  # waits for the last (good) checkpoint to be on disk
-    return canonical(state)
+    return train_loop.run(
+        state, compile_train_step(model, schedule, config, mesh), batch_fn, workdir=workdir,
+        num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind, log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
+        hooks=[train_loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start)
