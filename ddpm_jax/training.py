@@ -157,22 +157,44 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
 # The step: one body, two parallel formulations
 # ================================================================================================
 
-def _loss_and_grads(params: PyTree, x0: jax.Array, example_keys: jax.Array, *, model: nn.Module,
-                    schedule: Schedule, prediction: str, random_flip: bool) -> tuple[jax.Array, PyTree]:
-    """Mean L_simple over the examples in ``x0`` [B, H, W, C] and its gradient; one key per example [B]."""
+CONDITION_KEYS = ("label", "context")  # the batch entries besides "x0" that condition the model
 
-    def example_loss(params: PyTree, x: jax.Array, key: jax.Array) -> jax.Array:  # x [H, W, C]
-        flip_key, loss_key, dropout_key = jax.random.split(key, 3)
+
+def model_condition(cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The U-Net keyword arguments for a batch's condition: label → class_labels, context → context."""
+    names = {"label": "class_labels", "context": "context"}
+    return {names[k]: v for k, v in cond.items()}
+
+
+def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: jax.Array, *, model: nn.Module,
+                    schedule: Schedule, prediction: str, random_flip: bool, p_uncond: float,
+                    null_condition: dict[str, jax.Array]) -> tuple[jax.Array, PyTree]:
+    """Mean L_simple over the batch's examples and its gradient; one key per example [B].
+
+    ``batch["x0"]`` [B, H, W, C] are the images (or scaled latents); a conditional model also gets
+    ``batch["label"]`` [B] or ``batch["context"]`` [B, L, D], which each example replaces by
+    ``null_condition[...]`` with probability ``p_uncond`` (conditioning dropout, Ho & Salimans 2021,
+    Algorithm 1): one network learns ε(x_t, c) and ε(x_t, ∅) for classifier-free guidance.
+    """
+
+    def example_loss(params: PyTree, example: dict[str, jax.Array], key: jax.Array) -> jax.Array:
+        flip_key, loss_key, dropout_key, cond_key = jax.random.split(key, 4)
+        x = example["x0"]                                                     # [H, W, C]
         if random_flip:
             x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
+        cond = {k: example[k] for k in CONDITION_KEYS if k in example}
+        if cond and p_uncond > 0:
+            drop = jax.random.bernoulli(cond_key, p_uncond)                   # c ← ∅ with probability p_uncond
+            cond = {k: jnp.where(drop, null_condition[k], v) for k, v in cond.items()}
+        kwargs = model_condition({k: v[None] for k, v in cond.items()})      # batch of one
 
         def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-            return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
+            return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **kwargs)
 
         return diffusion.loss_simple(schedule, model_fn, x[None], loss_key, prediction=prediction)  # Algorithm 1
 
     def loss_fn(params: PyTree) -> jax.Array:
-        return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, x0, example_keys))
+        return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, batch, example_keys))
 
     return jax.value_and_grad(loss_fn)(params)
 
@@ -186,24 +208,34 @@ def _apply_gradients(state: TrainState, grads: PyTree, ema_decay: float | jax.Ar
 
 
 def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict, *,
-                    axis_name: str | None = None) -> Callable[[TrainState, jax.Array, jax.Array],
-                                                              tuple[TrainState, Metrics]]:
+                    axis_name: str | None = None, null_condition: dict[str, Any] | None = None,
+                    ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, Metrics]]:
     """The pure ``train_step(state, batch, key) -> (state, metrics)``.
 
-    ``axis_name=None``: ``batch`` is the global batch [B, H, W, C] (run it under ``jax.jit``, sharded or
-    not). ``axis_name="data"``: ``batch`` is this device's [B/D, H, W, C] and the step averages loss and
+    ``batch`` is the images x_0 [B, H, W, C], or a dict with "x0" and the condition ("label" [B] or
+    "context" [B, L, D]); conditional training needs ``null_condition`` (the ∅ label or context, see
+    ``_loss_and_grads``) and reads ``config.condition.p_uncond`` (default 0.1).
+    ``axis_name=None``: ``batch`` is the global batch (run it under ``jax.jit``, sharded or not).
+    ``axis_name="data"``: ``batch`` is this device's B/D examples and the step averages loss and
     gradients over the named axis (run it under ``jax.pmap(axis_name="data")``). ``key`` never changes;
     the step derives its keys from it and ``state.step``. Metrics: loss, grad_norm (before clipping), lr.
     """
     lr_schedule = make_lr_schedule(config.train.lr, config.train.warmup_steps)
     loss_and_grads = functools.partial(
         _loss_and_grads, model=model, schedule=schedule, prediction=config.diffusion.prediction,
-        random_flip=bool(config.data.get("random_flip", False)))
+        random_flip=bool(config.data.get("random_flip", False)),
+        p_uncond=float(config.get("condition", {}).get("p_uncond", 0.1)),
+        null_condition={k: jnp.asarray(v) for k, v in (null_condition or {}).items()})
     ema_decay = float(config.train.ema_decay)
     ema_warmup = bool(config.train.get("ema_warmup", False))
 
-    def train_step(state: TrainState, batch: jax.Array, key: jax.Array) -> tuple[TrainState, Metrics]:
-        local_batch = batch.shape[0]                                                     # B (jit) or B/D (pmap)
+    def train_step(state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, Metrics]:
+        batch = batch if isinstance(batch, dict) else {"x0": batch}
+        missing = [k for k in batch if k in CONDITION_KEYS and k not in (null_condition or {})]
+        if missing:
+            raise ValueError(f"the batch has a condition {missing} but make_train_step got no null_condition "
+                             f"for it (needed for conditioning dropout)")
+        local_batch = batch["x0"].shape[0]                                                     # B (jit) or B/D (pmap)
         first = 0 if axis_name is None else lax.axis_index(axis_name) * local_batch
         example_ids = first + jnp.arange(local_batch)                                    # [B_local] global indices
         step_key = jax.random.fold_in(key, state.step)
