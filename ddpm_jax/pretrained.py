@@ -152,6 +152,7 @@ _UNET2D_DEFAULTS = {
     "norm_eps": 1e-5,
     "add_attention": True,
     "time_embedding_dim": None,
+    "num_class_embeds": None,
 }
 
 # Options of UNet2DModel that this U-Net implements only with these values.
@@ -164,18 +165,87 @@ _UNET2D_REQUIRED = {
     "upsample_type": ("conv",),
     "mid_block_type": ("UNetMidBlock2D",),
     "class_embed_type": (None,),
-    "num_class_embeds": (None,),
 }
+
+# UNet2DConditionModel's defaults (Stable Diffusion 1.x's values, but cross_attention_dim 1280).
+# Its "attention_head_dim" is, despite the name, the NUMBER of heads (diffusers issue #2011):
+# it becomes our num_attention_heads.
+_UNET2D_CONDITION_DEFAULTS = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "time_embedding_dim": None,
+    "projection_class_embeddings_input_dim": None,
+}
+
+# Options of UNet2DConditionModel that this U-Net implements only with these values (the defaults;
+# "upcast_attention" is irrelevant: our attention softmax always runs in float32).
+_UNET2D_CONDITION_REQUIRED = {
+    "center_input_sample": (False,),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "act_fn": ("silu", "swish"),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "class_embed_type": (None, "projection"),
+    "addition_embed_type": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+}
+_CONDITION_BLOCK_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"}
+
+
+def _check_required(diffusers_config: Mapping[str, Any], required: Mapping[str, tuple]) -> None:
+    for key, allowed in required.items():
+        value = diffusers_config.get(key, allowed[0])
+        value = tuple(value) if isinstance(value, list) else value
+        if isinstance(value, tuple) and key == "only_cross_attention":
+            value = value[0] if len(set(value)) == 1 else value  # a per-level list of one value
+        if value not in allowed:
+            raise ValueError(f"config.json sets {key}={diffusers_config[key]!r}, not implemented (supported: {allowed})")
 
 
 def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfig:
-    """A diffusers UNet2DModel ``config.json`` (as a dict) → ``UNetConfig``."""
+    """A diffusers UNet2DModel or UNet2DConditionModel ``config.json`` (as a dict) → ``UNetConfig``."""
     class_name = diffusers_config.get("_class_name")
+    if class_name == "UNet2DConditionModel":
+        return _unet2d_condition_config(diffusers_config)
     if class_name != "UNet2DModel":
-        raise ValueError(f"load_unet reads diffusers UNet2DModel folders, but config.json has _class_name={class_name!r}")
-    for key, allowed in _UNET2D_REQUIRED.items():
-        if key in diffusers_config and diffusers_config[key] not in allowed:
-            raise ValueError(f"config.json sets {key}={diffusers_config[key]!r}, not implemented (supported: {allowed})")
+        raise ValueError(
+            f"load_unet reads diffusers UNet2DModel or UNet2DConditionModel folders, but config.json has "
+            f"_class_name={class_name!r}"
+        )
+    _check_required(diffusers_config, _UNET2D_REQUIRED)
     if diffusers_config.get("attn_norm_num_groups") not in (None, diffusers_config.get("norm_num_groups", 32)):
         raise ValueError("config.json sets attn_norm_num_groups different from norm_num_groups: not implemented")
 
@@ -184,6 +254,33 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
         fields["attention_head_dim"] = diffusers_config["attn_num_head_channels"]  # its name before diffusers 0.15
     if fields["sample_size"] is None:
         fields["sample_size"] = 2 ** (len(fields["block_out_channels"]) - 1)
+    return UNetConfig(**fields)
+
+
+def _unet2d_condition_config(diffusers_config: Mapping[str, Any]) -> UNetConfig:
+    """A diffusers UNet2DConditionModel ``config.json`` → ``UNetConfig`` (Stable Diffusion's U-Net)."""
+    _check_required(diffusers_config, _UNET2D_CONDITION_REQUIRED)
+    fields = {key: diffusers_config.get(key, default) for key, default in _UNET2D_CONDITION_DEFAULTS.items()}
+    for key in ("down_block_types", "up_block_types"):
+        unsupported = sorted(set(fields[key]) - _CONDITION_BLOCK_TYPES)
+        if unsupported:
+            raise ValueError(
+                f"config.json sets {key} with {unsupported}, not implemented (supported: {sorted(_CONDITION_BLOCK_TYPES)})"
+            )
+    for key in ("cross_attention_dim", "layers_per_block", "transformer_layers_per_block"):
+        if not isinstance(fields[key], int):
+            raise ValueError(f"config.json sets {key}={fields[key]!r}: only one int for all levels is implemented")
+    if fields["norm_num_groups"] is None:
+        raise ValueError("config.json sets norm_num_groups=None (no output GroupNorm): not implemented")
+    # The naming quirk: num_attention_heads, when given, or else attention_head_dim, is the number of heads.
+    heads = diffusers_config.get("num_attention_heads") or diffusers_config.get("attention_head_dim", 8)
+    fields["num_attention_heads"] = tuple(heads) if isinstance(heads, (list, tuple)) else heads
+    if isinstance(fields["sample_size"], (list, tuple)):
+        fields["sample_size"] = tuple(fields["sample_size"])
+    if fields["sample_size"] is None:
+        fields["sample_size"] = 2 ** (len(fields["block_out_channels"]) - 1)
+    if fields["class_embed_type"] == "projection":
+        fields["num_class_embeds"] = None  # diffusers ignores it then
     return UNetConfig(**fields)
 
 
@@ -198,22 +295,21 @@ def _unet_key(key: str) -> str:
 
 
 def load_unet(path: str | Path) -> tuple[UNet, Params]:
-    """Load a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors).
+    """Load a diffusers UNet2DModel or UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors).
 
-    Returns ``(module, params)``; run it with ``module.apply({"params": params}, x, t)``, x NHWC.
+    The folder's config.json ``_class_name`` decides which. Returns ``(module, params)``; run it with
+    ``module.apply({"params": params}, x, t)`` (x NHWC), plus ``context`` ([B, L, cross_attention_dim],
+    diffusers' ``encoder_hidden_states``) and/or ``class_labels`` for a conditional model. The
+    transformer keys map one to one (``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`` →
+    ``down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k``, ``ff.net.0.proj`` → ``ff/net_0/proj``).
     Both the current (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy
-    (``query``/``key``/``value``/``proj_attn``) attention names are accepted.
+    (``query``/``key``/``value``/``proj_attn``) self-attention names are accepted.
     """
     folder = Path(path)
     config = unet_config_from_diffusers(read_config_json(folder))
     module = UNet(config)
-    size = 2 ** (config.num_levels - 1)  # the smallest valid input: params do not depend on it
-    target = jax.eval_shape(
-        module.init,
-        jax.random.key(0),
-        jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.int32),
-    )["params"]
+    # The smallest valid inputs: the params do not depend on the image size or the context length.
+    target = jax.eval_shape(module.init, jax.random.key(0), *config.input_specs())["params"]
     params = convert_state_dict(read_state_dict(folder), target, rename=_unet_key)
     return module, params
 

@@ -100,6 +100,24 @@ def test_matches_diffusers(tmp_path, name):
     _assert_same_outputs(model, tmp_path, config.get("in_channels", 3), INPUT_HW.get(name, (16, 16)))
 
 
+def test_class_conditional_unet2d_matches_diffusers(tmp_path):
+    """UNet2DModel(num_class_embeds=…): a learned class embedding added to the timestep embedding."""
+    config = dict(CONFIGS["attn-multihead-sd-embedding"], num_class_embeds=4)
+    model = _save_random_diffusers_unet(tmp_path, config)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    t, labels = np.array([3, 917]), np.array([3, 0])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(labels)).sample.numpy()
+    module, params = load_unet(tmp_path)
+    assert module.config.num_class_embeds == 4
+    apply = lambda labels: np.asarray(
+        module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), class_labels=labels)
+    ).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(apply(jnp.asarray(labels)), expected, rtol=0, atol=1e-4)
+    assert np.abs(apply(jnp.asarray(labels[::-1])) - expected).mean() > 1e-2  # the label matters
+
+
 def test_legacy_attention_names(tmp_path):
     """The google/ddpm-* checkpoints name the attention projections query/key/value/proj_attn."""
     config = CONFIGS["ddpm-like-3-levels"]
@@ -133,8 +151,10 @@ def test_mismatched_checkpoint_lists_every_bad_key(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="UNet2DConditionModel"):
-        unet_config_from_diffusers({"_class_name": "UNet2DConditionModel"})
+    with pytest.raises(ValueError, match="UNet2DModel or UNet2DConditionModel folders, but config.json has _class_name='UNet1DModel'"):
+        unet_config_from_diffusers({"_class_name": "UNet1DModel"})
+    with pytest.raises(ValueError, match="class_embed_type='timestep', not implemented"):
+        unet_config_from_diffusers({"_class_name": "UNet2DModel", "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="time_embedding_type='fourier'"):
         unet_config_from_diffusers({"_class_name": "UNet2DModel", "time_embedding_type": "fourier"})
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))

@@ -108,8 +108,8 @@ def test_bad_configs():
         dataclasses.replace(TINY, block_out_channels=(16, 40), norm_num_groups=16)
     with pytest.raises(ValueError, match="one entry per level"):
         dataclasses.replace(TINY, block_out_channels=(16, 32, 32))
-    with pytest.raises(ValueError, match="unsupported block type 'CrossAttnDownBlock2D'"):
-        dataclasses.replace(TINY, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"))
+    with pytest.raises(ValueError, match="unsupported block type 'SimpleCrossAttnDownBlock2D'"):
+        dataclasses.replace(TINY, down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"))
     with pytest.raises(ValueError, match="attention_head_dim=12"):
         dataclasses.replace(TINY, attention_head_dim=12)
 

@@ -19,6 +19,9 @@ Downsample             downsampling.Downsample2D (use_conv=True)
 Upsample               upsampling.Upsample2D (use_conv=True)
 Attention              attention_processor.Attention (the math)
 SpatialSelfAttention   Attention(norm_num_groups=…, residual_connection=True), the U-Net's attention block
+GEGLU, FeedForward     activations.GEGLU, attention.FeedForward (activation_fn="geglu")
+BasicTransformerBlock  attention.BasicTransformerBlock (norm_type="layer_norm")
+Transformer2D          transformers.Transformer2DModel (continuous input), SD's "spatial transformer"
 =====================  ==========================================
 
 Arrays are NHWC: ``[B, H, W, C]``. Parameters are float32; ``dtype`` is the computation dtype
@@ -189,6 +192,21 @@ class Upsample(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def attention_probs(q: Array, k: Array, mask: Array | None = None) -> Array:
+    """softmax(Q Kᵀ / √d) per head, in float32: the weights each query token gives the S key tokens.
+
+    Args:
+      q: [B, T, heads, d]; k: [B, S, heads, d]; mask: boolean broadcastable to [B, heads, T, S],
+        False = "may not attend".
+    Returns:
+      [B, heads, T, S], each row summing to 1.
+    """
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])  # [B, heads, T, S]
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017, Eq. 1 and §3.2.2).
 
@@ -199,12 +217,18 @@ class Attention(nn.Module):
     Self-attention when ``context`` is None; cross-attention otherwise (queries from the image,
     keys and values from e.g. the text encoder, in Stable Diffusion). The context may have any
     feature size: the key/value projections adapt to it.
+
+    With ``sow_attention_probs=True`` and the ``"intermediates"`` collection mutable
+    (``module.apply(..., mutable=["intermediates"])``), the probabilities softmax(QKᵀ/√d)
+    [B, heads, T, S] are stored under ``intermediates/…/attention_probs`` (Stable Diffusion's
+    per-token cross-attention maps). Otherwise nothing is stored and nothing extra is computed.
     """
 
     query_dim: int  # feature size of x, and of the output
     num_heads: int = 1
     head_dim: int = 64
     use_bias: bool = True  # q/k/v projection biases (True in the DDPM U-Net, False in SD's transformer)
+    sow_attention_probs: bool = False  # store softmax(QKᵀ/√d) in "intermediates" when that is mutable
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -225,8 +249,13 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x))  # [B, T, heads, head_dim]
         k = split_heads(self.to_k(context))  # [B, S, heads, head_dim]
         v = split_heads(self.to_v(context))  # [B, S, heads, head_dim]
-        # softmax(q kᵀ / √head_dim) v per head; the softmax runs in float32 even for bf16 inputs.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, heads, head_dim]
+        if self.sow_attention_probs and self.is_mutable_collection("intermediates"):
+            probs = attention_probs(q, k, mask)  # [B, heads, T, S]
+            self.sow("intermediates", "attention_probs", probs)
+            out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)  # [B, T, heads, head_dim]
+        else:
+            # softmax(q kᵀ / √head_dim) v per head; the softmax runs in float32 even for bf16 inputs.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, heads, head_dim]
         out = out.reshape(batch, tokens, self.num_heads * self.head_dim)  # [B, T, inner_dim]
         return self.to_out_0(out)
 
@@ -256,3 +285,116 @@ class SpatialSelfAttention(Attention):
         tokens = self.group_norm(x).reshape(batch, height * width, channels)  # [B, H·W, C]
         h = super().__call__(tokens).reshape(batch, height, width, channels)  # [B, H, W, C]
         return (x + h) / self.rescale_output_factor
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion's spatial transformer: self-attention, cross-attention to text, GEGLU MLP
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm(eps: float = 1e-5, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    """PyTorch's LayerNorm: E[(x − μ)²] for the variance (not E[x²] − μ², which cancels badly)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class GEGLU(nn.Module):
+    """The GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 5):
+
+        [a, g] = x W + b          (one Dense to 2 · features, split in halves)
+        GEGLU(x) = a ⊙ GELU(g)    (the exact, erf-based GELU, as PyTorch's F.gelu)
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # x: [B, T, D] → [B, T, features]
+        a, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return a * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """The transformer's MLP: GEGLU(D → mult·D), then Dense(mult·D → D).
+
+    Named like diffusers' ``ff.net``: ``net_0`` is the GEGLU, ``net_1`` a dropout (0 in Stable
+    Diffusion, hence absent here), ``net_2`` the output projection.
+    """
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.net_0 = GEGLU(self.mult * self.dim, self.dtype)
+        self.net_2 = nn.Dense(self.dim, dtype=self.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        # x: [B, T, D] → [B, T, D]
+        return self.net_2(self.net_0(x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """One pre-LayerNorm Transformer block with cross-attention (Rombach et al. 2022, Appendix E.2):
+
+        x = x + SelfAttention(LayerNorm₁(x))                      (pixels attend to pixels)
+        x = x + CrossAttention(LayerNorm₂(x), context)           (Q from pixels, K and V from the context)
+        x = x + FeedForward(LayerNorm₃(x))                        (GEGLU MLP)
+
+    The q/k/v projections have no bias (diffusers' ``attention_bias=False``). The cross-attention
+    (``attn2``) stores its probabilities [B, heads, H·W, L] when "intermediates" is mutable.
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        # x: [B, T, dim] (T = H·W pixels), context: [B, L, D_ctx] → [B, T, dim]
+        attention = functools.partial(
+            Attention, self.dim, self.num_heads, self.head_dim, use_bias=False, dtype=self.dtype
+        )
+        x = x + attention(name="attn1")(layer_norm(self.norm_eps, self.dtype, "norm1")(x))
+        x = x + attention(sow_attention_probs=True, name="attn2")(layer_norm(self.norm_eps, self.dtype, "norm2")(x), context)
+        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(self.norm_eps, self.dtype, "norm3")(x))
+
+
+class Transformer2D(nn.Module):
+    """Stable Diffusion's spatial transformer: a feature map attends to itself and to a context.
+
+        h = proj_in(GroupNorm(x))                      1×1 conv, or a Dense on the H·W tokens
+        h = BasicTransformerBlock(h, context) × num_layers   on the H·W tokens [B, H·W, heads·head_dim]
+        out = x + proj_out(h)
+
+    A 1×1 convolution and a Dense are the same map per pixel; ``use_linear_projection`` only says
+    which one the checkpoint stores (SD 1.x: conv, [O, I, 1, 1]; SD 2.x: linear, [O, I]).
+    The GroupNorm's epsilon is 1e-6 whatever the U-Net's, as in diffusers.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_layers: int = 1
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        # x: [B, H, W, C], context: [B, L, D_ctx] → [B, H, W, C]
+        batch, height, width, channels = x.shape
+        inner_dim = self.num_heads * self.head_dim
+        if self.use_linear_projection:
+            project = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name)
+        else:
+            project = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name)
+        h = nn.GroupNorm(self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)  # [B, H, W, C]
+        h = project(inner_dim, "proj_in")(h).reshape(batch, height * width, inner_dim)  # [B, H·W, inner]
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                inner_dim, self.num_heads, self.head_dim, dtype=self.dtype, name=f"transformer_blocks_{i}"
+            )(h, context)
+        h = project(channels, "proj_out")(h.reshape(batch, height, width, inner_dim))  # [B, H, W, C]
+        return x + h

@@ -19,9 +19,18 @@ Parameter names follow diffusers with ``.N`` written ``_N`` (``down_blocks.0.res
 ``down_blocks_0/resnets_1/conv1``), so ``ddpm_jax.pretrained.load_unet`` is a key mapping.
 
 Which blocks a level holds is the diffusers block type (``"AttnDownBlock2D"``, …); the tables
-``DOWN_BLOCK_ATTENTION``/``UP_BLOCK_ATTENTION`` say what attention each type adds after its ResNet
-blocks. Stable Diffusion's cross-attention blocks and class conditioning extend these tables and
-``UNetConfig``; the module structure stays the same.
+``DOWN_BLOCK_ATTENTION``/``UP_BLOCK_ATTENTION``/``MID_BLOCK_ATTENTION`` say what attention each type
+adds after its ResNet blocks: none, "self" (``SpatialSelfAttention``) or "cross" (``Transformer2D``).
+
+Stable Diffusion's U-Net (Rombach et al. 2022, §3.3; diffusers' UNet2DConditionModel) is the same
+module with "cross" levels (``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D``/``UNetMidBlock2DCrossAttn``):
+after each ResNet block a spatial transformer lets every pixel attend to a context sequence
+[B, L, cross_attention_dim] (e.g. CLIP text embeddings, Eq. 3 of Rombach et al.). A class
+condition is added to the timestep embedding: ``num_class_embeds`` gives a learned table
+(class labels [B]), ``class_embed_type="projection"`` a two-layer MLP of a vector [B, D].
+
+Call: ``UNet(config).apply({"params": params}, x_t, t, context=None, class_labels=None, train=False)``.
+``apply_with_attention_maps`` also returns every cross-attention's probabilities [B, heads, H·W, L].
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from ddpm_jax.models.layers import (
     Conv3x3,
@@ -39,6 +50,7 @@ from ddpm_jax.models.layers import (
     ResnetBlock,
     SpatialSelfAttention,
     TimestepMLP,
+    Transformer2D,
     Upsample,
     timestep_embedding,
 )
@@ -46,8 +58,15 @@ from ddpm_jax.models.layers import (
 Array = jax.Array
 
 # Block type (diffusers' name) → the attention that follows each of its ResNet blocks.
-DOWN_BLOCK_ATTENTION: dict[str, str | None] = {"DownBlock2D": None, "AttnDownBlock2D": "self"}
-UP_BLOCK_ATTENTION: dict[str, str | None] = {"UpBlock2D": None, "AttnUpBlock2D": "self"}
+DOWN_BLOCK_ATTENTION: dict[str, str | None] = {
+    "DownBlock2D": None,
+    "AttnDownBlock2D": "self",
+    "CrossAttnDownBlock2D": "cross",
+}
+UP_BLOCK_ATTENTION: dict[str, str | None] = {"UpBlock2D": None, "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
+# Mid block type → its attention between the two ResNet blocks ("self" only if add_attention).
+MID_BLOCK_ATTENTION: dict[str, str] = {"UNetMidBlock2D": "self", "UNetMidBlock2DCrossAttn": "cross"}
+CLASS_EMBED_TYPES = (None, "projection")
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,9 +76,17 @@ UP_BLOCK_ATTENTION: dict[str, str | None] = {"UpBlock2D": None, "AttnUpBlock2D":
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of the U-Net; field names and meanings are those of diffusers' UNet2DModel.
+    """Hyper-parameters of the U-Net; field names and meanings are those of diffusers' UNet2DModel
+    and UNet2DConditionModel.
 
-    The defaults are the DDPM CIFAR-10 model (see ``ddpm_cifar10``) without dropout.
+    The defaults are the DDPM CIFAR-10 model (see ``ddpm_cifar10``) without dropout;
+    ``stable_diffusion_v1`` is SD 1.x's conditional U-Net.
+
+    Heads: ``attention_head_dim`` is the channels per head of the "self" attention blocks
+    (UNet2DModel's meaning), ``num_attention_heads`` the number of heads of the "cross" levels'
+    transformers. diffusers' UNet2DConditionModel config calls the latter ``attention_head_dim``
+    (a naming bug kept for compatibility: SD 1.x's "attention_head_dim": 8 means 8 heads of
+    320/8 = 40 channels); ``ddpm_jax.pretrained.load_unet`` translates it.
     """
 
     sample_size: int | tuple[int, int] = 32  # training resolution; any multiple of 2^(levels-1) works
@@ -80,13 +107,25 @@ class UNetConfig:
     freq_shift: int = 1  # timestep embedding: downscale_freq_shift (1 in DDPM, 0 in SD)
     time_embedding_dim: int | None = None  # None = 4 · block_out_channels[0]
     downsample_padding: int = 0  # 0: pad bottom/right only (TF "SAME", DDPM); 1: pad all sides
-    mid_block_scale_factor: float = 1.0  # the mid block's outputs are divided by this
+    mid_block_scale_factor: float = 1.0  # the mid block's ResNet (and self-attention) outputs are divided by this
+    # --- cross-attention (Stable Diffusion) ---
+    mid_block_type: str = "UNetMidBlock2D"  # or "UNetMidBlock2DCrossAttn" (ResNet → Transformer2D → ResNet)
+    cross_attention_dim: int | None = None  # feature size D_ctx of the context (768: CLIP ViT-L/14 text)
+    num_attention_heads: int | tuple[int, ...] = 8  # heads of the transformers, one value or one per level
+    transformer_layers_per_block: int = 1  # BasicTransformerBlocks in each Transformer2D
+    use_linear_projection: bool = False  # Transformer2D proj_in/out: Dense (SD 2.x) or 1×1 conv (SD 1.x)
+    # --- class conditioning (added to the timestep embedding) ---
+    num_class_embeds: int | None = None  # a table of this many class embeddings; class_labels int [B]
+    class_embed_type: str | None = None  # None, or "projection": MLP of a vector class_labels [B, D_proj]
+    projection_class_embeddings_input_dim: int | None = None  # D_proj for class_embed_type="projection"
     dtype: Any = jnp.float32  # computation dtype; parameters are always float32
 
     def __post_init__(self):
         # JSON gives lists; keep the config hashable.
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.num_attention_heads, (list, tuple)):
+            object.__setattr__(self, "num_attention_heads", tuple(self.num_attention_heads))
         if isinstance(self.sample_size, list):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         self._validate()
@@ -119,10 +158,79 @@ class UNetConfig:
                 )
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        self._validate_conditioning()
+
+    def _validate_conditioning(self):
+        if self.mid_block_type not in MID_BLOCK_ATTENTION:
+            raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}; supported: {sorted(MID_BLOCK_ATTENTION)}")
+        heads = self.num_attention_heads
+        if isinstance(heads, tuple) and len(heads) != self.num_levels:
+            raise ValueError(f"num_attention_heads needs one entry per level ({self.num_levels}) or one int, got {heads}")
+        if self.has_cross_attention:
+            if not isinstance(self.cross_attention_dim, int) or self.cross_attention_dim < 1:
+                raise ValueError(
+                    f"cross-attention blocks need cross_attention_dim (the context's feature size), got "
+                    f"{self.cross_attention_dim!r}"
+                )
+            bad = [(c, h) for c, h in zip(self.block_out_channels, self.level_heads) if c % h]
+            if bad:
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels} must be divisible by num_attention_heads="
+                    f"{heads} (not: {bad})"
+                )
+        if self.transformer_layers_per_block < 1:
+            raise ValueError(f"transformer_layers_per_block must be >= 1, got {self.transformer_layers_per_block}")
+        if self.class_embed_type not in CLASS_EMBED_TYPES:
+            raise ValueError(f"unsupported class_embed_type {self.class_embed_type!r}; supported: {CLASS_EMBED_TYPES}")
+        if self.class_embed_type == "projection":
+            if not self.projection_class_embeddings_input_dim:
+                raise ValueError('class_embed_type="projection" needs projection_class_embeddings_input_dim')
+            if self.num_class_embeds is not None:
+                raise ValueError('set either num_class_embeds or class_embed_type="projection", not both')
+        if self.num_class_embeds is not None and self.num_class_embeds < 1:
+            raise ValueError(f"num_class_embeds must be >= 1 (or None), got {self.num_class_embeds}")
 
     @property
     def num_levels(self) -> int:
         return len(self.block_out_channels)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """True when some block attends to a context (which the call then requires)."""
+        kinds = [DOWN_BLOCK_ATTENTION[b] for b in self.down_block_types] + [UP_BLOCK_ATTENTION[b] for b in self.up_block_types]
+        return "cross" in kinds or MID_BLOCK_ATTENTION[self.mid_block_type] == "cross"
+
+    @property
+    def class_conditioning(self) -> str | None:
+        """None, "labels" (num_class_embeds: integer class_labels [B]) or "projection" (vectors [B, D])."""
+        if self.class_embed_type == "projection":
+            return "projection"
+        return "labels" if self.num_class_embeds is not None else None
+
+    @property
+    def level_heads(self) -> tuple[int, ...]:
+        """Transformer heads of each down level (the up path uses them reversed, the mid block the last)."""
+        heads = self.num_attention_heads
+        return heads if isinstance(heads, tuple) else (heads,) * self.num_levels
+
+    def input_specs(self, batch: int = 1, context_length: int = 1) -> tuple[Any, ...]:
+        """Shapes ``(x, t, context, class_labels)`` of a smallest valid call (None: input not used).
+
+        For ``jax.eval_shape(UNet(config).init, key, *config.input_specs())``: the params do not
+        depend on the image size or the context length.
+        """
+        size = 2 ** (self.num_levels - 1)
+        x = jax.ShapeDtypeStruct((batch, size, size, self.in_channels), jnp.float32)
+        t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        context = None
+        if self.has_cross_attention:
+            context = jax.ShapeDtypeStruct((batch, context_length, self.cross_attention_dim), jnp.float32)
+        labels = {
+            None: None,
+            "labels": jax.ShapeDtypeStruct((batch,), jnp.int32),
+            "projection": jax.ShapeDtypeStruct((batch, self.projection_class_embeddings_input_dim), jnp.float32),
+        }[self.class_conditioning]
+        return x, t, context, labels
 
     @property
     def time_embed_dim(self) -> int:
@@ -149,6 +257,105 @@ class UNetConfig:
             downsample_padding=0,
         )
 
+    @classmethod
+    def stable_diffusion_v1(cls) -> UNetConfig:
+        """Stable Diffusion 1.x's U-Net (CompVis/stable-diffusion-v1-4 "unet", 859.5M parameters):
+        64×64×4 latents, cross-attention to CLIP ViT-L/14 text states [B, 77, 768]."""
+        return cls(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            cross_attention_dim=768,
+            num_attention_heads=8,
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            downsample_padding=1,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the condition inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _is_concrete(a: Any) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def check_condition(
+    config: UNetConfig, context: Array | None = None, class_labels: Array | None = None, batch: int | None = None
+) -> None:
+    """Raise a one-line ValueError when ``context``/``class_labels`` do not fit ``config``.
+
+    Shapes are always checked (they are static). Class-label VALUES are checked only on concrete
+    arrays, i.e. outside ``jax.jit``: call this before jitting (``guidance.unet_guided_eps_fn``
+    does). Inside jit an out-of-range label gives a NaN embedding (hence NaN outputs) instead.
+
+    Args:
+      context: [B, L, cross_attention_dim] (B may be 1: shared by the batch), or None.
+      class_labels: integers, scalar or [B], in [0, num_class_embeds); or, with
+        class_embed_type="projection", vectors [B, projection_class_embeddings_input_dim].
+      batch: the image batch size, when known.
+    """
+    batch_ok = lambda n: batch is None or n in (1, batch)
+    if config.has_cross_attention:
+        if context is None:
+            raise ValueError(
+                f"this U-Net has cross-attention (cross_attention_dim={config.cross_attention_dim}): pass "
+                f"context=[B, L, {config.cross_attention_dim}] (e.g. text-encoder hidden states)"
+            )
+        shape = tuple(jnp.shape(context))
+        if len(shape) != 3:
+            raise ValueError(f"context must be [B, L, D_ctx], got shape {shape}")
+        if shape[-1] != config.cross_attention_dim:
+            raise ValueError(
+                f"context has last dimension {shape[-1]} but the U-Net's cross_attention_dim is "
+                f"{config.cross_attention_dim} (context shape {shape})"
+            )
+        if not batch_ok(shape[0]):
+            raise ValueError(f"context batch {shape[0]} must be 1 or the image batch {batch} (context shape {shape})")
+    elif context is not None:
+        raise ValueError("context was given but this U-Net has no cross-attention blocks (cross_attention_dim=None)")
+
+    kind = config.class_conditioning
+    if kind is None:
+        if class_labels is not None:
+            raise ValueError("class_labels were given but this U-Net is not class-conditional (num_class_embeds=None)")
+        return
+    if class_labels is None:
+        expected = (
+            f"integers [B] in [0, {config.num_class_embeds})"
+            if kind == "labels"
+            else f"vectors [B, {config.projection_class_embeddings_input_dim}]"
+        )
+        raise ValueError(f"this U-Net is class-conditional ({kind}): pass class_labels, {expected}")
+    shape = tuple(jnp.shape(class_labels))
+    if kind == "projection":
+        if len(shape) != 2 or shape[-1] != config.projection_class_embeddings_input_dim or not batch_ok(shape[0]):
+            raise ValueError(
+                f"class_labels must be [B, {config.projection_class_embeddings_input_dim}] vectors "
+                f"(class_embed_type='projection'), got shape {shape}"
+            )
+        return
+    if len(shape) > 1 or (len(shape) == 1 and not batch_ok(shape[0])):
+        raise ValueError(f"class_labels must be a scalar or have shape [B] = [{batch}], got shape {shape}")
+    if not jnp.issubdtype(jnp.result_type(class_labels), jnp.integer):
+        raise ValueError(f"class_labels must be integers, got dtype {jnp.result_type(class_labels)}")
+    if _is_concrete(class_labels):
+        values = np.asarray(class_labels)
+        if values.size and (values.min() < 0 or values.max() >= config.num_class_embeds):
+            raise ValueError(
+                f"class_labels must be in [0, {config.num_class_embeds}) (num_class_embeds), got values from "
+                f"{values.min()} to {values.max()}"
+            )
+
 
 # --------------------------------------------------------------------------------------------
 # Blocks of one resolution level
@@ -167,7 +374,7 @@ def _resnet(config: UNetConfig, out_channels: int, name: str, scale: float = 1.0
     )
 
 
-def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: float = 1.0) -> nn.Module:
+def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: float = 1.0, heads: int = 1) -> nn.Module:
     """The attention layer of type ``kind`` (see DOWN_BLOCK_ATTENTION) over ``channels`` features."""
     if kind == "self":
         head_dim = config.attention_head_dim or channels
@@ -181,7 +388,21 @@ def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: f
             dtype=config.dtype,
             name=name,
         )
+    if kind == "cross":  # not rescaled by mid_block_scale_factor, as in diffusers
+        return Transformer2D(
+            num_heads=heads,
+            head_dim=channels // heads,
+            num_layers=config.transformer_layers_per_block,
+            use_linear_projection=config.use_linear_projection,
+            norm_num_groups=config.norm_num_groups,
+            dtype=config.dtype,
+            name=name,
+        )
     raise ValueError(f"unknown attention kind {kind!r}")
+
+
+def _attend(layer: nn.Module, kind: str, h: Array, context: Array | None) -> Array:
+    return layer(h, context) if kind == "cross" else layer(h)
 
 
 class DownBlock(nn.Module):
@@ -192,18 +413,22 @@ class DownBlock(nn.Module):
 
     config: UNetConfig
     out_channels: int
-    attention: str | None  # None or "self"
+    attention: str | None  # None, "self" or "cross"
     add_downsample: bool
+    num_heads: int = 1  # of the "cross" attention's transformer
 
     @nn.compact
-    def __call__(self, h: Array, temb: Array, *, train: bool = False) -> tuple[Array, list[Array]]:
+    def __call__(
+        self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False
+    ) -> tuple[Array, list[Array]]:
         # h: [B, H, W, C_in] → [B, H/2, W/2, C_out] (or [B, H, W, C_out] at the last level)
         cfg = self.config
         skips = []
         for i in range(cfg.layers_per_block):
             h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train)  # [B, H, W, C_out]
             if self.attention:
-                h = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}")(h)
+                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
+                h = _attend(layer, self.attention, h, context)
             skips.append(h)
         if self.add_downsample:
             h = Downsample(self.out_channels, cfg.downsample_padding, cfg.dtype, name="downsamplers_0")(h)
@@ -212,18 +437,20 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """The bottleneck at the lowest resolution: ResNet → self-attention → ResNet."""
+    """The bottleneck at the lowest resolution: ResNet → attention (self or cross) → ResNet."""
 
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, h: Array, temb: Array, *, train: bool = False) -> Array:
+    def __call__(self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False) -> Array:
         # h: [B, h, w, C] → [B, h, w, C]
         cfg = self.config
         channels, scale = h.shape[-1], cfg.mid_block_scale_factor
+        kind = MID_BLOCK_ATTENTION[cfg.mid_block_type]
         h = _resnet(cfg, channels, "resnets_0", scale)(h, temb, train=train)
-        if cfg.add_attention:
-            h = _attention(cfg, "self", channels, "attentions_0", scale)(h)
+        if kind == "cross" or cfg.add_attention:
+            layer = _attention(cfg, kind, channels, "attentions_0", scale, heads=cfg.level_heads[-1])
+            h = _attend(layer, kind, h, context)
         return _resnet(cfg, channels, "resnets_1", scale)(h, temb, train=train)
 
 
@@ -234,16 +461,20 @@ class UpBlock(nn.Module):
     out_channels: int
     attention: str | None
     add_upsample: bool
+    num_heads: int = 1
 
     @nn.compact
-    def __call__(self, h: Array, skips: list[Array], temb: Array, *, train: bool = False) -> Array:
+    def __call__(
+        self, h: Array, skips: list[Array], temb: Array, context: Array | None = None, *, train: bool = False
+    ) -> Array:
         # h: [B, H, W, C_prev], skips: the encoder activations of this level, consumed last-first
         cfg = self.config
         for i, skip in enumerate(reversed(skips)):
             h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_prev + C_skip]
             h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train)  # [B, H, W, C_out]
             if self.attention:
-                h = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}")(h)
+                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
+                h = _attend(layer, self.attention, h, context)
         if self.add_upsample:
             h = Upsample(self.out_channels, cfg.dtype, name="upsamplers_0")(h)  # [B, 2H, 2W, C_out]
         return h
@@ -255,16 +486,20 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): predicts the noise in x_t (Ho et al. 2020, Eq. 11-14; architecture in Appendix B).
+    """ε_θ(x_t, t[, c]): predicts the noise in x_t (Ho et al. 2020, Eq. 11-14; architecture in Appendix B),
+    optionally conditioned on a context sequence and/or a class (Rombach et al. 2022, Eq. 3).
 
-    Call ``UNet(config).apply({"params": params}, x, t)`` with x [B, H, W, in_channels] (NHWC)
-    and integer timesteps t [B] (or a scalar, used for the whole batch). With ``train=True``,
-    dropout is active and draws from the "dropout" rng collection.
+    Call ``UNet(config).apply({"params": params}, x, t, context=None, class_labels=None, train=False)``
+    with x [B, H, W, in_channels] (NHWC), integer timesteps t [B] (or a scalar, used for the whole
+    batch), context [B or 1, L, cross_attention_dim] when the config has cross-attention blocks, and
+    class_labels (integers [B] or a scalar; vectors [B, D] for class_embed_type="projection") when it
+    is class-conditional. With ``train=True``, dropout is active and draws from the "dropout" rng
+    collection. See ``check_condition`` for what is checked where.
     """
 
     config: UNetConfig
 
-    def _check_inputs(self, x: Array, t: Array) -> None:
+    def _check_inputs(self, x: Array, t: Array, context: Array | None, class_labels: Array | None) -> None:
         cfg = self.config
         if x.ndim != 4:
             raise ValueError(f"x must be [B, H, W, C] (NHWC), got shape {tuple(x.shape)}")
@@ -280,17 +515,43 @@ class UNet(nn.Module):
             )
         if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != x.shape[0]):
             raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got shape {jnp.shape(t)}")
+        check_condition(cfg, context, class_labels, batch=x.shape[0])
+
+    def _class_embedding(self, class_labels: Array, batch: int, features: int) -> Array:
+        """The class condition as a vector [B, features], added to the timestep embedding."""
+        cfg = self.config
+        if cfg.class_conditioning == "projection":
+            vectors = jnp.broadcast_to(class_labels, (batch, class_labels.shape[-1])).astype(cfg.dtype)  # [B, D_proj]
+            return TimestepMLP(features, cfg.dtype, name="class_embedding")(vectors)  # [B, features]
+        labels = jnp.broadcast_to(jnp.asarray(class_labels), (batch,))  # [B]
+        # An out-of-range label (possible under jit, where check_condition cannot see values) is sent
+        # to index num_class_embeds, which the lookup fills with NaN: a visible failure, not a wrong class.
+        n = cfg.num_class_embeds
+        labels = jnp.where((labels >= 0) & (labels < n), labels, n)
+        return nn.Embed(n, features, dtype=cfg.dtype, name="class_embedding")(labels)  # [B, features]
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, *, train: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        context: Array | None = None,
+        class_labels: Array | None = None,
+        *,
+        train: bool = False,
+    ) -> Array:
         cfg = self.config
-        self._check_inputs(x, t)
+        self._check_inputs(x, t, context, class_labels)
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))  # [B]
+        if context is not None:
+            context = jnp.broadcast_to(context, (batch,) + context.shape[1:]).astype(cfg.dtype)  # [B, L, D_ctx]
 
-        # Timestep embedding, shared by every ResNet block.
+        # Timestep embedding (+ class embedding), shared by every ResNet block.
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # [B, C0]
         temb = TimestepMLP(cfg.time_embed_dim, cfg.dtype, name="time_embedding")(temb.astype(cfg.dtype))  # [B, D]
+        if cfg.class_conditioning is not None:
+            temb = temb + self._class_embedding(class_labels, batch, cfg.time_embed_dim)  # [B, D]
 
         # Down path; keep every activation for the skip connections.
         h = Conv3x3(cfg.block_out_channels[0], dtype=cfg.dtype, name="conv_in")(x.astype(cfg.dtype))  # [B, H, W, C0]
@@ -301,14 +562,15 @@ class UNet(nn.Module):
                 channels,
                 attention=DOWN_BLOCK_ATTENTION[block_type],
                 add_downsample=level < cfg.num_levels - 1,
+                num_heads=cfg.level_heads[level],
                 name=f"down_blocks_{level}",
-            )(h, temb, train=train)
+            )(h, temb, context, train=train)
             skips += level_skips
 
-        h = MidBlock(cfg, name="mid_block")(h, temb, train=train)  # [B, H/2^(L-1), W/2^(L-1), C_last]
+        h = MidBlock(cfg, name="mid_block")(h, temb, context, train=train)  # [B, H/2^(L-1), W/2^(L-1), C_last]
 
         # Up path, from the lowest resolution; each level consumes layers_per_block + 1 skips.
-        up_channels = cfg.block_out_channels[::-1]
+        up_channels, up_heads = cfg.block_out_channels[::-1], cfg.level_heads[::-1]
         for level, (block_type, channels) in enumerate(zip(cfg.up_block_types, up_channels)):
             n = cfg.layers_per_block + 1
             skips, level_skips = skips[:-n], skips[-n:]
@@ -317,11 +579,45 @@ class UNet(nn.Module):
                 channels,
                 attention=UP_BLOCK_ATTENTION[block_type],
                 add_upsample=level < cfg.num_levels - 1,
+                num_heads=up_heads[level],
                 name=f"up_blocks_{level}",
-            )(h, level_skips, temb, train=train)
+            )(h, level_skips, temb, context, train=train)
 
         # Output head.
         h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
         h = nn.silu(h)
         h = Conv3x3(cfg.out_channels, dtype=cfg.dtype, name="conv_out")(h)  # [B, H, W, out_channels]
         return h.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-attention maps
+# --------------------------------------------------------------------------------------------
+
+
+def cross_attention_maps(intermediates: Any) -> dict[str, Array]:
+    """The cross-attention probabilities stored by a call with ``mutable=["intermediates"]``.
+
+    Returns ``{"down_blocks_0/attentions_0/transformer_blocks_0/attn2": probs, …}`` in the order of
+    the forward pass, each probs [B, heads, H·W, L] float32 (H, W of that level; row-major pixels):
+    how much each pixel of that layer attends to each of the L context tokens.
+    """
+    flat = traverse_util.flatten_dict(intermediates)
+    return {"/".join(path[:-1]): value[0] for path, value in flat.items() if path[-1] == "attention_probs"}
+
+
+def apply_with_attention_maps(
+    unet: UNet,
+    params: Any,
+    x: Array,
+    t: Array,
+    context: Array,
+    class_labels: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Run the U-Net and return ``(eps_hat, cross_attention_maps)``; the maps as in ``cross_attention_maps``.
+
+    Computing the maps uses an explicit softmax instead of the fused attention kernel; the output is
+    the same up to float rounding.
+    """
+    out, state = unet.apply({"params": params}, x, t, context, class_labels, mutable=["intermediates"])
+    return out, cross_attention_maps(state["intermediates"])
