@@ -3,39 +3,220 @@
 CLIP (Radford et al. 2021, §2.4) uses "a lower-cased byte pair encoding (BPE) representation of the
 text with a 49,152 vocab size" (Sennrich et al. 2016), bracketed with ``[SOS]`` and ``[EOS]``
 tokens, and a context length of 77. A tokenizer folder — the ``tokenizer/`` folder of every
-Stable Diffusion checkpoint — holds ``vocab.json`` (token → id) and ``merges.txt`` (the BPE merge
-rules, in priority order), optionally ``special_tokens_map.json`` / ``tokenizer_config.json``.
+Stable Diffusion checkpoint, or one written by ``ddpm-jax train-tokenizer`` — holds ``vocab.json``
+(token → id) and ``merges.txt`` (the BPE merge rules, in priority order), optionally
+``special_tokens_map.json`` / ``tokenizer_config.json`` (e.g. SD 2.x pads with ``"!"``).
 
-The BPE itself is transformers' ``CLIPTokenizer``; this module fixes the conventions around it:
+The whole tokenizer is written out here, in plain Python (no transformers, no ``regex``, no
+``ftfy`` at run time); ``tests/test_tokenizer.py`` proves that it gives the same ids as
+transformers' ``CLIPTokenizer`` (the tokenizer diffusers' pipelines use). Text → ids in five steps:
+
+1. **Special tokens**: the literal strings ``<|startoftext|>`` / ``<|endoftext|>`` in a prompt are
+   those tokens; the text between them is tokenized on its own.
+2. **Clean** (:func:`clean_text`): Unicode NFC, every whitespace run → one space, lower case.
+   (OpenAI's original also runs ``ftfy.fix_text`` and ``html.unescape``; transformers' CLIPTokenizer,
+   our reference, does neither, and neither do we.)
+3. **Pre-tokenize** (:func:`pre_tokenize`) into words with CLIP's pattern
+   ``'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``: contractions, letter runs,
+   *single* digits, punctuation runs; whitespace separates words and is dropped.
+4. **Bytes → symbols** (:func:`bytes_to_unicode`): each word's UTF-8 bytes are mapped one-to-one to
+   printable characters (GPT-2's trick), so any text, emoji included, has a spelling in the
+   vocabulary and nothing is ever "unknown". The word's last symbol gets the suffix ``</w>``
+   ("end of word"), so ``"dog"`` at a word end and inside ``"dogma"`` are different tokens.
+5. **BPE** (:meth:`Tokenizer.bpe`): repeatedly merge the adjacent pair of symbols whose rule comes
+   first in merges.txt, until no pair has a rule (Sennrich et al. 2016, Algorithm 1 applied to one
+   word). Then look each symbol up in vocab.json.
+
+and around it the context window:
 
     ids = [<|startoftext|>] + BPE(prompt)[: L − 2] + [<|endoftext|>] + [pad] · (L − 2 − n)
 
-with L = 77, a ``UserWarning`` whenever a prompt loses tokens, and clear errors for a folder
-missing a file. transformers is imported lazily: it is needed here only.
+with L = 77, a ``UserWarning`` naming a prompt that loses tokens, and clear errors for a folder
+missing a file. Training a small BPE for captions (``train_tokenizer``) uses the ``tokenizers``
+library, imported lazily there only (``pip install tokenizers``; it is in ``install_requires``).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 CONTEXT_LENGTH = 77  # CLIP's (and therefore Stable Diffusion's) text context length
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # tried in this order, as in the pattern
+MERGES_HEADER = "#version: 0.2"
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces: bytes ↔ symbols, cleaning, pre-tokenization
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to 256 printable unicode characters.
+
+    Printable Latin-1 bytes (``!``…``~``, ``¡``…``¬``, ``®``…``ÿ``) map to themselves; the other 68
+    (control characters, space, …) to ``chr(256)``, ``chr(257)``, … in byte order — so a space is
+    ``Ġ`` (chr(288)). BPE then works on strings of these characters, never on raw whitespace.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(chars.items()))
+
+
+# Whitespace as in the Unicode White_Space property (the regex \s of transformers' Rust tokenizer);
+# Python's str.isspace() also counts the ASCII separators \x1c–\x1f, which are not whitespace there.
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
+
+
+def _is_space(c: str) -> bool:
+    return c.isspace() and c not in "\x1c\x1d\x1e\x1f"
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalise, turn every whitespace run into one space, lower-case (step 2)."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).lower()
+
+
+def _is_letter(c: str) -> bool:  # \p{L}: Lu, Ll, Lt, Lm, Lo
+    return unicodedata.category(c).startswith("L")
+
+
+def _is_number(c: str) -> bool:  # \p{N}: Nd, Nl, No
+    return unicodedata.category(c).startswith("N")
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """Split cleaned text into words with CLIP's pattern (step 3), written as a scanner.
+
+    At each position the first alternative that matches wins, as in a regex alternation:
+    a (lower-cased) special-token spelling; else a contraction; else a run of letters; else ONE digit
+    ("2024" is four words); else whitespace (skipped); else a run of characters that are neither
+    space, letter nor digit (punctuation, symbols, emoji). transformers then re-splits each word
+    with GPT-2's pattern (``ByteLevel``), which changes only the special-token spellings (they mix
+    letters and punctuation): ``<|startoftext|>`` → ``<|``, ``startoftext``, ``|>``.
+    """
+    words, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        special = next((s for s in (BOS_TOKEN, EOS_TOKEN) if text.startswith(s, i)), None)
+        contraction = next((s for s in CONTRACTIONS if text.startswith(s, i)), None)
+        if special:
+            words.extend(["<|", special[2:-2], "|>"])
+            i += len(special)
+            continue
+        if contraction:
+            j = i + len(contraction)
+        elif _is_letter(c):
+            j = i + 1
+            while j < n and _is_letter(text[j]):
+                j += 1
+        elif _is_number(c):
+            j = i + 1
+        elif _is_space(c):
+            i += 1
+            continue
+        else:
+            j = i + 1
+            while j < n and not (_is_space(text[j]) or _is_letter(text[j]) or _is_number(text[j])):
+                j += 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer
+# --------------------------------------------------------------------------------------------
 
 
 class Tokenizer:
-    """Wraps a transformers ``CLIPTokenizer``; ``tokenize(prompts)`` → ``[B, context_length]`` int32."""
+    """CLIP's byte-level BPE; ``tokenize(prompts)`` → ``[B, context_length]`` int32.
 
-    def __init__(self, bpe: Any, context_length: int = CONTEXT_LENGTH):
-        self.bpe = bpe  # the transformers tokenizer: BPE and the special tokens
+    Args:
+      vocab: token → id (vocab.json).
+      merges: the merge rules in priority order, each a pair of symbols (merges.txt).
+      pad_token: the padding token (``<|endoftext|>`` in CLIP and SD 1.x, ``"!"`` in SD 2.x).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *,
+                 pad_token: str = EOS_TOKEN, context_length: int = CONTEXT_LENGTH):
+        for name, token in (("start", BOS_TOKEN), ("end", EOS_TOKEN), ("pad", pad_token)):
+            if token not in vocab:
+                raise ValueError(f"the vocabulary has no {name} token {token!r}; a CLIP vocab.json must contain it")
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (start and end tokens), got {context_length}")
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}  # lower rank = merged first
+        self.inverse_vocab = {i: t for t, i in self.vocab.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.context_length = context_length
-        self.bos_token_id: int = bpe.bos_token_id  # <|startoftext|>
-        self.eos_token_id: int = bpe.eos_token_id  # <|endoftext|>
-        self.pad_token_id: int = bpe.pad_token_id  # <|endoftext|> in SD 1.x, "!" in SD 2.x
-        self.vocab_size: int = len(bpe)
+        self.pad_token = pad_token
+        self.bos_token_id: int = self.vocab[BOS_TOKEN]  # <|startoftext|>
+        self.eos_token_id: int = self.vocab[EOS_TOKEN]  # <|endoftext|>; also the "unknown" token
+        self.pad_token_id: int = self.vocab[pad_token]
+        self.vocab_size: int = len(self.vocab)
+        self._cache: dict[str, list[str]] = {}
+
+    # -- BPE --------------------------------------------------------------------------------
+
+    def bpe(self, word: str) -> list[str]:
+        """One pre-tokenized word (already byte-mapped) → its BPE symbols (step 5).
+
+        ``"dogs"`` starts as ``d o g s</w>``; while some adjacent pair has a merge rule, every
+        occurrence of the best-ranked pair is merged (left to right), e.g. → ``do g s</w>`` →
+        ``dog s</w>`` → ``dogs</w>``.
+        """
+        if word in self._cache:
+            return self._cache[word]
+        symbols = [*word[:-1], word[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self._cache[word] = symbols
+        return symbols
+
+    def encode(self, text: str) -> list[int]:
+        """Text → BPE token ids, without start/end tokens and without truncation."""
+        ids: list[int] = []
+        for k, segment in enumerate(text.split(EOS_TOKEN)):  # step 1: literal special tokens
+            if k:
+                ids.append(self.eos_token_id)
+            for j, part in enumerate(segment.split(BOS_TOKEN)):
+                if j:
+                    ids.append(self.bos_token_id)
+                for word in pre_tokenize(clean_text(part)):
+                    spelled = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))  # step 4
+                    ids.extend(self.vocab.get(s, self.eos_token_id) for s in self.bpe(spelled))
+        return ids
 
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Prompts → token ids ``[B, context_length]`` int32, with start/end tokens and padding.
@@ -47,8 +228,10 @@ class Tokenizer:
             prompts = [prompts]
         length = self.context_length
         out = np.full((len(prompts), length), self.pad_token_id, dtype=np.int32)
-        encoded = self.bpe(list(prompts), add_special_tokens=True, padding=False, truncation=False)["input_ids"]
-        for i, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a str")
+            ids = [self.bos_token_id, *self.encode(prompt), self.eos_token_id]
             if len(ids) > length:
                 warnings.warn(
                     f"prompt {i} ({prompt[:40]!r}…) is {len(ids)} tokens long with start/end tokens; "
@@ -62,25 +245,126 @@ class Tokenizer:
 
     __call__ = tokenize
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Token ids → text, without the special tokens."""
-        return self.bpe.decode([int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids → text, without the special tokens (``</w>`` becomes a space)."""
+        special = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
+        text = "".join(self.inverse_vocab[int(i)] for i in ids if int(i) not in special)
+        raw = bytes(self.byte_decoder[c] for c in text)  # "</w>" is plain ASCII: it maps to itself
+        return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+    # -- files ------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Writes vocab.json, merges.txt and special_tokens_map.json (the folder format it was read from)."""
+        return save_tokenizer_files(folder, self.vocab, self.merges, pad_token=self.pad_token)
+
+
+def save_tokenizer_files(folder: str | Path, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *,
+                         pad_token: str = EOS_TOKEN) -> Path:
+    """vocab.json + merges.txt (+ special_tokens_map.json) in CLIP's format, readable by
+    :func:`load_tokenizer` and by transformers' ``CLIPTokenizer.from_pretrained``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = [MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def _read_pad_token(folder: Path) -> str:
+    """pad_token from special_tokens_map.json, else tokenizer_config.json, else <|endoftext|>."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            if isinstance(pad, dict):  # {"content": "!", "lstrip": false, ...}
+                pad = pad.get("content")
+            if pad:
+                return str(pad)
+    return EOS_TOKEN
 
 
 def load_tokenizer(folder: str | Path, context_length: int = CONTEXT_LENGTH) -> Tokenizer:
     """Load a CLIP tokenizer folder (``vocab.json`` + ``merges.txt``, as shipped inside SD checkpoints).
 
     Raises:
-      FileNotFoundError naming the missing file (transformers would otherwise silently build a
-        tokenizer without merges, i.e. one token per character).
-      ImportError if transformers is not installed.
+      FileNotFoundError naming the missing file (transformers would silently build a tokenizer
+        without merges, i.e. one token per byte).
+      ValueError for a malformed vocab.json or merges.txt (naming the file and line), or a vocabulary
+        without the start/end/pad tokens.
     """
     folder = Path(folder)
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"tokenizer folder {folder} has no {name} (a CLIP tokenizer needs vocab.json and merges.txt)")
     try:
-        from transformers import CLIPTokenizer
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / 'vocab.json'} is not valid JSON ({err})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ValueError(f"{folder / 'vocab.json'} must map tokens to integer ids")
+    merges = []
+    for number, line in enumerate((folder / "merges.txt").read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{folder / 'merges.txt'} line {number} is {line!r}; each rule must be two symbols")
+        merges.append((pair[0], pair[1]))
+    return Tokenizer(vocab, merges, pad_token=_read_pad_token(folder), context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------
+# Training a small BPE (ddpm-jax train-tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 1000,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Fits a BPE on ``texts`` with CLIP's conventions and saves it to ``out`` in CLIP's folder format.
+
+    The merges are learned by the ``tokenizers`` library (its ``BpeTrainer``, with our cleaning and
+    pre-tokenization applied first so that both use the same words); the vocabulary is laid out as
+    OpenAI's: the 256 byte symbols, the same with ``</w>``, one token per merge, then
+    ``<|startoftext|>`` and ``<|endoftext|>``. Every byte is thus spelled, so any text tokenizes.
+
+    Args:
+      texts: the training corpus (e.g. the digit captions).
+      out: the folder to write vocab.json, merges.txt and special_tokens_map.json to.
+      vocab_size: at most this many tokens in all (≥ 514 = 512 byte symbols + 2 special tokens).
+      min_frequency: a pair must occur this often to be merged.
+    Returns the loaded tokenizer (``load_tokenizer(out)``).
+    """
+    if vocab_size < 514:
+        raise ValueError(f"vocab_size must be >= 514 (256 bytes, 256 bytes + '</w>', 2 special tokens), got {vocab_size}")
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
     except ImportError as err:
-        raise ImportError("load_tokenizer uses transformers' CLIPTokenizer: pip install transformers") from err
-    return Tokenizer(CLIPTokenizer.from_pretrained(str(folder)), context_length)
+        raise ImportError("train_tokenizer fits the BPE with the `tokenizers` library: pip install tokenizers") from err
+
+    byte_encoder = bytes_to_unicode()
+    lines = [  # one line per text: its words, byte-mapped, separated by spaces
+        " ".join("".join(byte_encoder[b] for b in word.encode("utf-8")) for word in pre_tokenize(clean_text(text)))
+        for text in texts
+    ]
+    if not any(lines):
+        raise ValueError("train_tokenizer got no text to learn from (empty captions)")
+    alphabet = list(byte_encoder.values())
+    bpe = HFTokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words are already split and byte-mapped
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 512,  # generous: the trainer counts differently; we cut the merges below
+        min_frequency=min_frequency, initial_alphabet=alphabet, end_of_word_suffix=END_OF_WORD,
+        show_progress=False, special_tokens=[])
+    bpe.train_from_iterator(lines, trainer=trainer)
+    model: dict[str, Any] = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = merges[: vocab_size - 514]
+
+    tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    save_tokenizer_files(out, vocab, merges)
+    return load_tokenizer(out)
