@@ -1,0 +1,768 @@
+"""Stable Diffusion's "schedulers": step rules of numerical solvers for the reverse process, as diffusers has them.
+
+A *scheduler*, in diffusers' vocabulary, is not a noise schedule (that is ``schedules.py``) but a solver: a rule
+that takes the sample x at one point of a short grid of timesteps, the model's output there, and returns the
+sample at the next grid point. Each class below reproduces one diffusers scheduler, numbers included, as pure
+JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program):
+
+- :class:`DDIMScheduler` — Song, Meng & Ermon 2021, *Denoising Diffusion Implicit Models*, Eq. 12 (the
+  library's :func:`~ddpm_jax.diffusion.ddim_step`). diffusers' ``DDIMScheduler``.
+- :class:`PNDMScheduler` — Liu, Ren, Lin & Zhao 2022, *Pseudo Numerical Methods for Diffusion Models on
+  Manifolds* (PNDM): the pseudo linear multistep method (PLMS, Eq. 12 with the transfer φ of Eq. 11), as
+  Stable Diffusion runs it (``skip_prk_steps=True``: no Runge–Kutta warm-up). diffusers' ``PNDMScheduler``.
+- :class:`EulerScheduler` — Karras, Aittala, Aila & Laine 2022, *Elucidating the Design Space of
+  Diffusion-Based Generative Models* (EDM), Algorithm 2 with Euler steps (S_churn = 0 by default: the
+  probability-flow ODE). diffusers' ``EulerDiscreteScheduler``.
+- :class:`EulerAncestralScheduler` — Euler on the ODE down to σ_down, then fresh noise σ_up: the "ancestral"
+  step of k-diffusion (Crowson), used with EDM's σ-parameterisation. diffusers'
+  ``EulerAncestralDiscreteScheduler``.
+- :class:`DPMSolverMultistepScheduler` — Lu, Zhou, Bao, Chen, Li & Zhu 2022, *DPM-Solver++: Fast Solver for
+  Guided Sampling of Diffusion Probabilistic Models*, Algorithm 2 (multistep second order, "2M", data
+  prediction). diffusers' ``DPMSolverMultistepScheduler``.
+
+Conventions
+-----------
+- **One step per grid point.** ``i = 0 … N−1`` is the loop index; ``state.timesteps[i]`` is what the model is
+  called with at step i (diffusers' ``scheduler.timesteps``; int32 for DDIM/PNDM/DPM-Solver, float32 for the
+  Euler schedulers, whose "linspace" timesteps are fractional). N is ``num_steps``, except PNDM, which calls the
+  model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers).
+- **σ-space.** The Euler schedulers integrate x̃ = x/√ᾱ, the variance-exploding form x̃ = x̃_0 + σ ε with
+  σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM Sec. 2). So the starting noise is ``init_noise_sigma`` · N(0, I) instead of
+  N(0, I), and the model, trained on x_t = x̃/√(1 + σ²), gets ``scale_model_input(x̃) = x̃/√(σ² + 1)``.
+  Every scheduler has both (identity / 1 for the others), and :func:`sample_loop` calls them as diffusers'
+  pipelines do.
+- **Pure steps.** ``state = scheduler.init_state(num_steps, sample)`` holds the grid (timesteps, σ's, per-step
+  coefficients, computed in float64 NumPy and stored as float32) and, for the multistep methods, the history
+  (PNDM's last three ε̂, DPM-Solver's last x̂_0). ``scheduler.step(state, model_output, i, sample, key)`` returns
+  ``(prev_sample, new_state)`` with no Python side effects, so it can be scanned over ``i``. ``key`` is
+  only used by the stochastic steps (Euler-ancestral, Euler with churn, DDIM with η > 0).
+- **Configs.** Each scheduler has a frozen config dataclass with diffusers' defaults *for that class*, built from
+  a diffusers ``scheduler_config.json`` by ``from_config(dict | path)``. As in diffusers, keys the class does
+  not have are ignored, so Stable Diffusion's PNDM config builds any of the five. A diffusers option this module
+  does not implement is accepted only at its default value; anything else is a one-line error.
+- **Registry.** :func:`get_scheduler` takes a short name ("ddim", "pndm", "euler", "euler_ancestral",
+  "dpmsolver++") or a diffusers ``_class_name``.
+
+Matching diffusers also means matching its quirks, which are noted where they occur (DDIM's and PNDM's step
+size T // N whatever the spacing; Euler's init_noise_sigma for "leading"; the churn noise being added after the
+model call). Tests: ``tests/test_schedulers.py`` (each step against diffusers' own step code, the grids, the
+whole loop, compilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ddpm_jax.diffusion import ddim_step, predict_x0_and_eps
+from ddpm_jax.schedules import Schedule, cosine_betas, schedule_from_betas, scaled_linear_betas
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# diffusers' prediction_type -> ours (diffusion.PREDICTIONS)
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+def _check_choice(owner: str, what: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: unknown {what} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+
+
+# ================================================================================================
+# Configs (diffusers' scheduler_config.json)
+# ================================================================================================
+
+def read_scheduler_config(path: str | Path) -> dict[str, Any]:
+    """A diffusers ``scheduler_config.json``, given as the file or as the folder that holds it."""
+    path = Path(path)
+    file = path / "scheduler_config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no scheduler config at {file}; pass a scheduler_config.json or its folder")
+    return json.loads(file.read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields every scheduler shares; defaults are diffusers' (β linear 1e-4 → 0.02, T = 1000).
+
+    Subclasses re-declare a field to change its default, as diffusers' classes differ (e.g. "leading" for
+    DDIM/PNDM, "linspace" for Euler and DPM-Solver).
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    # diffusers options of this class that are implemented only at the value given here
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False}
+    _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "sample", "v_prediction")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check_choice(name, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice(name, "timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice(name, "prediction_type", self.prediction_type, self._PREDICTION_TYPES)
+        if int(self.num_train_timesteps) < 2:
+            raise ValueError(f"{name}: num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ValueError(f"{name}: trained_betas has {len(self.trained_betas)} values, "
+                             f"num_train_timesteps is {self.num_train_timesteps}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | Path) -> SchedulerConfig:
+        """From a diffusers scheduler config (a dict, a ``scheduler_config.json`` or its folder).
+
+        Keys this class does not have are ignored (as diffusers does); an option it does not implement must
+        be at its default value.
+        """
+        if isinstance(config, (str, Path)):
+            config = read_scheduler_config(config)
+        for key, supported in cls._UNSUPPORTED.items():
+            if key in config and config[key] != supported:
+                raise ValueError(f"{cls.__name__}: {key}={config[key]!r} is not implemented in ddpm_jax "
+                                 f"(only {supported!r}); remove it from the scheduler config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        if kwargs.get("trained_betas") is not None:
+            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+        return cls(**kwargs)
+
+    def betas(self) -> np.ndarray:
+        """β_1..β_T in float64. diffusers' "linear" is linspace(beta_start, beta_end, T) with no 1000/T
+        rescaling (so not ``schedules.linear_betas``); "squaredcos_cap_v2" is ``schedules.cosine_betas``."""
+        T = int(self.num_train_timesteps)
+        if self.trained_betas is not None:
+            return np.asarray(self.trained_betas, np.float64)
+        if self.beta_schedule == "linear":
+            return np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
+        if self.beta_schedule == "scaled_linear":
+            return scaled_linear_betas(T, self.beta_start, self.beta_end)
+        return cosine_betas(T)
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t = Π (1 − β_s), float64 [T]."""
+        return np.cumprod(1.0 - self.betas())
+
+    def schedule(self) -> Schedule:
+        """The library's :class:`~ddpm_jax.schedules.Schedule` for these β's."""
+        return schedule_from_betas(self.betas())
+
+    @property
+    def prediction(self) -> str:
+        """prediction_type in the library's words ("eps", "x0", "v")."""
+        return PREDICTION_TYPES[self.prediction_type]
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMConfig(SchedulerConfig):
+    """diffusers ``DDIMScheduler`` config."""
+
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False, "thresholding": False,
+                                              "clip_sample_range": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class PNDMConfig(SchedulerConfig):
+    """diffusers ``PNDMScheduler`` config. Only the PLMS variant (``skip_prk_steps=True``) is implemented."""
+
+    skip_prk_steps: bool = True
+    set_alpha_to_one: bool = False
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {"skip_prk_steps": True}
+    _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.skip_prk_steps:
+            raise ValueError("PNDMConfig: skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; "
+                             "use skip_prk_steps=True as Stable Diffusion does")
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerConfig(SchedulerConfig):
+    """diffusers ``EulerDiscreteScheduler`` config."""
+
+    timestep_spacing: str = "linspace"
+    final_sigmas_type: str = "zero"
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "rescale_betas_zero_snr": False, "interpolation_type": "linear", "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
+        "sigma_min": None, "sigma_max": None}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(type(self).__name__, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralConfig(SchedulerConfig):
+    """diffusers ``EulerAncestralDiscreteScheduler`` config."""
+
+    timestep_spacing: str = "linspace"
+
+    _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverConfig(SchedulerConfig):
+    """diffusers ``DPMSolverMultistepScheduler`` config (algorithm_type "dpmsolver++", orders 1 and 2)."""
+
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    final_sigmas_type: str = "zero"
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "rescale_betas_zero_snr": False, "algorithm_type": "dpmsolver++", "thresholding": False,
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+        "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
+        "lambda_min_clipped": -math.inf, "variance_type": None}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        _check_choice(name, "solver_order", self.solver_order, (1, 2))
+        _check_choice(name, "solver_type", self.solver_type, ("midpoint", "heun"))
+        _check_choice(name, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+
+
+# ================================================================================================
+# Timestep grids (diffusers' set_timesteps)
+# ================================================================================================
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0,
+                     *, round_linspace: bool = True) -> np.ndarray:
+    """The N timesteps of diffusers' ``set_timesteps``, descending, float64 [N] (Lin et al. 2024, Table 2):
+
+    - "leading":  k·(T // N) for k = N−1 … 0, plus ``steps_offset`` (Stable Diffusion: offset 1, so 981 … 1);
+    - "trailing": round(T − k·T/N) − 1 for k = 0 … N−1 (starts at T − 1);
+    - "linspace": linspace(0, T − 1, N) reversed, rounded unless ``round_linspace=False`` (Euler keeps fractions).
+
+    Written with the same NumPy expressions as diffusers, so that rounding ties fall the same way.
+    """
+    T, N = int(num_train_timesteps), int(num_steps)
+    if not 1 <= N <= T:
+        raise ValueError(f"num_steps must be in [1, {T}] (num_train_timesteps), got {num_steps}")
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, N)
+        t = (t.round() if round_linspace else t)[::-1]
+    elif spacing == "leading":
+        t = (np.arange(0, N) * (T // N)).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / N)) - 1
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}")
+    _check_last_timestep(t, T, N, steps_offset)
+    return np.ascontiguousarray(t, dtype=np.float64)
+
+
+def _check_last_timestep(t: np.ndarray, T: int, N: int, steps_offset: int) -> None:
+    if t.max() > T - 1:
+        raise ValueError(f"num_steps={N} with steps_offset={steps_offset} gives timestep {int(t.max())} "
+                         f">= num_train_timesteps={T}; use fewer steps or steps_offset=0")
+
+
+def _sigmas_at(config: SchedulerConfig, timesteps: np.ndarray, final_sigmas_type: str = "zero") -> np.ndarray:
+    """σ(t) = √((1 − ᾱ_t)/ᾱ_t) linearly interpolated at (possibly fractional) ``timesteps``, then the final σ
+    (0, or σ_1 for "sigma_min"): float64 [N + 1], as diffusers' Euler and DPM-Solver ``set_timesteps``."""
+    alphas_cumprod = config.alphas_cumprod()
+    sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # [T]
+    last = sigmas[0] if final_sigmas_type == "sigma_min" else 0.0
+    return np.append(np.interp(timesteps, np.arange(len(sigmas)), sigmas), last)
+
+
+def _f32(a: Any) -> jax.Array:
+    return jnp.asarray(a, jnp.float32)
+
+
+def _timestep_array(t: np.ndarray, dtype: Any) -> jax.Array:
+    return jnp.asarray(np.asarray(t, np.float64).astype(dtype))
+
+
+# ================================================================================================
+# DDIM
+# ================================================================================================
+
+@struct.dataclass
+class DDIMState:
+    schedule: Schedule
+    timesteps: jax.Array          # [N] int32, τ_i: the model's timestep at step i
+    prev_timesteps: jax.Array     # [N] int32, τ_i − T // N; −1 means ᾱ = 1 (set_alpha_to_one)
+    init_noise_sigma: jax.Array   # [] 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMScheduler:
+    """DDIM (Song et al. 2021, Eq. 12) as diffusers' ``DDIMScheduler``; the step is :func:`diffusion.ddim_step`.
+
+    diffusers steps from τ to τ − T // N whatever the spacing (with "trailing" that is not always the next
+    grid point); after the last step ᾱ = 1 (``set_alpha_to_one``) or ᾱ_1 (Stable Diffusion's config).
+    ``eta`` is DDIM's η (Eq. 16): 0 = deterministic.
+    """
+
+    config: DDIMConfig = DDIMConfig()
+    eta: float = 0.0
+
+    name: ClassVar[str] = "ddim"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]."""
+        c = self.config
+        return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset).astype(np.int64)
+
+    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> DDIMState:
+        t = self.set_timesteps(num_steps)
+        t_prev = t - self.config.num_train_timesteps // num_steps
+        # "after the last step": ᾱ = 1 (ddim_step's t_prev < 0), or ᾱ_1 = alphas_cumprod[0] without set_alpha_to_one
+        t_prev = np.where(t_prev < 0, -1 if self.config.set_alpha_to_one else 0, t_prev)
+        return DDIMState(self.config.schedule(), _timestep_array(t, np.int32), _timestep_array(t_prev, np.int32),
+                         _f32(1.0))
+
+    def scale_model_input(self, state: DDIMState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+        return sample
+
+    def step(self, state: DDIMState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, DDIMState]:
+        """x_{τ_i − T//N} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM Eq. 12)."""
+        if self.eta > 0:
+            noise = jax.random.normal(key, sample.shape, sample.dtype)
+        else:
+            noise = jnp.zeros_like(sample)
+        prev = ddim_step(state.schedule, model_output, sample, state.timesteps[i], state.prev_timesteps[i], noise,
+                         eta=self.eta, prediction=self.config.prediction, clip_denoised=self.config.clip_sample)
+        return prev, state
+
+
+# ================================================================================================
+# PNDM (PLMS)
+# ================================================================================================
+
+# Rows: the multistep weights on (ε̂_i, the last three stored ε̂'s, most recent first) at step i = 0, 1, 2, 3, ≥4.
+# Step 0 is one DDIM step; step 1 re-does it from the same x with the average of ε̂_0 and the ε̂ at the point it
+# reached (a second-order, Heun-like start); then Adams–Bashforth of orders 2, 3 and 4 (PNDM Eq. 12).
+PLMS_WEIGHTS = np.array([
+    [1.0, 0.0, 0.0, 0.0],
+    [1 / 2, 1 / 2, 0.0, 0.0],
+    [3 / 2, -1 / 2, 0.0, 0.0],
+    [23 / 12, -16 / 12, 5 / 12, 0.0],
+    [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+])
+
+
+@struct.dataclass
+class PNDMState:
+    schedule: Schedule
+    timesteps: jax.Array        # [N+1] int32, the model's timestep at step i
+    from_timesteps: jax.Array   # [N+1] int32, the transfer φ goes from here …
+    to_timesteps: jax.Array     # [N+1] int32, … to here (−1: ᾱ = 1)
+    init_noise_sigma: jax.Array  # [] 1
+    ets: jax.Array              # [3, *shape] the last three stored model outputs, most recent first
+    cur_sample: jax.Array       # [*shape] x at step 0, from which step 1 starts again
+
+
+@dataclasses.dataclass(frozen=True)
+class PNDMScheduler:
+    """PLMS (Liu et al. 2022, Sec. 3.3, Eq. 12) as diffusers' ``PNDMScheduler`` with ``skip_prk_steps=True``.
+
+    Each step combines the current and the stored model outputs with :data:`PLMS_WEIGHTS` into ε' and moves
+    x by the transfer φ(x_t, ε', t, t − δ) of Eq. 11, which is exactly DDIM's η = 0 step (Eq. 12 of Song et
+    al.), so it is :func:`diffusion.ddim_step`. With v-prediction the v̂'s are combined and then converted,
+    as in diffusers. δ = T // N whatever the spacing (diffusers).
+    """
+
+    config: PNDMConfig = PNDMConfig()
+
+    name: ClassVar[str] = "pndm"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N + 1] (the second grid point twice)."""
+        c = self.config
+        t = spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset)[::-1]  # ascending
+        return np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].astype(np.int64)
+
+    def init_state(self, num_steps: int, sample: jax.Array) -> PNDMState:
+        t = self.set_timesteps(num_steps)
+        delta = self.config.num_train_timesteps // num_steps
+        t_from, t_to = t.copy(), t - delta
+        if len(t) > 1:  # step 1 redoes step 0's move (t_1 + δ → t_1) with the averaged ε
+            t_from[1], t_to[1] = t[1] + delta, t[1]
+        t_to = np.where(t_to < 0, -1 if self.config.set_alpha_to_one else 0, t_to)
+        return PNDMState(self.config.schedule(), _timestep_array(t, np.int32), _timestep_array(t_from, np.int32),
+                         _timestep_array(t_to, np.int32), _f32(1.0),
+                         ets=jnp.zeros((3, *sample.shape), jnp.float32),
+                         cur_sample=jnp.zeros(sample.shape, jnp.float32))
+
+    def scale_model_input(self, state: PNDMState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+        return sample
+
+    def step(self, state: PNDMState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, PNDMState]:
+        """x_{t−δ} = φ(x_t, ε', t, t−δ),  ε' = Σ_k w_k ε̂_{i−k} (PNDM Eqs. 11–12)."""
+        w = jnp.asarray(PLMS_WEIGHTS, jnp.float32)[jnp.minimum(i, 4)]                  # [4]
+        history = jnp.concatenate([model_output[None], state.ets])                      # [4, *shape]
+        eps_prime = jnp.tensordot(w, history, axes=1)                                    # [*shape]
+        x_from = jnp.where(i == 1, state.cur_sample, sample)
+        prev = ddim_step(state.schedule, eps_prime, x_from, state.from_timesteps[i], state.to_timesteps[i],
+                         jnp.zeros_like(sample), eta=0.0, prediction=self.config.prediction, clip_denoised=False)
+        # diffusers stores every model output but step 1's (taken at the provisional point)
+        ets = jnp.where(i == 1, state.ets, history[:3])
+        cur_sample = jnp.where(i == 0, sample, state.cur_sample)
+        return prev, state.replace(ets=ets, cur_sample=cur_sample)
+
+
+# ================================================================================================
+# Euler and Euler-ancestral (σ-space)
+# ================================================================================================
+
+def _euler_init_noise_sigma(config: SchedulerConfig, sigmas: np.ndarray) -> float:
+    """σ_max for "linspace"/"trailing"; √(σ_max² + 1) for "leading" (a diffusers convention kept for parity)."""
+    sigma_max = float(np.max(sigmas))
+    return sigma_max if config.timestep_spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
+
+
+def _denoised(prediction_type: str, model_output: jax.Array, sample: jax.Array, sigma: jax.Array,
+              sigma_hat: jax.Array) -> jax.Array:
+    """D(x; σ), the x_0 estimate in σ-space (EDM Eq. 7 with ε-prediction: D = x − σ̂ ε̂).
+
+    v-prediction: x_0 = x/(σ² + 1) − σ/√(σ² + 1) v̂ (x/√(σ²+1) is the VP sample the model saw)."""
+    if prediction_type == "epsilon":
+        return sample - sigma_hat * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / jnp.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
+    return model_output  # "sample"
+
+
+@struct.dataclass
+class EulerState:
+    timesteps: jax.Array         # [N] float32, the model's timestep at step i
+    sigmas: jax.Array            # [N+1] float32, σ_i (σ_N = 0 or σ_min)
+    gammas: jax.Array            # [N] float32, EDM's churn γ_i (0 unless s_churn > 0)
+    init_noise_sigma: jax.Array  # []
+
+
+def _scale_by_sigma(state: Any, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+    """x̃/√(σ_i² + 1): the VP x_t the model was trained on."""
+    return sample / jnp.sqrt(state.sigmas[i] ** 2 + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerScheduler:
+    """Euler steps on the probability-flow ODE dx̃/dσ = (x̃ − D(x̃; σ))/σ (EDM Algorithm 2, first-order).
+
+    With ``s_churn > 0`` (diffusers' step arguments s_churn, s_tmin, s_tmax, s_noise) each step first raises
+    σ_i to σ̂ = (1 + γ_i) σ_i by adding noise √(σ̂² − σ_i²) s_noise z, γ_i = min(s_churn/N, √2 − 1) for σ_i in
+    [s_tmin, s_tmax]. Unlike EDM, diffusers uses the model output taken *before* that noise (the model was
+    called on x̃_i, σ_i); we match diffusers.
+    """
+
+    config: EulerConfig = EulerConfig()
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    name: ClassVar[str] = "euler"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N] (fractional for "linspace")."""
+        c = self.config
+        return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset,
+                                round_linspace=False).astype(np.float32)
+
+    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
+        t = self.set_timesteps(num_steps)
+        sigmas = _sigmas_at(self.config, t, self.config.final_sigmas_type)  # [N+1]
+        in_range = (self.s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= self.s_tmax)
+        gammas = np.where(in_range, min(self.s_churn / num_steps, math.sqrt(2) - 1), 0.0)
+        return EulerState(_f32(t), _f32(sigmas), _f32(gammas), _f32(_euler_init_noise_sigma(self.config, sigmas)))
+
+    scale_model_input = staticmethod(_scale_by_sigma)
+
+    def step(self, state: EulerState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, EulerState]:
+        """x̃_{i+1} = x̃ + (σ_{i+1} − σ̂) d,  d = (x̃ − D(x̃; σ̂))/σ̂ (EDM Algorithm 2, lines 5–8)."""
+        sigma = state.sigmas[i]
+        sigma_hat = sigma * (state.gammas[i] + 1)
+        if self.s_churn > 0:  # line 5: x̂ = x + √(σ̂² − σ²) ε, ε ~ N(0, S_noise² I)
+            noise = jax.random.normal(key, sample.shape, sample.dtype) * self.s_noise
+            sample = sample + noise * jnp.sqrt(sigma_hat**2 - sigma**2)
+        denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma_hat)
+        derivative = (sample - denoised) / sigma_hat
+        return sample + derivative * (state.sigmas[i + 1] - sigma_hat), state
+
+
+@struct.dataclass
+class EulerAncestralState:
+    timesteps: jax.Array         # [N] float32
+    sigmas: jax.Array            # [N+1] float32, σ_N = 0
+    sigmas_up: jax.Array         # [N] float32, σ_up,i
+    sigmas_down: jax.Array       # [N] float32, σ_down,i
+    init_noise_sigma: jax.Array  # []
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralScheduler:
+    """The k-diffusion ancestral Euler step (``sample_euler_ancestral``), diffusers'
+    ``EulerAncestralDiscreteScheduler``: from σ_i, an Euler step of the ODE to
+
+        σ_down = √(σ_{i+1}² − σ_up²),   σ_up = √(σ_{i+1}² (σ_i² − σ_{i+1}²)/σ_i²),
+
+    then fresh noise σ_up z, so x̃_{i+1} has total noise level σ_{i+1} (with η = 1 this is DDPM's ancestral
+    step in σ-space). The last step (σ_N = 0) adds no noise.
+    """
+
+    config: EulerAncestralConfig = EulerAncestralConfig()
+
+    name: ClassVar[str] = "euler_ancestral"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N]."""
+        c = self.config
+        return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset,
+                                round_linspace=False).astype(np.float32)
+
+    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerAncestralState:
+        t = self.set_timesteps(num_steps)
+        sigmas = _sigmas_at(self.config, t)                                      # [N+1], float64
+        s_from, s_to = sigmas[:-1], sigmas[1:]
+        sigmas_up = np.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
+        sigmas_down = np.sqrt(s_to**2 - sigmas_up**2)
+        return EulerAncestralState(_f32(t), _f32(sigmas), _f32(sigmas_up), _f32(sigmas_down),
+                                   _f32(_euler_init_noise_sigma(self.config, sigmas)))
+
+    scale_model_input = staticmethod(_scale_by_sigma)
+
+    def step(self, state: EulerAncestralState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, EulerAncestralState]:
+        """x̃_{i+1} = x̃ + (σ_down − σ_i) d + σ_up z,  d = (x̃ − D(x̃; σ_i))/σ_i,  z ~ N(0, I) from ``key``."""
+        sigma = state.sigmas[i]
+        denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma)
+        derivative = (sample - denoised) / sigma
+        noise = jax.random.normal(key, sample.shape, sample.dtype)
+        prev = sample + derivative * (state.sigmas_down[i] - sigma) + noise * state.sigmas_up[i]
+        return prev, state
+
+
+# ================================================================================================
+# DPM-Solver++(2M)
+# ================================================================================================
+
+def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray,
+                               solver_type: str = "midpoint") -> np.ndarray:
+    """Per-step (A_i, P_i, Q_i), float64 [N, 3], so that DPM-Solver++'s multistep update is
+
+        x_{i+1} = A_i x_i + P_i x̂_0(x_i) + Q_i x̂_0(x_{i−1}).
+
+    With α = 1/√(σ² + 1), σ' = σ α (the VP noise level, ``sigmas`` are σ = σ'/α), λ = log(α/σ') and
+    h_i = λ_{i+1} − λ_i (Lu et al. 2022, DPM-Solver++ Algorithm 2):
+
+    - first order (DDIM in λ, Eq. 8 of DPM-Solver++): x_{i+1} = (σ'_{i+1}/σ'_i) x_i + α_{i+1}(1 − e^{−h_i}) x̂_0,i;
+    - second order, "midpoint" (Algorithm 2): replace x̂_0,i by D_i = (1 + 1/(2r_i)) x̂_0,i − 1/(2r_i) x̂_0,i−1,
+      r_i = h_{i−1}/h_i;
+    - "heun" (diffusers' variant): + α_{i+1}((e^{−h} − 1)/h + 1)(x̂_0,i − x̂_0,i−1)/r_i instead.
+
+    At σ_{i+1} = 0 (the last step with final σ "zero"): λ = ∞, A = 0, and the step returns x̂_0.
+    """
+    sigmas = np.asarray(sigmas, np.float64)                # [N+1]
+    alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    sigma_vp = sigmas * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma_vp)             # [N+1], +inf where σ = 0
+    coefficients = np.zeros((len(sigmas) - 1, 3))
+    for i in range(len(sigmas) - 1):
+        h = lam[i + 1] - lam[i]
+        phi = -alpha[i + 1] * np.expm1(-h)                 # α_{i+1}(1 − e^{−h})
+        A, P, Q = sigma_vp[i + 1] / sigma_vp[i], phi, 0.0
+        if second_order[i]:
+            r = (lam[i] - lam[i - 1]) / h
+            if solver_type == "midpoint":
+                P, Q = phi * (1 + 0.5 / r), -phi * 0.5 / r
+            else:
+                psi = alpha[i + 1] * (np.expm1(-h) / h + 1.0)
+                P, Q = phi + psi / r, -psi / r
+        coefficients[i] = A, P, Q
+    return coefficients
+
+
+@struct.dataclass
+class DPMSolverState:
+    schedule: Schedule
+    timesteps: jax.Array         # [N] int32
+    sigmas: jax.Array            # [N+1] float32, σ_i = √((1 − ᾱ)/ᾱ); σ_N = 0 or σ_min
+    coefficients: jax.Array      # [N, 3] float32, (A, P, Q) of dpm_solver_pp_coefficients
+    init_noise_sigma: jax.Array  # [] 1
+    prev_x0: jax.Array           # [*shape] x̂_0 of the previous step (zeros before the first)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistepScheduler:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as diffusers' ``DPMSolverMultistepScheduler``.
+
+    Data prediction: the model output is converted to x̂_0 (:func:`diffusion.predict_x0_and_eps`) and the
+    multistep history is the previous x̂_0. Order per step as diffusers: first order at step 0, and at the last
+    step when ``final_sigmas_type="zero"`` or ``euler_at_final`` or (``lower_order_final`` and N < 15);
+    second order otherwise (if ``solver_order=2``).
+    """
+
+    config: DPMSolverConfig = DPMSolverConfig()
+
+    name: ClassVar[str] = "dpmsolver++"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]. "linspace" and "leading" divide
+        the range into N + 1 parts and drop the last point (t = 0)."""
+        c = self.config
+        T, N = c.num_train_timesteps, int(num_steps)
+        if not 1 <= N <= T:
+            raise ValueError(f"num_steps must be in [1, {T}] (num_train_timesteps), got {num_steps}")
+        if c.timestep_spacing == "linspace":
+            t = np.linspace(0, T - 1, N + 1).round()[::-1][:-1]
+        elif c.timestep_spacing == "leading":
+            t = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1] + c.steps_offset
+        else:
+            t = spaced_timesteps(T, N, "trailing")
+        _check_last_timestep(t, T, N, c.steps_offset)  # diffusers would reuse σ_{T−1} and divide by h = 0
+        return t.astype(np.int64)
+
+    def orders(self, num_steps: int) -> np.ndarray:
+        """The order (1 or 2) of each of the N steps, as diffusers' ``step`` chooses it."""
+        c = self.config
+        n = len(self.set_timesteps(num_steps))
+        last_first_order = c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
+        orders = np.full(n, c.solver_order)
+        orders[0] = 1
+        if last_first_order:
+            orders[-1] = 1
+        return orders
+
+    def init_state(self, num_steps: int, sample: jax.Array) -> DPMSolverState:
+        t = self.set_timesteps(num_steps)
+        sigmas = _sigmas_at(self.config, t, self.config.final_sigmas_type)          # [N+1]
+        coefficients = dpm_solver_pp_coefficients(sigmas, self.orders(num_steps) == 2, self.config.solver_type)
+        return DPMSolverState(self.config.schedule(), _timestep_array(t, np.int32), _f32(sigmas), _f32(coefficients),
+                              _f32(1.0), prev_x0=jnp.zeros(sample.shape, jnp.float32))
+
+    def scale_model_input(self, state: DPMSolverState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+        return sample
+
+    def step(self, state: DPMSolverState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, DPMSolverState]:
+        """x_{i+1} = A_i x_i + P_i x̂_0,i + Q_i x̂_0,i−1 (see :func:`dpm_solver_pp_coefficients`)."""
+        x0, _ = predict_x0_and_eps(state.schedule, model_output, sample, state.timesteps[i],
+                                   prediction=self.config.prediction)
+        A, P, Q = state.coefficients[i]
+        prev = A * sample + P * x0 + Q * state.prev_x0
+        return prev, state.replace(prev_x0=x0)
+
+
+# ================================================================================================
+# Registry and the sampling loop
+# ================================================================================================
+
+SCHEDULERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerScheduler,
+    "euler_ancestral": EulerAncestralScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+}
+CONFIGS: dict[str, type[SchedulerConfig]] = {
+    "ddim": DDIMConfig, "pndm": PNDMConfig, "euler": EulerConfig, "euler_ancestral": EulerAncestralConfig,
+    "dpmsolver++": DPMSolverConfig,
+}
+# diffusers' _class_name -> our name
+DIFFUSERS_CLASS_NAMES = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "DPMSolverMultistepScheduler": "dpmsolver++",
+}
+
+Scheduler = DDIMScheduler | PNDMScheduler | EulerScheduler | EulerAncestralScheduler | DPMSolverMultistepScheduler
+
+
+def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | SchedulerConfig | None = None,
+                  **kwargs: Any) -> Scheduler:
+    """The scheduler ``name`` ("ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", or a diffusers
+    ``_class_name`` such as "EulerDiscreteScheduler"), configured from ``config``: a diffusers config dict, a
+    ``scheduler_config.json`` or its folder, one of our config dataclasses, or None (diffusers' defaults).
+    ``name=None`` takes the config's ``_class_name``. ``kwargs`` go to the scheduler (``eta`` for DDIM,
+    ``s_churn``… for Euler).
+    """
+    if isinstance(config, (str, Path)):
+        config = read_scheduler_config(config)
+    if name is None:
+        name = config.get("_class_name") if isinstance(config, Mapping) else None
+        if name is None:
+            raise ValueError("get_scheduler: no name given and the config has no _class_name")
+    key = DIFFUSERS_CLASS_NAMES.get(name, name)
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)} "
+                         f"(or diffusers' {', '.join(DIFFUSERS_CLASS_NAMES)})")
+    config_cls = CONFIGS[key]
+    if config is None:
+        config = config_cls()
+    elif isinstance(config, SchedulerConfig):
+        if not isinstance(config, config_cls):
+            config = config_cls.from_config(dataclasses.asdict(config))
+    else:
+        config = config_cls.from_config(config)
+    return SCHEDULERS[key](config, **kwargs)
+
+
+def sample_loop(scheduler: Scheduler, eps_fn: EpsFn, x_T: jax.Array, key: jax.Array | None,
+                num_steps: int) -> jax.Array:
+    """Run ``scheduler`` from the noise ``x_T`` ~ N(0, I) [B, ...] as ONE ``lax.scan``, as diffusers' pipelines do:
+
+        x = x_T · init_noise_sigma
+        for i, t in enumerate(timesteps):
+            x = step(state, eps_fn(scale_model_input(x, i), t), i, x, fold_in(key, i))
+
+    ``eps_fn(x, t)`` gets x [B, ...] and t [B] (int32, or float32 for the Euler schedulers) and returns the
+    model output (ε̂, v̂ or x̂_0, per the config's ``prediction_type``); Stable Diffusion's pipeline passes a
+    classifier-free-guided model here. ``key`` (used by the stochastic steps only; may be None otherwise):
+    step i draws from ``jax.random.fold_in(key, i)``. ``num_steps`` is static. To compile once and vary the
+    model's inputs, jit a function that takes them as arguments::
+
+        run = jax.jit(lambda params, cond, g, x_T, key: sample_loop(
+            scheduler, lambda x, t: guided_unet(params, x, t, cond, g), x_T, key, 50))
+    """
+    x_T = jnp.asarray(x_T, jnp.float32)
+    state = scheduler.init_state(num_steps, x_T)
+    n = state.timesteps.shape[0]
+    batch = x_T.shape[0]
+    if key is None:
+        key = jax.random.key(0)  # unused by deterministic steps
+
+    def body(carry, i):
+        x, state = carry
+        t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)   # [B]
+        model_output = eps_fn(scheduler.scale_model_input(state, x, i), t)
+        x, state = scheduler.step(state, model_output, i, x, jax.random.fold_in(key, i))
+        return (x, state), None
+
+    (x0, _), _ = jax.lax.scan(body, (x_T * state.init_noise_sigma, state), jnp.arange(n, dtype=jnp.int32))
+    return x0

@@ -1,0 +1,339 @@
+"""ddpm_jax/schedulers.py against diffusers' own schedulers (PyTorch): grids, steps, whole loops, compilation.
+
+Reference precision (as in test_diffusers_parity_schedulers.py). diffusers keeps ᾱ_t in float32 (its cumprod
+drifts by up to 2e-5 relative) and rounds its σ grid to float32. For the step and loop comparisons we therefore
+run diffusers' step code on float64 tensors, with ᾱ_t = cumprod(1 − β_t) from the exact float64 β_t and σ's
+recomputed from it in float64, and require our float32 results to agree to ATOL = 1e-5 max abs (inputs are
+float32 values, so both sides see the same numbers). The Euler schedulers work in σ-space, where samples reach
+|x| ≈ 60 at σ_max ≈ 14.6 and one float32 ulp is 4e-6; there the bound is 1e-5 relative to max(1, |x|). The grids
+themselves are compared with diffusers' float32 arrays directly (timesteps exactly; σ's to rtol 3e-5).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_euler_discrete  # noqa: E402
+
+from ddpm_jax import schedulers as S  # noqa: E402
+
+ATOL = 1e-5
+# Stable Diffusion v1.x scheduler_config.json (PNDM), as on the Hub
+SD_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}
+DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "euler": diffusers.EulerDiscreteScheduler,
+             "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
+             "dpmsolver++": diffusers.DPMSolverMultistepScheduler}
+SIGMA_SPACE = ("euler", "euler_ancestral")  # σ-space samplers: float32 σ grid, large |x|
+NAMES = tuple(DIFFUSERS)
+S_DATA = 1.0  # data x0 ~ N(0, S_DATA² I) for the analytic model
+
+f32 = lambda a: jnp.asarray(a, jnp.float32)
+f64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+
+
+def reference(name, config, num_steps, float64=True, **step_kw):
+    """diffusers' scheduler for ``config`` after set_timesteps(num_steps); in float64 (see the module docstring)."""
+    ref = DIFFUSERS[name].from_config(config)
+    ref.set_timesteps(num_steps)
+    if float64:
+        ours = S.CONFIGS[name].from_config(config)
+        betas = ours.betas()
+        np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=1e-6)  # the same β's
+        ab = np.cumprod(1 - betas)
+        ref.alphas_cumprod = f64(ab)
+        if name in ("ddim", "pndm"):
+            ref.final_alpha_cumprod = f64(1.0 if config.get("set_alpha_to_one", name == "ddim") else ab[0])
+        else:  # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
+            sig = np.sqrt((1 - ab) / ab)
+            last = sig[0] if config.get("final_sigmas_type") == "sigma_min" else 0.0
+            sigmas = np.append(np.interp(ref.timesteps.numpy().astype(np.float64), np.arange(len(sig)), sig), last)
+            np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=3e-5)
+            ref.sigmas = f64(sigmas)
+    return ref
+
+
+def sigma_table(config):
+    ab = config.alphas_cumprod()
+    return np.sqrt((1 - ab) / ab)  # [T] float64
+
+
+def optimal_eps_jax(config, s=S_DATA):
+    """ε*(x_t, t) = E[ε | x_t] for x0 ~ N(0, s²), with σ(t) interpolated (Euler's fractional t):
+    √(1−ᾱ) x/(ᾱ s² + 1 − ᾱ) = σ√(1 + σ²) x/(s² + σ²), ᾱ = 1/(1 + σ²) (no cancellation at small σ)."""
+    table = f32(sigma_table(config))
+    grid = jnp.arange(table.shape[0], dtype=jnp.float32)
+
+    def eps_fn(x, t):
+        sig = jnp.interp(t.astype(jnp.float32), grid, table).reshape((-1,) + (1,) * (x.ndim - 1))
+        return sig * jnp.sqrt(1 + sig**2) * x / (s**2 + sig**2)
+    return eps_fn
+
+
+def optimal_eps_torch(config, s=S_DATA):
+    table = sigma_table(config)
+
+    def eps_fn(x, t):
+        sig = float(np.interp(float(t), np.arange(len(table)), table))
+        return sig * np.sqrt(1 + sig**2) * x / (s**2 + sig**2)
+    return eps_fn
+
+
+class FeedNoise:
+    """Replaces diffusers' randn_tensor (Euler, Euler-ancestral) so that it returns our noise for step ``i``
+    (the test sets ``i`` before each step; Euler draws only at steps with churn)."""
+
+    def __init__(self, monkeypatch, noise_of):
+        self.noise_of, self.i, self.calls = noise_of, None, 0
+        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete):
+            monkeypatch.setattr(module, "randn_tensor", self)
+
+    def __call__(self, shape, **kw):
+        self.calls += 1
+        noise = self.noise_of(self.i)
+        assert tuple(noise.shape) == tuple(shape)
+        return f64(noise)
+
+
+def close(ours, ref, name):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    scale = max(1.0, np.abs(ref).max()) if name in SIGMA_SPACE else 1.0
+    return np.abs(ours - ref).max() / scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids: timesteps, σ's, init_noise_sigma
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("trailing", 0), ("linspace", 0)])
+def test_timesteps_and_sigmas_match_set_timesteps(name, spacing, offset):
+    config = {**SD_CONFIG, "timestep_spacing": spacing, "steps_offset": offset}
+    sched = S.get_scheduler(name, config)
+    for num_steps in (1, 2, 3, 7, 20, 50, 999):
+        if name == "dpmsolver++" and (spacing, offset, num_steps) == ("leading", 1, 999):
+            continue  # gives t = 1000: an error (test_bad_num_steps_and_missing_config_file)
+        ref = DIFFUSERS[name].from_config(config)
+        ref.set_timesteps(num_steps)
+        ours = sched.set_timesteps(num_steps)
+        assert ours.dtype == ref.timesteps.numpy().dtype
+        np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f"{num_steps} steps")
+        state = sched.init_state(num_steps, jnp.zeros((1, 2)))
+        np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy().astype(np.float32))
+        # init_noise_sigma: diffusers' float32 σ_max (cumprod drift) vs ours from float64
+        np.testing.assert_allclose(float(state.init_noise_sigma), float(ref.init_noise_sigma), rtol=3e-5)
+        if hasattr(state, "sigmas"):
+            np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=3e-5, atol=1e-7)
+
+
+def test_sd_leading_grid_is_981_to_1():
+    t = S.get_scheduler("ddim", SD_CONFIG).set_timesteps(50)
+    assert t[0] == 981 and t[-1] == 1 and len(t) == 50
+    assert list(S.get_scheduler("pndm", SD_CONFIG).set_timesteps(50)[:3]) == [981, 961, 961]  # PLMS: N + 1 calls
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps, several in sequence (the multistep history), against diffusers' step
+# ------------------------------------------------------------------------------------------------
+
+STEP_CASES = [
+    ("ddim", {}, {}, 10), ("ddim", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}, 10),
+    ("ddim", {"clip_sample": True, "set_alpha_to_one": True, "prediction_type": "sample"}, {"eta": 0.7}, 10),
+    ("pndm", {}, {}, 10), ("pndm", {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}, {}, 7),
+    ("euler", {}, {}, 10), ("euler", {"prediction_type": "v_prediction", "timestep_spacing": "linspace"}, {}, 10),
+    ("euler", {"final_sigmas_type": "sigma_min", "prediction_type": "sample"},
+     {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 8.0}, 10),  # churn on some steps only
+    ("euler_ancestral", {}, {}, 10),
+    ("euler_ancestral", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, {}, 10),
+    ("dpmsolver++", {}, {}, 10), ("dpmsolver++", {}, {}, 20),  # N < 15 and N ≥ 15 (lower_order_final)
+    ("dpmsolver++", {"solver_type": "heun", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"}, {},
+     20),
+    ("dpmsolver++", {"solver_type": "heun", "final_sigmas_type": "sigma_min", "lower_order_final": False}, {}, 10),
+    ("dpmsolver++", {"solver_order": 1, "timestep_spacing": "leading", "prediction_type": "sample"}, {}, 10),
+]
+
+
+@pytest.mark.parametrize("name,config,kwargs,num_steps", STEP_CASES)
+def test_step_sequence_matches_diffusers_step(name, config, kwargs, num_steps, monkeypatch):
+    """Every step of a run on random (x_i, model output_i), fed identically to both, with the same noise."""
+    config = {**SD_CONFIG, **config}
+    sched = S.get_scheduler(name, config, **kwargs)
+    ref = reference(name, config, num_steps)
+    rng = np.random.default_rng(0)
+    shape = (2, 4, 4, 3)
+    state = sched.init_state(num_steps, jnp.zeros(shape))
+    key = jax.random.key(1)
+    noise_of = lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64)
+    feed = FeedNoise(monkeypatch, noise_of)
+    worst = 0.0
+    for i, t in enumerate(ref.timesteps):
+        feed.i = i
+        x = (float(state.init_noise_sigma) * rng.standard_normal(shape)).astype(np.float32).astype(np.float64)
+        model_output = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+        ref.scale_model_input(f64(x), t)
+        step_kw = dict(kwargs)  # eta, s_churn, …: diffusers' step arguments
+        if name == "ddim" and kwargs.get("eta", 0) > 0:
+            step_kw["variance_noise"] = f64(noise_of(i))
+        prev_ref = ref.step(f64(model_output), t, f64(x), **step_kw).prev_sample.numpy()
+        prev, state = sched.step(state, f32(model_output), i, f32(x), jax.random.fold_in(key, i))
+        worst = max(worst, close(prev, prev_ref, name))
+    assert worst <= ATOL, worst
+    assert (feed.calls > 0) == (name == "euler_ancestral" or "s_churn" in kwargs)  # our noise reached diffusers
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole loop: one lax.scan against diffusers' Python loop with the same model and noise
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_loop_matches_diffusers_loop(name, monkeypatch):
+    """Stable Diffusion's config, 20 steps, the optimal ε-model for N(0, 1) data, the same x_T (and noise)."""
+    num_steps, shape = 20, (2, 4, 4, 3)
+    sched = S.get_scheduler(name, SD_CONFIG)
+    x_T = np.asarray(jax.random.normal(jax.random.key(7), shape), np.float64)
+    key = jax.random.key(3)
+    ours = jax.jit(lambda x_T, key: S.sample_loop(sched, optimal_eps_jax(sched.config), x_T, key, num_steps))(f32(x_T), key)
+
+    ref = reference(name, SD_CONFIG, num_steps)
+    feed = FeedNoise(monkeypatch, lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64))
+    eps = optimal_eps_torch(sched.config)
+    x = f64(x_T) * float(ref.init_noise_sigma)
+    for i, t in enumerate(ref.timesteps):
+        feed.i = i
+        x = ref.step(eps(ref.scale_model_input(x, t), t), t, x).prev_sample
+    assert close(ours, x.numpy(), "loop") <= ATOL  # the final x is O(1): absolute tolerance
+
+
+# |Var(x_0)/s² − 1| measured at 50 steps (Stable Diffusion's config, s = 1): DDIM 5.2%, PNDM 0.1%, Euler 6.0%,
+# DPM-Solver++(2M) 1.5% (its last step jumps from σ ≈ 0.12 to 0, x̂_0 = D(x), which shrinks by s²/(s² + σ²));
+# at 100 steps 2.7%, 0.0%, 3.3%, 0.8%: the first-order solvers' error halves.
+VARIANCE_BOUNDS_50 = {"ddim": 0.06, "pndm": 0.005, "euler": 0.07, "dpmsolver++": 0.02}
+
+
+@pytest.mark.parametrize("name", list(VARIANCE_BOUNDS_50))
+def test_deterministic_solvers_sample_the_data_variance(name):
+    """With the optimal ε-model for x0 ~ N(0, s²) every step is linear in x, so x_0 = g·x_T and Var(x_0) = g²
+    exactly (x_T ~ N(0, 1)); s = 1 is about the spread of SD's scaled latents. 50 steps give s² within a few %,
+    and 100 steps come closer."""
+    sched = S.get_scheduler(name, SD_CONFIG)
+    eps_fn = optimal_eps_jax(sched.config)
+    error = {n: abs(float(S.sample_loop(sched, eps_fn, jnp.ones((1, 1, 1, 1)), None, n).squeeze()) ** 2 / S_DATA**2 - 1)
+             for n in (50, 100)}
+    assert error[50] < VARIANCE_BOUNDS_50[name], error
+    assert error[100] < error[50], error
+
+
+def test_euler_ancestral_samples_the_data_variance():
+    """Monte-Carlo, 40k samples (SE of the variance 0.7%): the ancestral (SDE) sampler is first order and needs
+    more steps than the ODE solvers; measured Var/s² − 1: −10.6% at 50 steps, −6.0% at 100, −3.9% at 200."""
+    sched = S.get_scheduler("euler_ancestral", SD_CONFIG)
+    x_T = jax.random.normal(jax.random.key(0), (40_000, 1, 1, 1))
+    error = {}
+    for n in (50, 100):
+        x0 = np.asarray(S.sample_loop(sched, optimal_eps_jax(sched.config), x_T, jax.random.key(1), n), np.float64)
+        error[n] = abs(x0.var() / S_DATA**2 - 1)
+        assert abs(x0.mean()) < 5 * S_DATA / np.sqrt(len(x0))
+    assert error[50] < 0.13 and error[100] < error[50] - 0.02, error
+
+
+# ------------------------------------------------------------------------------------------------
+# Compilation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_new_conditioning_or_guidance_scale_does_not_retrace(name):
+    """A stand-in for classifier-free guidance: the loop closes over (cond, g), passed to jit as arguments."""
+    sched = S.get_scheduler(name, SD_CONFIG)
+    traces = {"loop": 0, "model": 0}
+
+    def model(x, t, cond, g):
+        traces["model"] += 1  # runs only while JAX traces
+        return g * x * cond + t.reshape(-1, 1, 1, 1) * 1e-4
+
+    def run(cond, g, x_T, key):
+        traces["loop"] += 1
+        return S.sample_loop(sched, lambda x, t: model(x, t, cond, g), x_T, key, 8)
+
+    run = jax.jit(run)
+    x_T, key = jnp.ones((2, 2, 2, 1)), jax.random.key(0)
+    a = run(jnp.full((1, 2, 2, 1), 0.1), 1.0, x_T, key)
+    b = run(jnp.full((1, 2, 2, 1), 0.2), 7.5, x_T, key)
+    assert traces == {"loop": 1, "model": 1}  # 8 (or 9) steps, one trace; new cond and g: no retrace
+    assert not np.allclose(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry, configs and bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_registry_names_and_diffusers_class_names(tmp_path):
+    for name, cls in S.SCHEDULERS.items():
+        assert isinstance(S.get_scheduler(name, SD_CONFIG), cls)
+    for class_name, name in S.DIFFUSERS_CLASS_NAMES.items():
+        assert type(S.get_scheduler(class_name)) is S.SCHEDULERS[name]
+        assert DIFFUSERS[name].__name__ == class_name
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SD_CONFIG))
+    from_folder = S.get_scheduler(None, tmp_path)  # _class_name → PNDM
+    assert isinstance(from_folder, S.PNDMScheduler)
+    assert from_folder.config == S.PNDMConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                              steps_offset=1)
+    euler = S.get_scheduler("euler", tmp_path / "scheduler_config.json")
+    assert euler.config.timestep_spacing == "linspace"  # the config has none: the class's default, as diffusers
+    assert S.get_scheduler("ddim", S.PNDMConfig(steps_offset=1)).config.steps_offset == 1  # another class's config
+
+
+def test_unknown_scheduler_lists_the_known_ones():
+    known = r"unknown scheduler 'heun'; known: ddim, pndm, euler, euler_ancestral, dpmsolver\+\+ \(or diffusers' DDIMSch"
+    with pytest.raises(ValueError, match=known):
+        S.get_scheduler("heun")
+    with pytest.raises(ValueError, match="no name given"):
+        S.get_scheduler(None, {"beta_schedule": "linear"})
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("euler", {"use_karras_sigmas": True}, "use_karras_sigmas=True is not implemented"),
+    ("pndm", {"skip_prk_steps": False}, "skip_prk_steps=False is not implemented"),
+    ("ddim", {"thresholding": True}, "thresholding=True is not implemented"),
+    ("dpmsolver++", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type='sde-dpmsolver\\+\\+' is not implemented"),
+    ("dpmsolver++", {"solver_order": 3}, "unknown solver_order 3"),
+    ("ddim", {"timestep_spacing": "uniform"},
+     "DDIMConfig: unknown timestep_spacing 'uniform'; valid choices: 'leading', 'trailing', 'linspace'"),
+    ("euler", {"beta_schedule": "sigmoid"}, "unknown beta_schedule 'sigmoid'"),
+    ("pndm", {"prediction_type": "sample"}, "unknown prediction_type 'sample'"),
+])
+def test_unsupported_or_unknown_options_are_one_line_errors(name, bad, match):
+    with pytest.raises(ValueError, match=match):
+        S.get_scheduler(name, {**SD_CONFIG, **bad})
+
+
+def test_bad_num_steps_and_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
+        S.get_scheduler("euler", SD_CONFIG).set_timesteps(1001)
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
+        S.get_scheduler("dpmsolver++").init_state(0, jnp.zeros((1, 2)))
+    dpm_leading = S.get_scheduler("dpmsolver++", {**SD_CONFIG, "timestep_spacing": "leading"})  # N + 1 parts, offset 1
+    with pytest.raises(ValueError, match="num_steps=999 with steps_offset=1 gives timestep 1000 >= num_train_timesteps"):
+        dpm_leading.set_timesteps(999)
+    with pytest.raises(ValueError, match="gives timestep 1000"):
+        S.get_scheduler("ddim", SD_CONFIG).set_timesteps(1000)
+    with pytest.raises(FileNotFoundError, match="no scheduler config at"):
+        S.get_scheduler("ddim", tmp_path)
+
+
+def test_trained_betas_and_cosine_schedule_follow_diffusers():
+    betas = np.linspace(1e-4, 0.03, 100)
+    ours = S.get_scheduler("ddim", {"trained_betas": list(betas), "num_train_timesteps": 100})
+    np.testing.assert_array_equal(ours.config.betas(), betas)
+    ref = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    np.testing.assert_allclose(S.DDIMConfig(beta_schedule="squaredcos_cap_v2").betas(), ref.betas.numpy(), rtol=1e-6)
+    ref = diffusers.DDIMScheduler(num_train_timesteps=200)  # "linear" is not rescaled with T, unlike schedules.linear_betas
+    np.testing.assert_allclose(S.DDIMConfig(num_train_timesteps=200).betas(), ref.betas.numpy(), rtol=1e-6)
