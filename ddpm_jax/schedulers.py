@@ -8,11 +8,11 @@ JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program):
 - :class:`DDIMScheduler` — Song, Meng & Ermon 2021, *Denoising Diffusion Implicit Models*, Eq. 12 (the
   library's :func:`~ddpm_jax.diffusion.ddim_step`). diffusers' ``DDIMScheduler``.
 - :class:`PNDMScheduler` — Liu, Ren, Lin & Zhao 2022, *Pseudo Numerical Methods for Diffusion Models on
-  Manifolds* (PNDM): the pseudo linear multistep method (PLMS, Eq. 12 with the transfer φ of Eq. 11), as
+  Manifolds* (PNDM): the pseudo linear multistep method (PLMS, Eq. 12 and Algorithm 2, with the transfer φ of Eq. 9), as
   Stable Diffusion runs it (``skip_prk_steps=True``: no Runge–Kutta warm-up). diffusers' ``PNDMScheduler``.
 - :class:`EulerScheduler` — Karras, Aittala, Aila & Laine 2022, *Elucidating the Design Space of
-  Diffusion-Based Generative Models* (EDM), Algorithm 2 with Euler steps (S_churn = 0 by default: the
-  probability-flow ODE). diffusers' ``EulerDiscreteScheduler``.
+  Diffusion-Based Generative Models* (EDM), Algorithm 2 without its second-order correction (S_churn = 0 by
+  default: Euler on the probability-flow ODE). diffusers' ``EulerDiscreteScheduler``.
 - :class:`EulerAncestralScheduler` — Euler on the ODE down to σ_down, then fresh noise σ_up: the "ancestral"
   step of k-diffusion (Crowson), used with EDM's σ-parameterisation. diffusers'
   ``EulerAncestralDiscreteScheduler``.
@@ -384,10 +384,10 @@ class PNDMState:
 
 @dataclasses.dataclass(frozen=True)
 class PNDMScheduler:
-    """PLMS (Liu et al. 2022, Sec. 3.3, Eq. 12) as diffusers' ``PNDMScheduler`` with ``skip_prk_steps=True``.
+    """PLMS (Liu et al. 2022, Eq. 12 / Algorithm 2) as diffusers' ``PNDMScheduler`` with ``skip_prk_steps=True``.
 
     Each step combines the current and the stored model outputs with :data:`PLMS_WEIGHTS` into ε' and moves
-    x by the transfer φ(x_t, ε', t, t − δ) of Eq. 11, which is exactly DDIM's η = 0 step (Eq. 12 of Song et
+    x by the transfer φ(x_t, ε', t, t − δ) of Eq. 9, which is exactly DDIM's η = 0 step (Eq. 12 of Song et
     al.), so it is :func:`diffusion.ddim_step`. With v-prediction the v̂'s are combined and then converted,
     as in diffusers. δ = T // N whatever the spacing (diffusers).
     """
@@ -444,7 +444,7 @@ def _euler_init_noise_sigma(config: SchedulerConfig, sigmas: np.ndarray) -> floa
 
 def _denoised(prediction_type: str, model_output: jax.Array, sample: jax.Array, sigma: jax.Array,
               sigma_hat: jax.Array) -> jax.Array:
-    """D(x; σ), the x_0 estimate in σ-space (EDM Eq. 7 with ε-prediction: D = x − σ̂ ε̂).
+    """D(x; σ), the x_0 estimate in σ-space (EDM Table 1, ε-prediction: c_skip = 1, c_out = −σ, so D = x − σ̂ ε̂).
 
     v-prediction: x_0 = x/(σ² + 1) − σ/√(σ² + 1) v̂ (x/√(σ²+1) is the VP sample the model saw)."""
     if prediction_type == "epsilon":
@@ -502,10 +502,10 @@ class EulerScheduler:
 
     def step(self, state: EulerState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
              key: jax.Array | None = None) -> tuple[jax.Array, EulerState]:
-        """x̃_{i+1} = x̃ + (σ_{i+1} − σ̂) d,  d = (x̃ − D(x̃; σ̂))/σ̂ (EDM Algorithm 2, lines 5–8)."""
+        """x̃_{i+1} = x̃ + (σ_{i+1} − σ̂) d,  d = (x̃ − D(x̃; σ̂))/σ̂ (EDM Algorithm 2, lines 4–9)."""
         sigma = state.sigmas[i]
         sigma_hat = sigma * (state.gammas[i] + 1)
-        if self.s_churn > 0:  # line 5: x̂ = x + √(σ̂² − σ²) ε, ε ~ N(0, S_noise² I)
+        if self.s_churn > 0:  # lines 5–7: x̂ = x + √(σ̂² − σ²) ε, ε ~ N(0, S_noise² I)
             noise = jax.random.normal(key, sample.shape, sample.dtype) * self.s_noise
             sample = sample + noise * jnp.sqrt(sigma_hat**2 - sigma**2)
         denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma_hat)
@@ -578,7 +578,7 @@ def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray,
     With α = 1/√(σ² + 1), σ' = σ α (the VP noise level, ``sigmas`` are σ = σ'/α), λ = log(α/σ') and
     h_i = λ_{i+1} − λ_i (Lu et al. 2022, DPM-Solver++ Algorithm 2):
 
-    - first order (DDIM in λ, Eq. 8 of DPM-Solver++): x_{i+1} = (σ'_{i+1}/σ'_i) x_i + α_{i+1}(1 − e^{−h_i}) x̂_0,i;
+    - first order (DPM-Solver++(1), which is DDIM): x_{i+1} = (σ'_{i+1}/σ'_i) x_i + α_{i+1}(1 − e^{−h_i}) x̂_0,i;
     - second order, "midpoint" (Algorithm 2): replace x̂_0,i by D_i = (1 + 1/(2r_i)) x̂_0,i − 1/(2r_i) x̂_0,i−1,
       r_i = h_{i−1}/h_i;
     - "heun" (diffusers' variant): + α_{i+1}((e^{−h} − 1)/h + 1)(x̂_0,i − x̂_0,i−1)/r_i instead.
