@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.stats import norm
 
 from ddpm_jax import diffusion as D
@@ -158,3 +159,63 @@ def test_dataset_bpd_batches_pad_and_average(tmp_path):
     path = plot_vlb_terms(out.terms, str(tmp_path / "terms.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+_SHARDED_WORKER = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from ddpm_jax import parallel
+from ddpm_jax.evaluation.likelihood import dataset_bpd
+from ddpm_jax.schedules import get_schedule
+
+s = get_schedule("linear", 50)
+images = np.asarray(jax.random.uniform(jax.random.key(0), (13, 4, 4, 1), minval=-1, maxval=1))
+params = {"w": jnp.float32(0.7)}
+eps_fn = lambda p, x, t: p["w"] * x
+key = jax.random.key(5)
+eight = dataset_bpd(eps_fn, s, images, key, batch_size=8, params=params)  # default mesh: all 8 devices
+one = dataset_bpd(eps_fn, s, images, key, batch_size=8, params=params, mesh=parallel.make_mesh(jax.devices()[:1]))
+closure = dataset_bpd(lambda x, t: 0.7 * x, s, images, key, batch_size=8)
+try:
+    dataset_bpd(eps_fn, s, images, key, batch_size=6, params=params)
+    error = None
+except ValueError as err:
+    error = str(err)
+json.dump({"devices": jax.device_count(), "bpd8": eight.bpd, "bpd1": one.bpd, "bpd_closure": closure.bpd,
+           "terms_diff": float(np.max(np.abs(eight.terms - one.terms))),
+           "totals_diff": float(np.max(np.abs(eight.totals - one.totals))), "n": eight.num_examples,
+           "error": error}, open(sys.argv[1], "w"))
+"""
+
+
+def test_dataset_bpd_sharded_over_8_devices_equals_one_device(tmp_path):
+    """The batch is split over 8 simulated CPU devices (own process: the device count is fixed at start-up)."""
+    import json
+    import subprocess
+    import sys
+
+    from _training_fixtures import subprocess_env
+
+    out = tmp_path / "result.json"
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_WORKER, str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["devices"] == 8 and r["n"] == 13
+    assert r["bpd8"] > 0.1  # a real bound, not zeros
+    assert abs(r["bpd8"] - r["bpd1"]) <= 1e-5 * r["bpd1"]
+    assert r["terms_diff"] <= 1e-5 and r["totals_diff"] <= 1e-4
+    assert abs(r["bpd_closure"] - r["bpd8"]) <= 1e-5 * r["bpd8"]  # params as argument == closed over
+    assert "batch_size=6 is not divisible by the number of devices (8)" in r["error"]
+
+
+def test_dataset_bpd_reports_per_example_totals_and_standard_error():
+    s = get_schedule("cosine", 6)
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (5, 2, 2, 1), minval=-1, maxval=1))
+    out = dataset_bpd(optimal_eps_fn(s), s, images, jax.random.key(0), batch_size=4)
+    assert out.totals.shape == (5,)
+    np.testing.assert_allclose(out.totals.mean(), out.bpd, rtol=1e-12)
+    np.testing.assert_allclose(out.std_error, out.totals.std(ddof=1) / np.sqrt(5), rtol=1e-12)
+    with pytest.raises(ValueError, match="need at least one image"):
+        dataset_bpd(optimal_eps_fn(s), s, images[:0], jax.random.key(0), batch_size=4)

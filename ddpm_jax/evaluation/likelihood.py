@@ -24,11 +24,12 @@ depend on how the loop is compiled (this is what ``tests/test_likelihood.py`` ch
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ddpm_jax.diffusion import prior_bpd, q_sample, vlb_term_bpd
 from ddpm_jax.schedules import Schedule
@@ -88,10 +89,18 @@ class DatasetBPD(NamedTuple):
     prior: float         # mean L_T
     terms: np.ndarray    # [T] mean of each term (terms[0] = L_0); bpd = prior + terms.sum()
     num_examples: int
+    totals: np.ndarray | None = None  # [N] the bound of each example (float64)
+
+    @property
+    def std_error(self) -> float:
+        """Standard error of ``bpd`` over examples (std of ``totals`` / √N; NaN for N < 2)."""
+        if self.totals is None or self.totals.shape[0] < 2:
+            return float("nan")
+        return float(np.std(self.totals, ddof=1) / np.sqrt(self.totals.shape[0]))
 
 
 def dataset_bpd(
-    eps_fn: EpsFn,
+    eps_fn: EpsFn | Callable[[Any, jax.Array, jax.Array], jax.Array],
     schedule: Schedule,
     images: np.ndarray | jax.Array,
     key: jax.Array,
@@ -100,31 +109,65 @@ def dataset_bpd(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_denoised: bool = True,
+    params: Any = None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
 ) -> DatasetBPD:
-    """Average :func:`vlb_bpd` over ``images`` [N, ...] in batches of ``batch_size``.
+    """Average :func:`vlb_bpd` over ``images`` [N, ...] in batches of ``batch_size``, sharded over a mesh.
 
     One compiled program for all batches: the last batch is padded to ``batch_size`` (repeating its
     first image) and the padding is masked out of the averages. Batch i uses ``fold_in(key, i)``.
-    ``eps_fn`` may close over parameters (they become constants of the compiled program).
+
+    Parallelism: each batch is split along the "data" axis of ``mesh`` (default
+    ``parallel.make_mesh()``: every device), so ``batch_size`` must be a multiple of the number of
+    devices; the model is replicated. The noise depends only on (key, i, t, shape), not on the devices,
+    so 1 and 8 devices give the same numbers (``tests/test_likelihood.py``). Every process of a
+    multi-host run passes the same ``images`` and gets the same result.
+
+    Model: ``eps_fn(x_t, t)`` may close over parameters (they become constants of the compiled
+    program: fine for small models). For large ones pass ``params`` and an ``eps_fn(params, x_t, t)``:
+    the parameters are then an argument of the program, replicated over the mesh.
     """
+    from ddpm_jax import parallel
+
     images = np.asarray(images, dtype=np.float32)
     n = images.shape[0]
     if n == 0 or batch_size < 1:
         raise ValueError(f"need at least one image and batch_size >= 1, got N={n}, batch_size={batch_size}")
-    bound = jax.jit(lambda x0, k: vlb_bpd(eps_fn, schedule, x0, k, prediction=prediction,
-                                          variance=variance, clip_denoised=clip_denoised))
-    total_sum, prior_sum = 0.0, 0.0
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    num_devices = mesh.devices.size
+    if batch_size % num_devices:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the number of devices ({num_devices}); "
+                         f"use a multiple of {num_devices}")
+    replicated, sharded = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+
+    def bound(p, x0, k):
+        fn = eps_fn if params is None else (lambda x_t, t: eps_fn(p, x_t, t))
+        return vlb_bpd(fn, schedule, x0, k, prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+
+    compiled = jax.jit(bound, in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
+    p = None if params is None else jax.device_put(params, replicated)
+    totals, prior_sum = [], 0.0
     terms_sum = np.zeros((schedule.num_timesteps,), np.float64)
-    for i, start in enumerate(range(0, n, batch_size)):
+    starts = range(0, n, batch_size)
+    if progress:
+        import tqdm
+
+        starts = tqdm.tqdm(starts, desc=f"bits/dim ({schedule.num_timesteps} terms per image)",
+                           unit="batch", dynamic_ncols=True)
+    for i, start in enumerate(starts):
         batch = images[start:start + batch_size]
         real = batch.shape[0]
         if real < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)], axis=0)
-        res = jax.device_get(bound(jnp.asarray(batch), jax.random.fold_in(key, i)))
-        total_sum += float(np.sum(np.asarray(res.total, np.float64)[:real]))
+        x0 = jax.make_array_from_callback(batch.shape, sharded, lambda index, b=batch: b[index])
+        res = jax.device_get(compiled(p, x0, jax.random.fold_in(key, i)))
+        totals.append(np.asarray(res.total, np.float64)[:real])
         prior_sum += float(np.sum(np.asarray(res.prior, np.float64)[:real]))
         terms_sum += np.sum(np.asarray(res.terms, np.float64)[:, :real], axis=1)
-    return DatasetBPD(bpd=total_sum / n, prior=prior_sum / n, terms=terms_sum / n, num_examples=n)
+    totals = np.concatenate(totals)
+    return DatasetBPD(bpd=float(totals.mean()), prior=prior_sum / n, terms=terms_sum / n, num_examples=n,
+                      totals=totals)
 
 
 def plot_vlb_terms(terms: np.ndarray | jax.Array, path: str, *, title: str | None = None) -> str:
