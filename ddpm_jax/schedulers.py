@@ -8,8 +8,9 @@ JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program):
 - :class:`DDIMScheduler` — Song, Meng & Ermon 2021, *Denoising Diffusion Implicit Models*, Eq. 12 (the
   library's :func:`~ddpm_jax.diffusion.ddim_step`). diffusers' ``DDIMScheduler``.
 - :class:`PNDMScheduler` — Liu, Ren, Lin & Zhao 2022, *Pseudo Numerical Methods for Diffusion Models on
-  Manifolds* (PNDM): the pseudo linear multistep method (PLMS, Eq. 12 and Algorithm 2, with the transfer φ of Eq. 9), as
-  Stable Diffusion runs it (``skip_prk_steps=True``: no Runge–Kutta warm-up). diffusers' ``PNDMScheduler``.
+  Manifolds* (PNDM): the pseudo linear multistep method (PLMS, Eq. 12 and Algorithm 2, with the transfer φ of
+  Eq. 9), as Stable Diffusion runs it (``skip_prk_steps=True``: no Runge–Kutta warm-up). diffusers'
+  ``PNDMScheduler``.
 - :class:`EulerScheduler` — Karras, Aittala, Aila & Laine 2022, *Elucidating the Design Space of
   Diffusion-Based Generative Models* (EDM), Algorithm 2 without its second-order correction (S_churn = 0 by
   default: Euler on the probability-flow ODE). diffusers' ``EulerDiscreteScheduler``.
@@ -42,6 +43,11 @@ Conventions
   does not implement is accepted only at its default value; anything else is a one-line error.
 - **Registry.** :func:`get_scheduler` takes a short name ("ddim", "pndm", "euler", "euler_ancestral",
   "dpmsolver++") or a diffusers ``_class_name``.
+
+Usage::
+
+    scheduler = get_scheduler("dpmsolver++", "path/to/stable-diffusion/scheduler")  # or a dict, or None
+    run = jax.jit(lambda params, x_T: sample_loop(scheduler, lambda x, t: unet.apply(params, x, t), x_T, None, 25))
 
 Matching diffusers also means matching its quirks, which are noted where they occur (DDIM's and PNDM's step
 size T // N whatever the spacing; Euler's init_noise_sigma for "leading"; the churn noise being added after the
