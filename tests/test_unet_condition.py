@@ -333,3 +333,18 @@ def test_loader_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             unet_config_from_diffusers(dict(cond, **change))
     assert unet_config_from_diffusers(dict(cond, only_cross_attention=[False] * 4)).has_cross_attention
+
+
+def test_bfloat16_compute_keeps_float32_params_output_and_maps():
+    config = dataclasses.replace(SMALL, dtype=jnp.bfloat16)
+    x, t, context, labels = config.input_specs(batch=2, context_length=5)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.float32)
+    params = jax.eval_shape(UNet(config).init, jax.random.key(0), x, t, context, labels)["params"]
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    out, maps = jax.eval_shape(
+        lambda *a: apply_with_attention_maps(UNet(config), *a), params, x, t, context, labels
+    )
+    assert out.shape == (2, 16, 16, 4) and out.dtype == jnp.float32
+    assert len(maps) == 1 + 1 + 1 + 2 + 2  # one transformer block per Transformer2D here
+    assert maps["down_blocks_1/attentions_0/transformer_blocks_0/attn2"].shape == (2, 2, 64, 5)
+    assert all(m.dtype == jnp.float32 for m in maps.values())
