@@ -32,8 +32,12 @@ and around it the context window:
     ids = [<|startoftext|>] + BPE(prompt)[: L − 2] + [<|endoftext|>] + [pad] · (L − 2 − n)
 
 with L = 77, a ``UserWarning`` naming a prompt that loses tokens, and clear errors for a folder
-missing a file. Training a small BPE for captions (``train_tokenizer``) uses the ``tokenizers``
-library, imported lazily there only (``pip install tokenizers``; it is in ``install_requires``).
+missing a file. ``train_tokenizer`` (``ddpm-jax train-tokenizer``) learns a small BPE on captions
+with the same conventions and writes the same folder format, so both paths use one loader.
+
+Equality with transformers holds for every character Python's ``unicodedata`` knows; characters
+assigned in a newer Unicode version than Python's (e.g. some recent CJK extensions) may be
+classified differently by transformers' Rust tokenizer.
 """
 
 from __future__ import annotations
@@ -43,10 +47,9 @@ import json
 import re
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 CONTEXT_LENGTH = 77  # CLIP's (and therefore Stable Diffusion's) text context length
@@ -140,6 +143,19 @@ def pre_tokenize(text: str) -> list[str]:
     return words
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Every occurrence of the adjacent ``pair`` in ``symbols`` merged into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 # --------------------------------------------------------------------------------------------
 # The tokenizer
 # --------------------------------------------------------------------------------------------
@@ -188,19 +204,11 @@ class Tokenizer:
             return self._cache[word]
         symbols = [*word[:-1], word[-1] + END_OF_WORD]
         while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            pairs = set(zip(symbols, symbols[1:]))
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         self._cache[word] = symbols
         return symbols
 
@@ -317,18 +325,50 @@ def load_tokenizer(folder: str | Path, context_length: int = CONTEXT_LENGTH) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Training a small BPE (ddpm-jax train-tokenizer)
+# Learning a small BPE (ddpm-jax train-tokenizer)
 # --------------------------------------------------------------------------------------------
+
+
+def learn_merges(words: Iterable[str], num_merges: int, min_frequency: int = 2) -> list[tuple[str, str]]:
+    """BPE learning (Sennrich et al. 2016, Algorithm 1) on byte-mapped words, CLIP-style (``</w>``).
+
+    Start from each word's symbols (``d o g s</w>``); repeatedly count every adjacent pair over the
+    corpus (weighted by word frequency), merge the most frequent pair everywhere and record the rule;
+    stop after ``num_merges`` rules or when the best pair occurs fewer than ``min_frequency`` times.
+    Ties go to the alphabetically first pair, so the result is a function of the corpus alone.
+    """
+    corpus = Counter(words)
+    spelled = {(*word[:-1], word[-1] + END_OF_WORD): count for word, count in corpus.items() if word}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in spelled.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < min_frequency:
+            break
+        merges.append(best)
+        spelled = {tuple(merge_pair(list(symbols), best)): count for symbols, count in spelled.items()}
+    return merges
 
 
 def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 1000,
                     min_frequency: int = 2) -> Tokenizer:
     """Fits a BPE on ``texts`` with CLIP's conventions and saves it to ``out`` in CLIP's folder format.
 
-    The merges are learned by the ``tokenizers`` library (its ``BpeTrainer``, with our cleaning and
-    pre-tokenization applied first so that both use the same words); the vocabulary is laid out as
-    OpenAI's: the 256 byte symbols, the same with ``</w>``, one token per merge, then
-    ``<|startoftext|>`` and ``<|endoftext|>``. Every byte is thus spelled, so any text tokenizes.
+    The texts are cleaned and pre-tokenized exactly as :meth:`Tokenizer.encode` does, the merges are
+    learned by :func:`learn_merges`, and the vocabulary is laid out as OpenAI's: the 256 byte
+    symbols, the same with ``</w>``, one token per merge, then ``<|startoftext|>`` and
+    ``<|endoftext|>``. Every byte is thus spelled, so any text tokenizes. The folder loads with
+    :func:`load_tokenizer` and with transformers' ``CLIPTokenizer`` (same ids, tested).
+
+    (Why not the ``tokenizers`` library's ``BpeTrainer``? It breaks ties between equally frequent
+    pairs in hash-map order, so two runs on the same captions can learn different merges — a
+    resumed or repeated training run would then see different token ids. The captions' vocabulary
+    is tiny, so the plain loop above takes well under a second.)
 
     Args:
       texts: the training corpus (e.g. the digit captions).
@@ -339,31 +379,17 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 100
     """
     if vocab_size < 514:
         raise ValueError(f"vocab_size must be >= 514 (256 bytes, 256 bytes + '</w>', 2 special tokens), got {vocab_size}")
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers, trainers
-    except ImportError as err:
-        raise ImportError("train_tokenizer fits the BPE with the `tokenizers` library: pip install tokenizers") from err
-
     byte_encoder = bytes_to_unicode()
-    lines = [  # one line per text: its words, byte-mapped, separated by spaces
-        " ".join("".join(byte_encoder[b] for b in word.encode("utf-8")) for word in pre_tokenize(clean_text(text)))
+    words = [
+        "".join(byte_encoder[b] for b in word.encode("utf-8"))
         for text in texts
+        for part in text.replace(BOS_TOKEN, " ").split(EOS_TOKEN)
+        for word in pre_tokenize(clean_text(part))
     ]
-    if not any(lines):
+    if not words:
         raise ValueError("train_tokenizer got no text to learn from (empty captions)")
+    merges = learn_merges(words, vocab_size - 514, min_frequency)
     alphabet = list(byte_encoder.values())
-    bpe = HFTokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # the words are already split and byte-mapped
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size + 512,  # generous: the trainer counts differently; we cut the merges below
-        min_frequency=min_frequency, initial_alphabet=alphabet, end_of_word_suffix=END_OF_WORD,
-        show_progress=False, special_tokens=[])
-    bpe.train_from_iterator(lines, trainer=trainer)
-    model: dict[str, Any] = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    merges = merges[: vocab_size - 514]
-
     tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     save_tokenizer_files(out, vocab, merges)
