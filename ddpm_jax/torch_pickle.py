@@ -245,7 +245,7 @@ def _load_zip(path: Path, allow_unknown: bool) -> Any:
             return read
 
         def persistent_load(pid: tuple) -> _Storage:
-            kind, storage_type, key, _location, numel = (_decode(pid[0]), *pid[1:5])
+            kind, storage_type, key, numel = _decode(pid[0]), pid[1], pid[2], pid[4]  # pid[3]: device
             if kind != "storage":
                 raise pickle.UnpicklingError(f"unknown persistent id type {kind!r} in {path}")
             key = _decode(key)
@@ -277,7 +277,7 @@ def _load_legacy(path: Path, allow_unknown: bool) -> Any:
         def persistent_load(pid: tuple) -> Any:
             if _decode(pid[0]) == "module":  # ("module", class, source file, source) of a pickled nn.Module
                 return pid[1]  # the class, already resolved (or refused) by find_class
-            kind, storage_type, root_key, _location, numel, view_metadata = (_decode(pid[0]), *pid[1:6])
+            kind, storage_type, root_key, numel, view_metadata = _decode(pid[0]), *pid[1:3], *pid[4:6]
             if kind != "storage":
                 raise pickle.UnpicklingError(f"unknown persistent id type {kind!r} in {path}")
             root_key = _decode(root_key)
@@ -313,7 +313,9 @@ def load(path: str | Path, allow_unknown: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # as torch: the local-file-header magic at the start
+    if is_zip:
         return _load_zip(path, allow_unknown)
     return _load_legacy(path, allow_unknown)
 

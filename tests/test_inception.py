@@ -167,10 +167,11 @@ def test_parity_with_pytorch_fid(torch_fid_inception, jax_inception, shape):
 
 
 def test_batching_and_grayscale(jax_inception):
-    """The zero-padded last batch does not change results; grayscale = its RGB repetition (batch 2 only: one compile)."""
+    """A zero-padded last batch changes nothing; grayscale = its RGB repetition (all batches of 2: one compile)."""
     x = np.random.default_rng(2).uniform(-1, 1, (3, 16, 16, 1)).astype(np.float32)
     padded = jax_inception.features(x, batch_size=2, progress=False)  # batches [0, 1] and [2, pad]
-    full = np.concatenate([jax_inception.features(x[:2], progress=False), jax_inception.features(x[1:], progress=False)])
+    full = np.concatenate([jax_inception.features(x[:2], progress=False),
+                           jax_inception.features(x[1:], progress=False)])
     np.testing.assert_allclose(padded, full[[0, 1, 3]], atol=1e-5)
     np.testing.assert_allclose(jax_inception.features(np.repeat(x, 3, -1), batch_size=2, progress=False), padded,
                                atol=1e-6)

@@ -109,7 +109,7 @@ def max_pool_3x3(x: jax.Array, stride: int = 2) -> jax.Array:
 
 
 class InceptionA(nn.Module):
-    """Mixed_5b/c/d: 1×1 | 1×1→5×5 | 1×1→3×3→3×3 | avg-pool→1×1, concatenated ([B, 35, 35, 224+pool_features])."""
+    """Mixed_5b/c/d: 1×1 | 1×1→5×5 | 1×1→3×3→3×3 | avg-pool→1×1 ([B, 35, 35, 224 + pool_features])."""
 
     pool_features: int
 
@@ -332,7 +332,7 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _variable_key(torch_key: str) -> str:
-    """``Mixed_5b.branch1x1.bn.running_mean`` → ``batch_stats.Mixed_5b.branch1x1.bn.mean``; others → ``params.…``."""
+    """``Mixed_5b.branch1x1.bn.running_mean`` → ``batch_stats.Mixed_5b.branch1x1.bn.mean``; others ``params.…``."""
     for old, new in ((".running_mean", ".mean"), (".running_var", ".var")):
         if torch_key.endswith(old):
             return "batch_stats." + torch_key[: -len(old)] + new
@@ -356,8 +356,12 @@ class Inception:
 
     def __init__(self, variables: dict[str, Any], weights: str = "random"):
         self.module, self.variables, self.weights = InceptionV3(), variables, weights
-        self._network = jax.jit(self.module.apply)  # compiled once per batch size: inputs are all 299×299
+        self._network = jax.jit(self._apply, static_argnames="names")  # once per batch size: inputs are 299×299
         self._prepare = jax.jit(inception_input, static_argnames="quantize")  # once per input shape
+
+    def _apply(self, variables: dict[str, Any], x: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
+        outputs = self.module.apply(variables, x)
+        return {name: outputs[name] for name in names}  # only these leave the device; XLA drops the rest
 
     def outputs(self, images: Any, names: Sequence[str] = ("pool3", "logits_unbiased"), batch_size: int = 50,
                 quantize: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
@@ -370,13 +374,14 @@ class Inception:
         n = images.shape[0]
         batch_size = min(batch_size, n)
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        returned = tuple(sorted({*names, "pool3", "logits", "logits_unbiased"}))  # small: one compile serves all
         for start in tqdm(range(0, n, batch_size), desc="Inception", unit="batch", disable=not progress,
                           leave=False):
             batch = images[start : start + batch_size]
             count = batch.shape[0]
             if count < batch_size:
                 batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
-            result = self._network(self.variables, self._prepare(batch, quantize=quantize))
+            result = self._network(self.variables, self._prepare(batch, quantize=quantize), names=returned)
             for name in names:
                 outputs[name].append(np.asarray(result[name][:count], np.float32))
         return {name: np.concatenate(values) for name, values in outputs.items()}
