@@ -171,7 +171,7 @@ def test_compute_fid_wiring_and_protocol(inception, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # N < D: singular covariances, expected here
         result = compute_fid(samples, reference, inception, reference_name="toy train", batch_size=BATCH,
-                             min_samples=4, progress=False, frechet_fn=recorder)
+                             min_samples=4, is_splits=2, progress=False, frechet_fn=recorder)
         feats = [inception.features(np.asarray(quantize_8bit(x)), batch_size=BATCH, progress=False)
                  for x in (samples, reference)]
         expected = [*feature_statistics(feats[0]), *feature_statistics(feats[1])]
@@ -183,10 +183,15 @@ def test_compute_fid_wiring_and_protocol(inception, tmp_path):
 
         stats = tmp_path / "ref.npz"
         save_statistics(stats, expected[2], expected[3])
-        from_file = compute_fid(samples, stats, inception, batch_size=BATCH, min_samples=4, progress=False,
-                                frechet_fn=recorder)
+        from_file = compute_fid(samples, stats, inception, batch_size=BATCH, min_samples=4, is_splits=None,
+                                progress=False, frechet_fn=recorder)
     for got, want in zip(calls[1], (*calls[0][:2], *expected[2:])):  # same samples; reference from the file
         np.testing.assert_array_equal(got, want)
+
+    logits = inception.logits(np.asarray(quantize_8bit(samples)), batch_size=BATCH, progress=False)
+    np.testing.assert_allclose([result["is"], result["is_std"]], inception_score(logits, splits=2),
+                               rtol=1e-5, atol=1e-7)
+    assert "is" not in from_file and from_file["protocol"].splits is None
 
     protocol = result["protocol"]
     assert isinstance(protocol, FIDProtocol)
@@ -195,7 +200,7 @@ def test_compute_fid_wiring_and_protocol(inception, tmp_path):
     assert protocol.quantize and not protocol.grayscale_to_rgb and protocol.weights == "random (test)"
     line = str(protocol)
     assert "FID: 6 samples 12x12x3" in line and "reference toy train (8 images)" in line and "8-bit quantized" in line
-    assert "bilinear to 299x299" in line and "pool3 (2048)" in line
+    assert "bilinear to 299x299" in line and "pool3 (2048); IS: softmax of pool3 · W" in line and "2 splits" in line
     assert from_file["protocol"].num_reference is None and "precomputed statistics" in str(from_file["protocol"])
     assert protocol.to_dict()["sample_shape"] == (12, 12, 3)
 
@@ -216,19 +221,21 @@ def test_driver_input_errors(inception, tmp_path):
     """Every error is raised before any network work."""
     ok = images(6)
     with pytest.raises(ValueError, match=r"sample images are 12x12x3 \(HxWxC\) but reference images are 12x12x1"):
-        compute_fid(ok, images(6, shape=(12, 12, 1)), inception, min_samples=2)
+        compute_fid(ok, images(6, shape=(12, 12, 1)), inception, min_samples=2, is_splits=None)
     with pytest.raises(ValueError, match="sample images are 12x12x3.*reference images are 16x16x3"):
-        compute_fid(ok, images(6, shape=(16, 16, 3)), inception, min_samples=2)
+        compute_fid(ok, images(6, shape=(16, 16, 3)), inception, min_samples=2, is_splits=None)
     with pytest.raises(ValueError, match=r"too few sample images.*N=6 < min_samples=2048.*50,000.*min_samples=6"):
         compute_fid(ok, ok, inception)
+    with pytest.raises(ValueError, match=r"6 samples cannot be cut into is_splits=10.*is_splits=None"):
+        compute_fid(ok, ok, inception, min_samples=2)
     with pytest.raises(ValueError, match=r"too few reference images.*N=3"):
-        compute_fid(ok, ok[:3], inception, min_samples=4)
+        compute_fid(ok, ok[:3], inception, min_samples=4, is_splits=None)
     with pytest.raises(ValueError, match=r"sample images have values in \[0.*255\].*\[0, 255\]\? use x / 127.5 - 1"):
         compute_fid((ok + 1) * 127.5, ok, inception, min_samples=2)
     with pytest.raises(ValueError, match="reference images have dtype uint8"):
-        compute_fid(ok, ((ok + 1) * 127.5).astype(np.uint8), inception, min_samples=2)
+        compute_fid(ok, ((ok + 1) * 127.5).astype(np.uint8), inception, min_samples=2, is_splits=None)
     np.savez(tmp_path / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(ValueError, match="holds 64-d statistics"):
-        compute_fid(ok, tmp_path / "stats64.npz", inception, min_samples=2)
+        compute_fid(ok, tmp_path / "stats64.npz", inception, min_samples=2, is_splits=None)
     with pytest.raises(ValueError, match=r"NHWC"):
         compute_inception_score(ok[:, :, :, :2], inception)

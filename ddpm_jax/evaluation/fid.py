@@ -37,6 +37,7 @@ from ddpm_jax.evaluation.inception import INCEPTION_SIZE, NUM_FEATURES, Inceptio
 
 RESIZE = f"bilinear to {INCEPTION_SIZE}x{INCEPTION_SIZE} (align_corners=False, no antialias; as pytorch-fid)"
 NETWORK = "pytorch-fid InceptionV3 (FID Inception, TF 2015-12-05 graph)"
+IS_LOGITS = "softmax of pool3 · W (fc without bias, 1008 classes)"
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class FIDProtocol:
     features: str  # "pool3 (2048)" for FID; the logits used for IS
     reference: str | None = None  # FID: reference set name/split or statistics file
     num_reference: int | None = None  # FID: reference images used (None: from a statistics file)
-    splits: int | None = None  # IS
+    splits: int | None = None  # IS splits (also on FID results that carry the samples' IS)
     resize: str = RESIZE
     network: str = NETWORK
 
@@ -165,7 +166,7 @@ def compute_statistics(images: Any, inception: Inception | None = None, *, batch
 
 def compute_fid(sample_images: Any, reference: Any, inception: Inception | None = None, *,
                 reference_name: str | None = None, batch_size: int = 50, quantize: bool = True,
-                min_samples: int = NUM_FEATURES, progress: bool = True,
+                min_samples: int = NUM_FEATURES, is_splits: int | None = 10, progress: bool = True,
                 frechet_fn: Callable[..., float] = frechet_distance) -> dict[str, Any]:
     """FID of ``sample_images`` [N, H, W, C] in [−1, 1] against ``reference``.
 
@@ -177,12 +178,18 @@ def compute_fid(sample_images: Any, reference: Any, inception: Inception | None 
       quantize: round both image sets to 8 bits first, as happens when samples are saved as PNG.
       min_samples: fewer samples (or reference images) raise ValueError; the default is the feature
         dimension, below which Σ is singular.
+      is_splits: also return the samples' Inception Score over this many splits (free: the logits come
+        from the same forward pass); None to skip.
       frechet_fn: the distance ``(μ_g, Σ_g, μ_r, Σ_r) → float`` (swappable, as every equation here).
     Returns:
-      ``{"fid": float, "protocol": FIDProtocol, "mu": μ_g, "sigma": Σ_g}``.
+      ``{"fid": float, "protocol": FIDProtocol, "mu": μ_g, "sigma": Σ_g}``, plus ``"is"`` and ``"is_std"``
+      when ``is_splits``. (``protocol.to_dict()`` is the JSON-friendly form.)
     """
     samples = check_images(sample_images, "sample images")
     _check_count(samples.shape[0], min_samples, "sample images")
+    if is_splits is not None and samples.shape[0] < is_splits:
+        raise ValueError(f"{samples.shape[0]} samples cannot be cut into is_splits={is_splits} for the Inception "
+                         "Score; pass fewer splits or is_splits=None")
     inception = inception if inception is not None else load_inception()
     num_reference = None
     if isinstance(reference, (str, Path)):
@@ -199,13 +206,18 @@ def compute_fid(sample_images: Any, reference: Any, inception: Inception | None 
         mu_ref, sigma_ref = compute_statistics(reference, inception, batch_size=batch_size, quantize=quantize,
                                                min_samples=min_samples, progress=progress)
         reference_name = reference_name or "reference images"
-    mu, sigma = compute_statistics(samples, inception, batch_size=batch_size, quantize=quantize,
-                                   min_samples=min_samples, progress=progress)
+    outputs = inception.outputs(samples, names=("pool3", "logits_unbiased"), batch_size=batch_size,
+                                quantize=quantize, progress=progress)
+    mu, sigma = feature_statistics(outputs["pool3"])
+    features = f"pool3 ({NUM_FEATURES})" + (f"; IS: {IS_LOGITS}" if is_splits is not None else "")
     protocol = FIDProtocol(
         metric="FID", num_samples=samples.shape[0], sample_shape=tuple(samples.shape[1:]),
         weights=inception.weights, quantize=quantize, grayscale_to_rgb=samples.shape[-1] == 1,
-        features=f"pool3 ({NUM_FEATURES})", reference=reference_name, num_reference=num_reference)
-    return {"fid": frechet_fn(mu, sigma, mu_ref, sigma_ref), "protocol": protocol, "mu": mu, "sigma": sigma}
+        features=features, reference=reference_name, num_reference=num_reference, splits=is_splits)
+    result = {"fid": frechet_fn(mu, sigma, mu_ref, sigma_ref), "protocol": protocol, "mu": mu, "sigma": sigma}
+    if is_splits is not None:
+        result["is"], result["is_std"] = inception_score(outputs["logits_unbiased"], splits=is_splits)
+    return result
 
 
 def compute_inception_score(images: Any, inception: Inception | None = None, *, splits: int = 10,
@@ -221,7 +233,7 @@ def compute_inception_score(images: Any, inception: Inception | None = None, *, 
     protocol = FIDProtocol(
         metric="IS", num_samples=images.shape[0], sample_shape=tuple(images.shape[1:]), weights=inception.weights,
         quantize=quantize, grayscale_to_rgb=images.shape[-1] == 1,
-        features="softmax of pool3 · W (fc without bias, 1008 classes)", splits=splits)
+        features=IS_LOGITS, splits=splits)
     return {"is": mean, "is_std": std, "protocol": protocol}
 
 
