@@ -197,6 +197,38 @@ def run_demo(
     return written
 
 
+def run_train_clip(config_path: str, workdir: str, overrides: Sequence[str] = ()) -> Any:
+    """Trains (or resumes) a CLIP (``clip_training.train``) and writes eval.json; returns the final state."""
+    from ddpm_jax import clip_training
+
+    config = load_config_with_overrides(config_path, overrides)
+    return clip_training.train(config, workdir)
+
+
+def read_captions(captions: str, seed: int = 0) -> list[str]:
+    """``"mnist_bundled"``: the captioned digits' captions (``data.load_captioned_digits``); otherwise a
+    text file with one caption per line (blank lines skipped)."""
+    if captions == "mnist_bundled":
+        from ddpm_jax import data
+
+        return data.load_captioned_digits(image_size=28, seed=seed).captions
+    path = pathlib.Path(captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {captions!r} is neither 'mnist_bundled' nor a text file "
+                                f"(one caption per line)")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_train_tokenizer(captions: str, out: str, vocab_size: int = 1000, seed: int = 0) -> pathlib.Path:
+    """Fits a CLIP-style BPE on the captions and saves vocab.json + merges.txt in ``out``."""
+    from ddpm_jax import tokenizer
+
+    texts = read_captions(captions, seed)
+    tok = tokenizer.train_tokenizer(texts, out, vocab_size=vocab_size)
+    print(f"{len(texts)} captions -> {tok.vocab_size} tokens ({len(tok.merges)} merges) in {out}")
+    return pathlib.Path(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/mnist")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("overrides", nargs="*", metavar="group.field=value")
+    p = sub.add_parser("train-clip", help="train (or resume) a CLIP on captioned digits",
+                       description=run_train_clip.__doc__)
+    p.add_argument("--config", required=True, help="e.g. experiments/clip_mnist.py")
+    p.add_argument("--workdir", required=True, help="where checkpoints, tokenizer/, metrics and eval.json go")
+    p.add_argument("overrides", nargs="*", metavar="group.field=value", help="e.g. train.num_steps=100")
+
+    p = sub.add_parser("train-tokenizer", help="fit a CLIP-style BPE on captions",
+                       description=run_train_tokenizer.__doc__)
+    p.add_argument("--captions", default="mnist_bundled",
+                   help="'mnist_bundled' (the captioned digits, default) or a text file, one caption per line")
+    p.add_argument("--out", required=True, help="folder for vocab.json and merges.txt")
+    p.add_argument("--vocab-size", type=int, default=1000, help="at most this many tokens (>= 514)")
+    p.add_argument("--seed", type=int, default=0, help="caption seed for mnist_bundled")
     return parser
 
 
@@ -249,6 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
         elif args.command == "demo":
             run_demo(args.workdir, args.config, args.overrides)
+        elif args.command == "train-clip":
+            run_train_clip(args.config, args.workdir, args.overrides)
+            print(f"Trained. Outputs in {args.workdir} (eval.json: zero-shot accuracy, recall@k)")
+        elif args.command == "train-tokenizer":
+            run_train_tokenizer(args.captions, args.out, args.vocab_size, args.seed)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if os.environ.get("DDPM_JAX_TRACEBACK"):
             raise
