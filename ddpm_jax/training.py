@@ -75,7 +75,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from ddpm_jax import diffusion, parallel, samplers, train_loop
+from ddpm_jax import diffusion, guidance, parallel, samplers, train_loop
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.schedules import Schedule, get_schedule
 
@@ -100,11 +100,12 @@ class TrainState:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       sample_shape: tuple[int, ...]) -> TrainState:
-    """Initializes the parameters from ``key`` with a dummy input x [sample_shape], t [sample_shape[0]]."""
+                       sample_shape: tuple[int, ...], condition: dict[str, jax.Array] | None = None) -> TrainState:
+    """Initializes the parameters from ``key`` with a dummy input x [sample_shape], t [sample_shape[0]]
+    and, for a conditional U-Net, an example ``condition`` (its keyword arguments, batch 1)."""
     x = jnp.zeros(sample_shape, jnp.float32)                # [B, H, W, C]
     t = jnp.zeros(sample_shape[:1], jnp.int32)              # [B]
-    params = model.init({"params": key}, x, t)["params"]
+    params = model.init({"params": key}, x, t, **(condition or {}))["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -182,11 +183,10 @@ def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: j
         x = example["x0"]                                                     # [H, W, C]
         if random_flip:
             x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
-        cond = {k: example[k] for k in CONDITION_KEYS if k in example}
-        if cond and p_uncond > 0:
-            drop = jax.random.bernoulli(cond_key, p_uncond)                   # c ← ∅ with probability p_uncond
-            cond = {k: jnp.where(drop, null_condition[k], v) for k, v in cond.items()}
-        kwargs = model_condition({k: v[None] for k, v in cond.items()})      # batch of one
+        cond = {k: example[k][None] for k in CONDITION_KEYS if k in example}  # a batch of one
+        if cond and p_uncond > 0:                                              # c ← ∅ with probability p_uncond
+            cond = guidance.drop_condition(cond_key, cond, {k: null_condition[k] for k in cond}, p_uncond)
+        kwargs = model_condition(cond)
 
         def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
             return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **kwargs)
@@ -251,13 +251,13 @@ def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections
 
 
 def compile_train_step(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict,
-                       mesh: jax.sharding.Mesh) -> Callable:
+                       mesh: jax.sharding.Mesh, null_condition: dict[str, Any] | None = None) -> Callable:
     """``make_train_step`` compiled once for ``config.train.parallel`` ("jit" over ``mesh`` or "pmap")."""
     kind = config.train.get("parallel", "jit")
     if kind not in ("jit", "pmap"):
         raise ValueError(f"train.parallel must be 'jit' or 'pmap', got {kind!r}")
-    pmap_step = make_train_step(model, schedule, config, axis_name=parallel.DATA_AXIS) if kind == "pmap" else None
-    return train_loop.compile_step(make_train_step(model, schedule, config), mesh, kind, pmap_step)
+    step = functools.partial(make_train_step, model, schedule, config, null_condition=null_condition)
+    return train_loop.compile_step(step(), mesh, kind, step(axis_name=parallel.DATA_AXIS) if kind == "pmap" else None)
 
 
 # ================================================================================================
@@ -270,20 +270,32 @@ def make_eps_fn(model: nn.Module, params: PyTree) -> Callable[[jax.Array, jax.Ar
 
 
 def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict,
-                   shape: tuple[int, ...]) -> Callable[[PyTree, jax.Array], jax.Array]:
-    """``sample(params, key) -> x_0 [shape]`` with ``config.sample`` (not compiled)."""
+                   shape: tuple[int, ...], *, return_trajectory: bool = False) -> Callable[..., Any]:
+    """``sample(params, key, cond=None, uncond=None, guidance_scale=1.0) -> x_0 [shape]`` (not compiled).
+
+    Uses ``config.sample`` (sampler "ddim" with ``steps``/``eta``, or "ddpm" = Algorithm 2). A conditional
+    model gets its condition as a dict of U-Net inputs (``{"class_labels": [B]}`` or ``{"context":
+    [B, L, D]}``, leading dim B or 1) and the null condition ``uncond`` of the same structure; the two
+    predictions are combined by classifier-free guidance with scale w (``guidance.py``; w is traced, so
+    one compiled sampler serves every w). ``return_trajectory`` also returns x_t along the chain.
+    """
     sampler = config.sample.get("sampler", "ddim")
     prediction = config.diffusion.prediction
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sample.sampler must be 'ddim' or 'ddpm', got {sampler!r}")
 
-    def sample(params: PyTree, key: jax.Array) -> jax.Array:
-        eps_fn = make_eps_fn(model, params)
+    def sample(params: PyTree, key: jax.Array, cond: dict | None = None, uncond: dict | None = None,
+               guidance_scale: float | jax.Array = 1.0) -> Any:
+        if cond is None:
+            eps_fn = make_eps_fn(model, params)
+        else:
+            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(model, params), cond, uncond, guidance_scale)
         if sampler == "ddim":
             return samplers.ddim_sample(eps_fn, schedule, shape, key, num_steps=config.sample.steps,
-                                        eta=config.sample.eta, prediction=prediction)
-        if sampler == "ddpm":
-            return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction,
-                                        variance=config.diffusion.variance)
-        raise ValueError(f"sample.sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+                                        eta=config.sample.eta, prediction=prediction,
+                                        return_trajectory=return_trajectory)
+        return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction,
+                                    variance=config.diffusion.variance, return_trajectory=return_trajectory)
 
     return sample
 
@@ -293,18 +305,21 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
 # ================================================================================================
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          images: np.ndarray | None = None) -> TrainState:
+          images: np.ndarray | None = None, data: Any | None = None) -> TrainState:
     """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final state.
 
-    ``images`` [N, H, W, C] in [-1, 1] overrides ``data.load_dataset(config.data)``. Re-running the same
-    call after a crash resumes from the latest checkpoint with the same data order and random numbers.
+    The training arrays come from ``pipelines.load_training_data(config)`` (images, or an autoencoder's
+    latents; class labels or caption contexts for a conditional model); ``images`` [N, H, W, C] in
+    [-1, 1] or a ``pipelines.DiffusionData`` ``data`` overrides that. Re-running the same call after a
+    crash resumes from the latest checkpoint with the same data order and random numbers.
     Raises FloatingPointError at the first non-finite loss (nothing is saved after the last good
-    checkpoint) and ValueError when the batch does not split over the devices.
+    checkpoint) and ValueError when the batch does not split over the devices or the model does not
+    fit the data.
     """
     # Imported here: data and plotting (matplotlib) are only needed by the loop.
     from ddpm_jax import config as config_lib
     from ddpm_jax import data as data_lib
-    from ddpm_jax import plotting
+    from ddpm_jax import pipelines, plotting
 
     cfg = config.train
     workdir = os.fspath(workdir)
@@ -312,16 +327,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     mesh = parallel.make_mesh()
     kind = cfg.get("parallel", "jit")
     train_loop.check_batch_split(cfg.batch_size, mesh, kind)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    if is_chief:
-        config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
 
     # ---------------------------------------------------------------------------------------------
     # Data, model, diffusion, optimizer
     # ---------------------------------------------------------------------------------------------
-    if images is None:
-        images = data_lib.load_dataset(config.data)
-    images = np.asarray(images, np.float32)                                   # [N, H, W, C]
+    num_samples = cfg.get("num_samples", 64)
+    if data is None:
+        data = (pipelines.load_training_data(config, num_samples) if images is None
+                else pipelines.DiffusionData({"x0": np.asarray(images, np.float32)}))
+    pipelines.check_model_fits(config, data)
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    if is_chief:
+        config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
+    arrays = {k: np.asarray(v) for k, v in data.arrays.items()}                 # "x0" [N, h, w, c], ...
     model = UNet(UNetConfig(**config.model.to_dict()))
     schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     tx = make_optimizer(cfg.lr, cfg.warmup_steps, cfg.grad_clip)
@@ -331,8 +349,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     # State (initialized replicated over the mesh; train_loop.run restores the latest checkpoint)
     # ---------------------------------------------------------------------------------------------
     replicated = parallel.replicated_sharding(mesh)
-    state = jax.jit(functools.partial(create_train_state, model, tx, sample_shape=(1, *images.shape[1:])),
-                    out_shardings=replicated)(init_key)
+    example = model_condition({k: v[:1] for k, v in arrays.items() if k in CONDITION_KEYS})
+    state = jax.jit(functools.partial(create_train_state, model, tx, sample_shape=(1, *data.x0_shape),
+                                      condition=example), out_shardings=replicated)(init_key)
 
     def log_start(start_step: int) -> None:
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -340,15 +359,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                      start_step)
 
     # ---------------------------------------------------------------------------------------------
-    # Sample grids during training
+    # Sample grids during training (conditioned on data.grid_condition, guided with sample.guidance)
     # ---------------------------------------------------------------------------------------------
-    num_samples = cfg.get("num_samples", 64)
-    sample_fn = jax.jit(make_sample_fn(model, schedule, config, (num_samples, *images.shape[1:])),
-                        out_shardings=replicated)
+    sample_fn = make_sample_fn(model, schedule, config, (num_samples, *data.x0_shape))
+    grid_uncond = {k: np.broadcast_to(data.null_condition[k], v.shape) for k, v in data.grid_condition.items()}
+    w = float(config.sample.get("guidance", 1.0))
+    sample_grid = jax.jit(lambda params, key: data.decode(pipelines.guided_sample(
+        sample_fn, params, key, data.grid_condition, grid_uncond, w)), out_shardings=replicated)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     def save_samples(state: TrainState, step: int) -> None:
-        samples = train_loop.first_local(sample_fn(state.ema_params, sample_key))   # [n, H, W, C]
+        samples = train_loop.first_local(sample_grid(state.ema_params, sample_key))   # [n, H, W, C]
         if is_chief:
             plotting.save_image_grid(samples, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
             plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
@@ -356,12 +377,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     # ---------------------------------------------------------------------------------------------
     # Loop (train_loop.run: resume, step, check, log, checkpoint, hooks)
     # ---------------------------------------------------------------------------------------------
-    def batch_fn(step: int) -> np.ndarray:                                    # [B/P, H, W, C]
-        return data_lib.get_batch(images, step, cfg.batch_size, cfg.seed, jax.process_index(),
-                                  jax.process_count())
+    def batch_fn(step: int) -> dict[str, np.ndarray]:                         # {"x0": [B/P, h, w, c], ...}
+        return {k: data_lib.get_batch(v, step, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
+                for k, v in arrays.items()}
 
     return train_loop.run(
-        state, compile_train_step(model, schedule, config, mesh), batch_fn, workdir=workdir,
-        num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind, log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
+        state, compile_train_step(model, schedule, config, mesh, data.null_condition), batch_fn, workdir=workdir, num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind,
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
         hooks=[train_loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start)
