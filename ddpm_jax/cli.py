@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["main", "build_parser", "run_train", "sample_from_workdir", "run_sample", "run_demo", "run_eval",
-           "LoadedModel", "load_workdir_model", "load_pretrained_model", "sample_images", "sample_from_pretrained"]
+           "run_train_vae", "LoadedModel", "load_workdir_model", "load_pretrained_model", "sample_images", "sample_from_pretrained"]
 
 PROG = "ddpm-jax"
 DEFAULT_CONFIG = "experiments/mnist.py"
@@ -556,6 +556,15 @@ def run_train_clip(config_path: str, workdir: str, overrides: Sequence[str] = ()
     return clip_training.train(config, workdir)
 
 
+def run_train_vae(config_path: str, workdir: str, overrides: Sequence[str] = ()) -> Any:
+    """Trains (or resumes) an autoencoder (``vae_training.train``: the Gaussian VAE or AutoencoderKL, by
+    ``config.model.kind``) and writes eval.json; returns the final state."""
+    from ddpm_jax import vae_training
+
+    config = load_config_with_overrides(config_path, overrides)
+    return vae_training.train(config, workdir)
+
+
 def read_captions(captions: str, seed: int = 0) -> list[str]:
     """``"mnist_bundled"``: the captioned digits' captions (``data.load_captioned_digits``); otherwise a
     text file with one caption per line (blank lines skipped)."""
@@ -647,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="where checkpoints, tokenizer/, metrics and eval.json go")
     p.add_argument("overrides", nargs="*", metavar="group.field=value", help="e.g. train.num_steps=100")
 
+    p = sub.add_parser("train-vae", help="train (or resume) a Gaussian VAE or an AutoencoderKL",
+                       description=run_train_vae.__doc__)
+    p.add_argument("--config", required=True, help="e.g. experiments/vae_mnist.py or experiments/autoencoder_kl_mnist.py")
+    p.add_argument("--workdir", required=True, help="where checkpoints, metrics, figures and eval.json go")
+    p.add_argument("overrides", nargs="*", metavar="group.field=value", help="e.g. model.latent_dim=2")
+
     p = sub.add_parser("train-tokenizer", help="fit a CLIP-style BPE on captions",
                        description=run_train_tokenizer.__doc__)
     p.add_argument("--captions", default="mnist_bundled",
@@ -683,6 +698,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train-clip":
             run_train_clip(args.config, args.workdir, args.overrides)
             print(f"Trained. Outputs in {args.workdir} (eval.json: zero-shot accuracy, recall@k)")
+        elif args.command == "train-vae":
+            run_train_vae(args.config, args.workdir, args.overrides)
+            print(f"Trained. Outputs in {args.workdir} (eval.json, reconstructions/)")
         elif args.command == "train-tokenizer":
             run_train_tokenizer(args.captions, args.out, args.vocab_size, args.seed)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

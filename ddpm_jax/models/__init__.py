@@ -10,9 +10,17 @@ from ddpm_jax.models.layers import (
     timestep_embedding,
 )
 from ddpm_jax.models.unet import UNet, UNetConfig
+from ddpm_jax.models.discriminator import NLayerDiscriminator
+from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, GaussianVAE, GaussianVAEConfig
 
 __all__ = [
     "Attention",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "DiagonalGaussian",
+    "GaussianVAE",
+    "GaussianVAEConfig",
+    "NLayerDiscriminator",
     "Downsample",
     "ResnetBlock",
     "SpatialSelfAttention",
