@@ -412,3 +412,39 @@ def prompt_tokens(encoder: TextEncoder, prompt: str) -> list[str]:
     n = int(np.argmax(ids == tok.eos_token_id)) + 1
     special = {tok.bos_token_id: "<start>", tok.eos_token_id: "<end>"}
     return [special.get(int(i)) or tok.decode([int(i)]).strip() for i in ids[:n]]
+
+
+def run_txt2img_workdir(workdir: str | os.PathLike, prompts: Sequence[str], guidance_scale: float | None = None,
+                        steps: int | None = None, seed: int = 0, out: str | os.PathLike | None = None,
+                        attention_maps: bool = False, eta: float | None = None) -> list[pathlib.Path]:
+    """`ddpm-jax txt2img --workdir`: one image per prompt from a text-conditional workdir, as a PNG grid.
+
+    With ``attention_maps`` also ``<out stem>_attention.png``: per prompt, the image and the
+    cross-attention map of each of its tokens (averaged over heads, layers and sampling steps).
+    Returns the written paths.
+    """
+    from ddpm_jax import plotting
+
+    model = load_workdir_model(workdir)
+    if model.kind != "text":
+        raise ValueError(f"workdir {os.fspath(workdir)!r} is not a text-conditional model (condition.kind="
+                         f"{model.kind!r}); use `ddpm-jax sample` for it")
+    prompts = list(prompts)
+    result = generate(model, prompts=prompts, guidance_scale=guidance_scale, steps=steps, eta=eta, seed=seed,
+                      return_latents=attention_maps)
+    out_path = pathlib.Path(out) if out else pathlib.Path(workdir) / "txt2img.png"
+    written = [plotting.save_image_grid(result["images"], out_path)]
+    if attention_maps:
+        from ddpm_jax import samplers
+
+        T = model.schedule.num_timesteps
+        timesteps = (samplers.ddim_timesteps(T, int(steps or model.config.sample.steps))
+                     if model.config.sample.get("sampler", "ddim") == "ddim" else np.arange(T)[::-1])
+        trajectory = result["trajectory"][:-1]                       # x_t fed to step k is at timesteps[k]
+        maps = token_attention_maps(model, trajectory, prompts, np.asarray(timesteps))    # [B, h, w, L]
+        for i, prompt in enumerate(prompts):
+            tokens = prompt_tokens(model.text_encoder, prompt)
+            path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")
+            written.append(save_attention_overlays(result["images"][i:i + 1], maps[i:i + 1, :, :, :len(tokens)],
+                                                   tokens, path))
+    return written

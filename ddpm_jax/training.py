@@ -281,6 +281,8 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
     """
     sampler = config.sample.get("sampler", "ddim")
     prediction = config.diffusion.prediction
+    # x̂_0 is clipped to [-1, 1] for pixels; latents have no such range (default: clip in pixel space only).
+    clip = bool(config.sample.get("clip_denoised", not config.get("latent", {}).get("autoencoder", None)))
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sample.sampler must be 'ddim' or 'ddpm', got {sampler!r}")
 
@@ -292,9 +294,9 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(model, params), cond, uncond, guidance_scale)
         if sampler == "ddim":
             return samplers.ddim_sample(eps_fn, schedule, shape, key, num_steps=config.sample.steps,
-                                        eta=config.sample.eta, prediction=prediction,
+                                        eta=config.sample.eta, prediction=prediction, clip_denoised=clip,
                                         return_trajectory=return_trajectory)
-        return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction,
+        return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction, clip_denoised=clip,
                                     variance=config.diffusion.variance, return_trajectory=return_trajectory)
 
     return sample
