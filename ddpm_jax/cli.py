@@ -137,10 +137,15 @@ def sample_images(
     batch_size: int = 64,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``num`` samples of ``model`` (see :func:`sample_from_workdir`; sampler/steps/eta default to the model's)."""
+    """``num`` samples of ``model`` (see :func:`sample_from_workdir`; sampler/steps/eta default to the model's).
+
+    On several devices (one process) each chunk is split over them along the "data" axis when its size
+    divides evenly (``batch_size`` a multiple of the device count), so 8 GPUs sample 8× as fast; the
+    images are the same as on one device (the noise depends only on the key, not on the devices).
+    """
     import jax
 
-    from ddpm_jax import samplers
+    from ddpm_jax import parallel, samplers
 
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {num} and {batch_size}")
@@ -163,6 +168,11 @@ def sample_images(
 
     key = jax.random.key(seed)
     jitted = jax.jit(run, static_argnums=1)  # compiled once per (chunk shape, trajectory flag)
+    if jax.process_count() == 1 and jax.device_count() > 1 and chunk % jax.device_count() == 0:
+        # x_0 sharded along "data": XLA's sharding propagation then splits the whole chain over the devices
+        sharded = jax.jit(lambda k: run(k, False), out_shardings=parallel.batch_sharding(parallel.make_mesh()))
+    else:
+        sharded = None
     images, traj = [], None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
@@ -173,7 +183,8 @@ def sample_images(
                            unit="batch", dynamic_ncols=True)
     for i in chunks:
         want_traj = trajectory and i == 0
-        out = jitted(jax.random.fold_in(key, i), want_traj)
+        k = jax.random.fold_in(key, i)
+        out = sharded(k) if sharded is not None and not want_traj else jitted(k, want_traj)
         if want_traj:
             out, traj = out
             traj = np.asarray(traj)
@@ -306,8 +317,8 @@ def run_sample(
 # ---------------------------------------------------------------------------------------------
 
 # The MNIST demo's evaluation (run_demo): a few tens of seconds on 2 CPU cores (measured, see the report).
-DEMO_EVAL_SAMPLES = 256
-DEMO_BPD_EXAMPLES = 16
+DEMO_EVAL_SAMPLES = 128
+DEMO_BPD_EXAMPLES = 8
 
 
 def _is_digits(data_name: str | None) -> bool:

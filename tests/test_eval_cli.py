@@ -218,3 +218,50 @@ def test_missing_scheduler_config_is_named(tmp_path):
     (tmp_path / "scheduler_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no scheduler_config.json"):
         cli.load_pretrained_model(tmp_path)
+
+
+_SHARDED_SAMPLING = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from ddpm_jax import cli
+from ddpm_jax.models.unet import UNet, UNetConfig
+from ddpm_jax.schedules import get_schedule
+
+cfg = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                 down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), add_attention=False,
+                 norm_num_groups=4)
+unet = UNet(cfg)
+params = unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+model = cli.LoadedModel(eps_fn=lambda x, t: unet.apply({"params": params}, x, t), schedule=get_schedule("linear", 30),
+                        image_size=8, channels=1, sampler="ddim", steps=5, eta=1.0)
+calls = []
+real_jit = jax.jit
+def spy(fun, **kw):
+    calls.append(str(kw.get("out_shardings")))
+    return real_jit(fun, **kw)
+jax.jit = spy
+eight, _ = cli.sample_images(model, 20, batch_size=16)   # chunks of 16 over 8 devices (the last one trimmed)
+jax.jit = real_jit
+one = np.concatenate([np.asarray(real_jit(lambda k: __import__("ddpm_jax").samplers.ddim_sample(
+    model.eps_fn, model.schedule, (16, 8, 8, 1), k, num_steps=5, eta=1.0))(jax.random.fold_in(jax.random.key(0), i)))
+    for i in range(2)])[:20]
+json.dump({"devices": jax.device_count(), "diff": float(np.max(np.abs(eight - one))), "shape": list(eight.shape),
+           "shardings": calls}, open(sys.argv[1], "w"))
+"""
+
+
+def test_sampling_is_split_over_8_devices_and_matches_one_device(tmp_path):
+    import subprocess
+    import sys
+
+    from _training_fixtures import subprocess_env
+
+    out = tmp_path / "r.json"
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SAMPLING, str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["devices"] == 8 and r["shape"] == [20, 8, 8, 1]
+    assert any("spec=P('data',)" in s for s in r["shardings"]), r["shardings"]  # the chain's output is sharded
+    assert r["diff"] <= 1e-5
