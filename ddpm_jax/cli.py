@@ -5,10 +5,14 @@
     ddpm-jax train  --config experiments/mnist.py --workdir runs/mnist [train.num_steps=100 ...]
     ddpm-jax sample --workdir runs/mnist --num 64 --sampler ddim --steps 50 --eta 0 --seed 0 \\
                     --out samples.png [--npz] [--trajectory]
-    ddpm-jax demo   --workdir runs/mnist            # what `make demo` runs
+    ddpm-jax demo   --workdir runs/mnist            # what `make demo` runs (ends with `eval`)
+    ddpm-jax eval   --workdir runs/mnist [--num-samples 1000 --bpd-examples 100 \
+                    --inception pt_inception-2015-12-05-6726825d.pth --reference stats.npz]
+    ddpm-jax sample --pretrained ddpm-cifar10-32 --num 64   # a diffusers folder (google/ddpm-*)
+    ddpm-jax eval   --pretrained ddpm-cifar10-32 --data tfds:cifar10:test ...
 
-The argument parsing here is thin; the work is done by :func:`run_train`, :func:`sample_from_workdir`
-and :func:`run_demo`, which notebooks can import and call.
+The argument parsing here is thin; the work is done by :func:`run_train`, :func:`sample_from_workdir`,
+:func:`run_eval` and :func:`run_demo`, which notebooks can import and call.
 
 Errors caused by the input (an unknown config key, a bad override value, a missing workdir or
 checkpoint, a dataset that is not available offline, an empty image folder, a batch that does not split
