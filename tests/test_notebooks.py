@@ -46,6 +46,7 @@ def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
     assert "01_forward_process.ipynb" in names and "02_training_and_sampling.ipynb" in names, names
     assert "03_likelihood_and_evaluation.ipynb" in names, names
+    assert "04_vae.ipynb" in names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
