@@ -29,6 +29,9 @@ Config (``experiments/clip_mnist.py``)::
 
     config.data.image_size     int    H = W of the digits (28: MNIST's own size)
     config.data.layout         str    "random" (digits rescaled and moved; captions say where) | "original"
+    config.data.seed           int    layout and caption seed of the first placement
+    config.data.num_layouts    int    K placements of every training digit (seeds seed … seed + K − 1), each
+                                      measured and captioned anew: more distinct pairs, less memorisation
     config.data.num_held_out   int    digits kept out of training for the evaluation
     config.tokenizer.path      str|None   a tokenizer folder (vocab.json + merges.txt); None = fit one
     config.tokenizer.vocab_size    int    size of the fitted BPE
@@ -360,6 +363,18 @@ def split_held_out(num_examples: int, num_held_out: int, seed: int) -> tuple[np.
     return np.sort(perm[num_held_out:]), np.sort(perm[:num_held_out])
 
 
+def fixed_batch_indices(indices: np.ndarray, labels: np.ndarray, num: int, seed: int) -> np.ndarray:
+    """``num`` of ``indices`` drawn by ``seed``, preferring distinct labels (one per digit first), ordered
+    by label: the fixed batch whose similarity matrix is drawn during training."""
+    rng = np.random.default_rng([seed, 11])
+    order = rng.permutation(np.asarray(indices))
+    labels = np.asarray(labels)
+    _, first = np.unique(labels[order], return_index=True)          # the first drawn of each label
+    rest = np.setdiff1d(np.arange(len(order)), first, assume_unique=True)
+    chosen = order[np.concatenate([np.sort(first), rest])[: min(num, len(order))]]
+    return chosen[np.argsort(labels[chosen], kind="stable")]
+
+
 def _tokenizer_for(config: ml_collections.ConfigDict, workdir: str, captions: Sequence[str]) -> Tokenizer:
     """workdir/tokenizer/ if it exists (resuming); else config.tokenizer.path copied there; else a BPE
     fitted on ``captions`` and saved there."""
@@ -403,21 +418,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
     # ---------------------------------------------------------------------------------------------
     # Data and tokenizer
     # ---------------------------------------------------------------------------------------------
-    if dataset is None:
-        dataset = data_lib.load_captioned_digits(int(config.data.image_size), seed=int(config.data.get("seed", 0)),
-                                                 layout=config.data.get("layout", "random"))
-    images = np.asarray(dataset.images, np.float32)                           # [N, H, W, 1]
-    labels, captions = np.asarray(dataset.labels), list(dataset.captions)
+    if dataset is None:  # the digits in num_layouts placements (seeds data.seed + k), each measured and captioned
+        layouts = [data_lib.load_captioned_digits(int(config.data.image_size), seed=int(config.data.seed) + k,
+                                                  layout=config.data.get("layout", "random"))
+                   for k in range(int(config.data.get("num_layouts", 1)))]
+    else:
+        layouts = [dataset]
+    images = np.asarray(layouts[0].images, np.float32)                        # [N, H, W, 1]
+    labels, captions = np.asarray(layouts[0].labels), list(layouts[0].captions)
     size = int(config.data.image_size)
     if images.ndim != 4 or images.shape[1:] != (size, size, 1):
         raise ValueError(f"images have shape {images.shape}, but config.data.image_size asks for [N, {size}, {size}, 1]")
+    # Held-out *digits* (all their placements) are never trained on; they are evaluated in the first placement.
     train_idx, held_idx = split_held_out(len(images), int(config.data.num_held_out), cfg.seed)
-    tokenizer = _tokenizer_for(config, workdir, [captions[i] for i in train_idx])
+    train_captions = [layout.captions[i] for layout in layouts for i in train_idx]
+    tokenizer = _tokenizer_for(config, workdir, train_captions)
     config = resolve_config(config, tokenizer)
     if is_chief:
         config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
-    input_ids = tokenizer(captions)                                           # [N, T] int32
-    train_images, train_ids = images[train_idx], input_ids[train_idx]
+    input_ids = tokenizer(captions)                                           # [N, T] int32, first placement
+    train_images = np.concatenate([np.asarray(layout.images, np.float32)[train_idx] for layout in layouts])
+    train_ids = tokenizer(train_captions)                                     # [K · N_train, T]
 
     # ---------------------------------------------------------------------------------------------
     # Model, optimizer, state
@@ -436,9 +457,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
     # ---------------------------------------------------------------------------------------------
     # The contrastive matrix of a fixed held-out batch, during training
     # ---------------------------------------------------------------------------------------------
-    num_plot = min(int(cfg.get("num_plot", 10)), len(held_idx))
-    plot_images, plot_ids = images[held_idx[:num_plot]], input_ids[held_idx[:num_plot]]
-    plot_captions = [captions[i] for i in held_idx[:num_plot]]
+    plot_idx = fixed_batch_indices(held_idx, labels, int(cfg.get("num_plot", 10)), cfg.seed)
+    plot_images, plot_ids = images[plot_idx], input_ids[plot_idx]
+    plot_captions = [captions[i] for i in plot_idx]
 
     @jax.jit
     def similarity_fn(params: PyTree) -> jax.Array:

@@ -198,3 +198,20 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     assert "final_layer_norm/bias" in message and "missing" in message
     assert "encoder.layers.0.extra.weight" in message and "unexpected" in message
     assert "fc1.weight" in message and "wrong shape" in message
+
+
+def test_checkpoint_of_another_clip_tower_is_rejected(tmp_path):
+    """A vision tower given to the text loader (and vice versa) names what was found; a text config over
+    vision weights lists the missing and unexpected keys."""
+    vision = _save(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)), tmp_path / "vision")
+    text = _save(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)), tmp_path / "text")
+    with pytest.raises(ValueError, match=r"load_clip_text reads a transformers CLIPTextModel.*CLIPVisionModel"):
+        load_clip_text(vision)
+    with pytest.raises(ValueError, match=r"load_clip_vision reads a transformers CLIPVisionModel.*CLIPTextModel"):
+        load_clip_vision(text)
+    with pytest.raises(ValueError, match=r"load_clip reads a transformers CLIPModel.*CLIPTextModel"):
+        load_clip(text)
+    (vision / "config.json").write_text((text / "config.json").read_text())  # text config, vision weights
+    with pytest.raises(ValueError) as info:
+        load_clip_text(vision)
+    assert "missing" in str(info.value) and "unexpected" in str(info.value)
