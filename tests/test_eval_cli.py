@@ -108,6 +108,35 @@ def test_eval_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys, args, m
     assert status == 2 and message in err and err.count("\n") == 1 and err.startswith("ddpm-jax: error: "), err
 
 
+def test_eval_fid_wiring_with_a_stand_in_inception(workdir, monkeypatch, capsys):
+    """--inception/--reference reach compute_fid (the network itself is tested in test_inception/test_fid)."""
+    from ddpm_jax.evaluation import fid as fid_lib
+    from ddpm_jax.evaluation import inception as inception_lib
+
+    seen = {}
+    monkeypatch.setattr(inception_lib, "load_inception", lambda path: seen.setdefault("path", path) and "net")
+
+    def fake_compute_fid(samples, reference, inception=None, **kw):
+        seen.update(samples=samples.shape, reference=reference.shape, inception=inception, **kw)
+        protocol = fid_lib.FIDProtocol(metric="FID", num_samples=samples.shape[0], sample_shape=samples.shape[1:],
+                                       weights="w", quantize=True, grayscale_to_rgb=True, features="pool3 (2048)",
+                                       reference=kw["reference_name"], num_reference=reference.shape[0], splits=10)
+        return {"fid": 12.5, "protocol": protocol, "is": 2.0, "is_std": 0.1}
+
+    monkeypatch.setattr(fid_lib, "compute_fid", fake_compute_fid)
+    status, out, _ = run_cli(["eval", "--workdir", str(workdir), "--num-samples", "20", "--bpd-examples", "0",
+                              "--no-judge", "--inception", "weights.pth", "--reference", "mnist_bundled"], capsys)
+    assert status == 0
+    assert seen["path"] == "weights.pth" and seen["inception"] == "net"
+    assert seen["samples"] == (20, 8, 8, 1) and seen["reference"] == (5000, 8, 8, 1)  # the dataset at the run's size
+    assert seen["min_samples"] == 20 and seen["is_splits"] == 10
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["fid"]["value"] == 12.5 and "biased" in result["fid"]["note"]
+    assert result["fid"]["protocol"]["reference"] == "mnist_bundled (5000 images)"
+    assert result["inception_score"] == {"mean": 2.0, "std": 0.1, "splits": 10}
+    assert "FID 12.500 (biased" in out and "Inception score 2.000" in out
+
+
 def test_eval_needs_exactly_one_source(capsys):
     status, _, err = run_cli(["eval"], capsys)
     assert status == 2 and "one of the arguments --workdir --pretrained is required" in err
