@@ -160,3 +160,12 @@ def test_labelled_grid_and_text_summary(judge, digits, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = J.format_report(report)
     assert "classifier FID" in text and "real digits, same N" in text and "7:" in text
+
+
+def test_unwritable_cache_warns_and_still_judges(judge, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(J, "train_judge", lambda image_size, seed=0, **kw: judge)
+    with pytest.warns(RuntimeWarning, match="could not cache the judge"):
+        got = J.get_judge(SIZE, cache_dir=blocker)
+    assert got is judge

@@ -34,6 +34,7 @@ import dataclasses
 import os
 import pathlib
 import tempfile
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -325,7 +326,11 @@ def get_judge(
         except Exception:  # noqa: BLE001 - any unreadable cache entry is retrained
             pass
     judge = train_judge(image_size, seed, progress=progress, **train_kwargs)
-    save_judge(judge, path)
+    try:
+        save_judge(judge, path)
+    except OSError as err:  # a read-only home: judge anyway, retrain next time
+        warnings.warn(f"could not cache the judge at {path} ({err}); set {CACHE_ENV} to a writable folder",
+                      RuntimeWarning, stacklevel=2)
     return judge
 
 
