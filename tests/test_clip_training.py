@@ -15,7 +15,6 @@ import textwrap
 import types
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
