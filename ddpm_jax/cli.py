@@ -605,6 +605,71 @@ def run_train_tokenizer(captions: str, out: str, vocab_size: int = 1000, seed: i
 
 
 # ---------------------------------------------------------------------------------------------
+# Stable Diffusion: txt2img / img2img with a diffusers folder or a single-file checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_stable_diffusion(model: str, scheduler: str | None, dtype: str, tokenizer: str | None):
+    from ddpm_jax.stable_diffusion import StableDiffusion
+
+    print(f"loading {model} ({dtype}) ...", file=sys.stderr)
+    return StableDiffusion.from_pretrained(model, dtype=dtype, scheduler=scheduler, tokenizer=tokenizer)
+
+
+def run_txt2img(model: str, prompts: Sequence[str], out: str = "txt2img.png", steps: int = 50,
+                guidance: float = 7.5, seed: int = 0, negative: Sequence[str] | None = None,
+                scheduler: str | None = None, height: int = 512, width: int = 512, dtype: str = "float32",
+                attention_maps: bool = False, tokenizer: str | None = None) -> list[pathlib.Path]:
+    """``ddpm-jax txt2img --model``: one image per prompt (a PNG grid) from Stable Diffusion weights; the
+    denoising loop is one compiled program, its tqdm bar fed by ``jax.debug.callback`` from inside the scan.
+    With ``attention_maps`` also ``<out stem>_attention_<i>.png`` (per-token cross-attention)."""
+    from ddpm_jax import pipelines, plotting
+
+    pipe = _load_stable_diffusion(model, scheduler, dtype, tokenizer)
+    result = pipe.txt2img(list(prompts), negative_prompts=negative or None, guidance_scale=guidance,
+                          num_steps=steps, height=height, width=width, seed=seed, return_attention=attention_maps,
+                          progress=True)
+    out_path = pathlib.Path(out)
+    written = [plotting.save_image_grid(result["images"], out_path, min_tile=1)]
+    if attention_maps:
+        for i, tokens in enumerate(result["tokens"]):
+            path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")
+            written.append(pipelines.save_attention_overlays(
+                result["images"][i:i + 1], result["attention"][i:i + 1, :, :, :len(tokens)], tokens, path))
+    return written
+
+
+def read_image(path: str, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """A PNG/JPEG → [1, H, W, 3] float32 in [−1, 1], resized (bicubic) to height × width if given."""
+    from PIL import Image
+
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if height and width:
+            im = im.resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(im, np.float32)
+    return (pixels / 127.5 - 1.0)[None]
+
+
+def run_img2img(model: str, image: str, prompts: Sequence[str], out: str = "img2img.png", strength: float = 0.75,
+                steps: int = 50, guidance: float = 7.5, seed: int = 0, negative: Sequence[str] | None = None,
+                scheduler: str | None = "ddim", height: int | None = None, width: int | None = None,
+                dtype: str = "float32", tokenizer: str | None = None) -> list[pathlib.Path]:
+    """``ddpm-jax img2img``: SDEdit — encode the image, noise it to ``strength``, denoise with the prompt."""
+    from ddpm_jax import plotting
+
+    pipe = _load_stable_diffusion(model, scheduler, dtype, tokenizer)
+    pixels = read_image(image, height, width)
+    prompts = list(prompts)
+    result = pipe.img2img(np.repeat(pixels, len(prompts), axis=0), prompts, strength=strength,
+                          negative_prompts=negative or None, guidance_scale=guidance, num_steps=steps, seed=seed,
+                          progress=True)
+    return [plotting.save_image_grid(result["images"], out, min_tile=1)]
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
 
@@ -684,7 +749,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for vocab.json and merges.txt")
     p.add_argument("--vocab-size", type=int, default=1000, help="at most this many tokens (>= 514)")
     p.add_argument("--seed", type=int, default=0, help="caption seed for mnist_bundled")
+
+    p = sub.add_parser("txt2img", help="text → image with Stable Diffusion weights (or a text-conditional workdir)",
+                       description=run_txt2img.__doc__)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a diffusers Stable Diffusion folder or a single-file .safetensors/.ckpt")
+    source.add_argument("--workdir", help="a text-conditional run trained by ddpm-jax train")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    _add_sd_arguments(p, steps=None, guidance=None, scheduler=None)
+    p.add_argument("--out", default=None, help="PNG grid (default txt2img.png, or <workdir>/txt2img.png)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
+
+    p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",
+                       description=run_img2img.__doc__)
+    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint")
+    p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--strength", type=float, default=0.75, help="fraction of the steps redone, in (0, 1]")
+    _add_sd_arguments(p, steps=50, guidance=7.5, scheduler="ddim")
+    p.add_argument("--out", default="img2img.png")
+    p.add_argument("--height", type=int, default=None, help="resize the image (default: its size)")
+    p.add_argument("--width", type=int, default=None)
     return parser
+
+
+def _add_sd_arguments(p: argparse.ArgumentParser, steps: int | None, guidance: float | None,
+                      scheduler: str | None) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
+                   help="negative prompt (once for all prompts, or once per prompt)")
+    p.add_argument("--scheduler", default=scheduler,
+                   help="ddim, pndm, euler, euler_ancestral, dpmsolver++ (default: the model's)")
+    p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file checkpoint")
+
+
+def _negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
+    """--negative given once → for every prompt; else one per prompt (checked by the pipeline)."""
+    if negative and len(negative) == 1:
+        return negative * num_prompts
+    return negative
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -718,6 +826,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Trained. Outputs in {args.workdir} (eval.json, reconstructions/)")
         elif args.command == "train-tokenizer":
             run_train_tokenizer(args.captions, args.out, args.vocab_size, args.seed)
+        elif args.command == "txt2img" and args.workdir:
+            from ddpm_jax import pipelines
+
+            for path in pipelines.run_txt2img_workdir(args.workdir, args.prompts, args.guidance, args.steps,
+                                                      args.seed, args.out, args.attention_maps):
+                print(path)
+        elif args.command == "txt2img":
+            negative = _negatives(args.negative, len(args.prompts))
+            for path in run_txt2img(args.model, args.prompts, args.out or "txt2img.png", args.steps or 50,
+                                    7.5 if args.guidance is None else args.guidance, args.seed, negative,
+                                    args.scheduler, args.height, args.width, args.dtype, args.attention_maps,
+                                    args.tokenizer):
+                print(path)
+        elif args.command == "img2img":
+            for path in run_img2img(args.model, args.image, args.prompts, args.out, args.strength, args.steps,
+                                    args.guidance, args.seed, _negatives(args.negative, len(args.prompts)),
+                                    args.scheduler, args.height, args.width, args.dtype, args.tokenizer):
+                print(path)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if os.environ.get("DDPM_JAX_TRACEBACK"):
             raise

@@ -112,20 +112,22 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def read_state_dict(folder: Path, stem: str = "diffusion_pytorch_model") -> dict[str, np.ndarray]:
-    """Read ``{stem}.safetensors`` with NumPy; fall back to ``{stem}.bin`` (needs torch)."""
+def read_state_dict(folder: Path, stem: str = "diffusion_pytorch_model", variant: str | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Read ``{stem}[.{variant}].safetensors`` with NumPy; fall back to ``.bin`` (read by ``torch_pickle``,
+    no torch). ``variant`` is diffusers' file variant, e.g. "fp16" (``…fp16.safetensors``) or "non_ema"."""
+    folder = Path(folder)
+    if variant:
+        stem = f"{stem}.{variant}"
     safetensors_file, bin_file = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
     if safetensors_file.exists():
         from safetensors.numpy import load_file
 
         return load_file(safetensors_file)
     if bin_file.exists():
-        try:
-            import torch
-        except ImportError as err:
-            raise ValueError(f"{bin_file} is a PyTorch pickle and torch is not installed; use .safetensors") from err
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
+        from ddpm_jax import torch_pickle
+
+        return torch_pickle.load_state_dict(bin_file)
     raise FileNotFoundError(f"no {stem}.safetensors (or .bin) in {folder}")
 
 
@@ -294,7 +296,7 @@ def _unet_key(key: str) -> str:
     return _LEGACY_ATTENTION_KEY.sub(lambda m: f"{m[1]}.{_LEGACY_ATTENTION_NAMES[m[2]]}.", key)
 
 
-def load_unet(path: str | Path) -> tuple[UNet, Params]:
+def load_unet(path: str | Path, variant: str | None = None) -> tuple[UNet, Params]:
     """Load a diffusers UNet2DModel or UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors).
 
     The folder's config.json ``_class_name`` decides which. Returns ``(module, params)``; run it with
@@ -310,7 +312,7 @@ def load_unet(path: str | Path) -> tuple[UNet, Params]:
     module = UNet(config)
     # The smallest valid inputs: the params do not depend on the image size or the context length.
     target = jax.eval_shape(module.init, jax.random.key(0), *config.input_specs())["params"]
-    params = convert_state_dict(read_state_dict(folder), target, rename=_unet_key)
+    params = convert_state_dict(read_state_dict(folder, variant=variant), target, rename=_unet_key)
     return module, params
 
 
@@ -373,7 +375,7 @@ def _vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
-def load_vae(path: str | Path) -> tuple[AutoencoderKL, Params]:
+def load_vae(path: str | Path, variant: str | None = None) -> tuple[AutoencoderKL, Params]:
     """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).
 
     Returns ``(module, params)``; e.g. ``module.apply({"params": params}, x, method=AutoencoderKL.encode)``
@@ -387,5 +389,5 @@ def load_vae(path: str | Path) -> tuple[AutoencoderKL, Params]:
     target = jax.eval_shape(
         module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
     )["params"]
-    params = convert_state_dict(_vae_state_dict(read_state_dict(folder)), target, rename=_unet_key)
+    params = convert_state_dict(_vae_state_dict(read_state_dict(folder, variant=variant)), target, rename=_unet_key)
     return module, params

@@ -48,6 +48,7 @@ def test_notebooks_exist():
     assert "05_clip.ipynb" in names, names
     assert "03_likelihood_and_evaluation.ipynb" in names, names
     assert "04_vae.ipynb" in names, names
+    assert "07_stable_diffusion_internals.ipynb" in names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -1,0 +1,475 @@
+"""Stable Diffusion v1 (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models")
+from our own pieces, running the released weights.
+
+The block diagram, with the shapes for one 512×512 image (B prompts; SD v1: D = 768, f = 8)::
+
+    prompt  ──tokenizer.py──► ids [B, 77] ──CLIP text transformer (models/clip.py)──► c [B, 77, D]
+    "" or a negative prompt ──────────── same ──────────────────────────────────────► ∅ [B, 77, D]
+
+    z_T ~ N(0, I)                                                       [B, 64, 64, 4]   (H/f, W/f)
+    for i = 0 … N−1  (a scheduler from schedulers.py: DDIM, PNDM, Euler, …):
+        ε̂ = ε_θ(z, t_i, ∅) + w (ε_θ(z, t_i, c) − ε_θ(z, t_i, ∅))         U-Net on [2B, 64, 64, 4] (guidance.py)
+        z = step(z, ε̂, i)                                               [B, 64, 64, 4]
+    x = VAE decoder(z / 0.18215)  (models/vae.py)                       [B, 512, 512, 3] in [−1, 1]
+
+Everything after the text encoder is ONE compiled program (``jax.jit`` of the ``lax.scan`` over the N
+steps and the decoder); the prompt states c, ∅ and the guidance scale w are its traced arguments, so
+new prompts or a new w do not recompile. The batch is split over every device (``parallel.py``'s
+"data" axis); the parameters are replicated.
+
+img2img is SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
+Differential Equations"): encode the image, z_0 = s·E(x); noise it to the point s·N of the grid,
+z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, ``diffusion.q_sample``; in σ-space z_0 + σ_t ε); then run
+the remaining steps of the same loop.
+
+Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
+CompVis checkpoint (``pretrained_compvis.py``). Everything is checked against diffusers'
+``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion, guidance, parallel, pipelines, schedulers
+from ddpm_jax.models.clip import CLIPTextTransformer
+from ddpm_jax.models.unet import UNet
+from ddpm_jax.models.vae import AutoencoderKL
+from ddpm_jax.pretrained import Params, convert_state_dict, load_unet, load_vae, read_state_dict
+from ddpm_jax.tokenizer import Tokenizer, load_tokenizer
+
+Array = jax.Array
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+# Stable Diffusion v1's scheduler_config.json (PNDM), for single-file checkpoints that carry none.
+SD_V1_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False,
+}
+# Schedulers whose step depends only on the grid index, so that img2img can start mid-grid exactly as
+# diffusers does (PNDM's and DPM-Solver's warm-up counters would need a restart at the first step).
+IMG2IMG_SCHEDULERS = ("ddim", "euler", "euler_ancestral")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ================================================================================================
+# Weights
+# ================================================================================================
+
+def resolve_dtype(dtype: Any) -> Any:
+    """"float32"/"bf16"/"fp16"/a jnp dtype → the jnp dtype; float16 on a CPU backend is refused (XLA's CPU
+    float16 kernels are emulated and much slower than float32: use bf16 or float32 there)."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype.lower()]
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+        raise ValueError("float16 weights need a GPU; on the CPU backend use dtype='bf16' or 'float32'")
+    return dtype
+
+
+def resolve_path(path: str | Path, variant: str | None = None) -> Path:
+    """A local folder/file as is; a hub id ("org/name") through huggingface_hub if installed and online."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if not _HUB_ID.match(str(path)):
+        raise FileNotFoundError(f"{path} does not exist; pass a diffusers Stable Diffusion folder or a "
+                                f"single-file .safetensors/.ckpt checkpoint")
+    hint = f"download it (e.g. `huggingface-cli download {path}`) and pass the local folder"
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError(f"{path!r} is not a local folder and huggingface_hub is not installed: {hint}") from None
+    suffix = f".{variant}" if variant else ""
+    patterns = ["*.json", "tokenizer/*", f"unet/diffusion_pytorch_model{suffix}.safetensors",
+                f"vae/diffusion_pytorch_model{suffix}.safetensors", f"text_encoder/model{suffix}.safetensors"]
+    try:
+        return Path(huggingface_hub.snapshot_download(str(path), allow_patterns=patterns))
+    except Exception as err:  # offline, unknown repo, gated, …: all mean "use a local folder"
+        raise ValueError(f"{path!r} is not a local folder and the Hugging Face hub could not provide it "
+                         f"({type(err).__name__}): {hint}") from None
+
+
+def check_folder(folder: Path) -> None:
+    """A diffusers Stable Diffusion folder: model_index.json and the five component folders."""
+    missing = [name + "/" for name in COMPONENTS if not (folder / name).is_dir()]
+    missing = (["model_index.json"] if not (folder / "model_index.json").is_file() else []) + missing
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
+                                f"(expected model_index.json, {', '.join(c + '/' for c in COMPONENTS)})")
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_class = (index.get("unet") or [None, None])[1]
+    if unet_class not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"{folder}/model_index.json has unet {unet_class!r}; Stable Diffusion needs UNet2DConditionModel")
+
+
+def load_text_encoder(folder: Path, variant: str | None = None) -> tuple[CLIPTextTransformer, Params]:
+    """SD's ``text_encoder/``: a transformers CLIPTextModel (``model[.variant].safetensors``)."""
+    from ddpm_jax import pretrained_clip as pc
+
+    _, config = pc._read_config(folder, "load_text_encoder", ("CLIPTextModel",))
+    module = CLIPTextTransformer(pc.text_config_from_transformers(config))
+    state = {k.removeprefix("text_model."): v for k, v in read_state_dict(folder, "model", variant).items()
+             if not k.endswith("position_ids")}
+    return module, convert_state_dict(state, pc._target(module, pc._example_ids(module.config)), rename=pc._clip_key)
+
+
+def _cast(params: Params, dtype: Any) -> Params:
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
+# ================================================================================================
+# The denoising loop
+# ================================================================================================
+
+def add_noise(scheduler: schedulers.Scheduler, state: Any, z0: Array, noise: Array, i: int) -> Array:
+    """z at grid point i from a clean z_0 (SDEdit): DDPM Eq. 4 (``diffusion.q_sample``) at t_i, or, for the
+    σ-space schedulers, z_0 + σ_i ε (diffusers' ``scheduler.add_noise``)."""
+    if isinstance(scheduler, (schedulers.EulerScheduler, schedulers.EulerAncestralScheduler)):
+        return z0 + noise * state.sigmas[i]
+    t = jnp.full((z0.shape[0],), state.timesteps[i], jnp.int32)
+    return diffusion.q_sample(state.schedule, z0, t, noise)
+
+
+def denoise_loop(scheduler: schedulers.Scheduler, eps_fn: Callable[[Array, Array], Array], z: Array, key: Array,
+                 num_steps: int, start: int = 0, on_step: Callable[[Array], None] | None = None,
+                 keep_trajectory: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
+    """Steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan`` (``schedulers.sample_loop``
+    with a start index, a per-step host callback and the trajectory): z is already at grid point ``start``.
+
+    Returns ``(z_final, trajectory)``; trajectory (with ``keep_trajectory``) = (the U-Net's inputs
+    [S, B, h, w, c] = scale_model_input(z_i), the latents after each step [S, B, h, w, c]).
+    """
+    state = scheduler.init_state(num_steps, z)
+    batch, n = z.shape[0], state.timesteps.shape[0]
+
+    def body(carry, i):
+        z, state = carry
+        t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)        # [B]
+        z_in = scheduler.scale_model_input(state, z, i)                            # [B, h, w, c]
+        z, state = scheduler.step(state, eps_fn(z_in, t), i, z, jax.random.fold_in(key, i))
+        if on_step is not None:
+            jax.debug.callback(on_step, i)                                         # progress bar on the host
+        return (z, state), ((z_in, z) if keep_trajectory else None)
+
+    (z, _), trajectory = jax.lax.scan(body, (z, state), jnp.arange(start, n, dtype=jnp.int32))
+    return z, trajectory
+
+
+# ================================================================================================
+# The pipeline
+# ================================================================================================
+
+@dataclasses.dataclass(eq=False)
+class StableDiffusion:
+    """Tokenizer → CLIP text encoder → U-Net with cross-attention stepped by a scheduler → VAE decoder.
+
+    ``params`` = {"text_encoder", "unet", "vae"}; ``trace_count`` counts compilations of the sampling
+    program (for tests: new prompts or guidance scales must not add any).
+    """
+
+    tokenizer: Tokenizer
+    text_encoder: CLIPTextTransformer
+    unet: UNet
+    vae: AutoencoderKL
+    scheduler: schedulers.Scheduler
+    params: dict[str, Params]
+    mesh: Any = None
+
+    def __post_init__(self):
+        self.mesh = self.mesh if self.mesh is not None else parallel.make_mesh()
+        self._replicated = parallel.replicated_sharding(self.mesh)
+        if self.mesh.devices.size > 1:
+            self.params = jax.device_put(self.params, self._replicated)
+        self.text = pipelines.TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"])
+        self._programs: dict[tuple, Callable] = {}
+        self._bar = None
+        self.trace_count = 0
+
+    # --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: Any = "float32", scheduler: str | schedulers.Scheduler | None = None,
+                        variant: str | None = None, *, config_folder: str | Path | None = None,
+                        tokenizer: str | Path | None = None, use_ema: bool = False, mesh: Any = None) -> StableDiffusion:
+        """Load a diffusers folder, a single-file CompVis checkpoint (.safetensors/.ckpt), or a hub id.
+
+        Args:
+          dtype: the weights' and the computation's dtype: "float32", "bf16" (halves the memory; fine on
+            CPU) or "fp16" (GPU only). Schedulers and guidance always run in float32.
+          scheduler: a name ("ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++"), a diffusers class
+            name, or a scheduler object; None = the folder's own (PNDM for SD v1). Configured from the
+            folder's scheduler_config.json either way.
+          variant: diffusers' file variant of the diffusers folder ("fp16", "non_ema", …).
+          config_folder: for a single file, a diffusers folder whose configs, tokenizer and scheduler to use
+            (default: Stable Diffusion v1's configs; then ``tokenizer`` is required).
+          tokenizer: for a single file, a folder with vocab.json and merges.txt.
+          use_ema: for a single "full" CompVis checkpoint, take the U-Net from its ``model_ema.*`` copy.
+        """
+        dtype = resolve_dtype(dtype)
+        path = resolve_path(path, variant)
+        if path.is_file():
+            tokenizer_obj, text_encoder, unet, vae, scheduler_config, params = _load_single_file(
+                path, config_folder, tokenizer, use_ema)
+        else:
+            check_folder(path)
+            text_encoder, text_params = load_text_encoder(path / "text_encoder", variant)
+            unet, unet_params = load_unet(path / "unet", variant)
+            vae, vae_params = load_vae(path / "vae", variant)
+            tokenizer_obj = load_tokenizer(path / "tokenizer")
+            scheduler_config = schedulers.read_scheduler_config(path / "scheduler")
+            params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+        if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
+            scheduler = schedulers.get_scheduler(scheduler, scheduler_config)
+        if dtype != jnp.float32:
+            params = _cast(params, dtype)
+            unet = UNet(dataclasses.replace(unet.config, dtype=dtype))
+            vae = AutoencoderKL(dataclasses.replace(vae.config, dtype=dtype))
+            text_encoder = CLIPTextTransformer(text_encoder.config, dtype=dtype)
+        return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh)
+
+    @classmethod
+    def from_configs(cls, unet_config: Any, vae_config: Any, text_config: Any, scheduler: Any = None,
+                     tokenizer: Tokenizer | None = None, seed: int = 0, dtype: Any = "float32",
+                     mesh: Any = None) -> StableDiffusion:
+        """A RANDOMLY initialised pipeline (for the notebook, benchmarks and tests without weights).
+
+        Each network's parameters are written once, by its ``init`` compiled with ``jax.jit`` (no
+        second copy). The tokenizer defaults to one over the 256 bytes (no merges), enough to feed
+        random weights; the scheduler to SD v1's PNDM.
+        """
+        dtype = resolve_dtype(dtype)
+        unet = UNet(dataclasses.replace(unet_config, dtype=dtype))
+        vae = AutoencoderKL(dataclasses.replace(vae_config, dtype=dtype))
+        text = CLIPTextTransformer(text_config, dtype=dtype)
+        keys = jax.random.split(jax.random.key(seed), 3)
+        f = vae.config.downsampling_factor
+        init = lambda module, key, *inputs: _cast(jax.jit(module.init)(key, *inputs)["params"], dtype)  # noqa: E731
+        params = {
+            "unet": init(unet, keys[0], *unet.config.input_specs(context_length=1)),
+            "vae": init(vae, keys[1], jnp.zeros((1, f, f, vae.config.in_channels))),
+            "text_encoder": init(text, keys[2], jnp.zeros((1, text_config.max_position_embeddings), jnp.int32)),
+        }
+        if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
+            scheduler = schedulers.get_scheduler(scheduler, SD_V1_SCHEDULER_CONFIG)
+        return cls(tokenizer or byte_tokenizer(text_config.vocab_size), text, unet, vae, scheduler, params, mesh)
+
+    def with_scheduler(self, scheduler: str | schedulers.Scheduler, config: Any = None) -> StableDiffusion:
+        """The same weights with another scheduler (configured like the current one unless ``config``)."""
+        if isinstance(scheduler, str):
+            scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
+        return StableDiffusion(self.tokenizer, self.text_encoder, self.unet, self.vae, scheduler, self.params, self.mesh)
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsampling_factor                                    # f = 8
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[B, H/f, W/f, 4]; one-line errors for sizes the VAE or the U-Net cannot take."""
+        f, levels = self.vae_scale_factor, 2 ** (self.unet.config.num_levels - 1)
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f} (the VAE's downsampling factor), "
+                             f"got {height}×{width}")
+        if (height // f) % levels or (width // f) % levels:
+            raise ValueError(f"height and width must be multiples of {f * levels} for this U-Net (latents divisible "
+                             f"by 2^(levels−1) = {levels}), got {height}×{width}")
+        return batch, height // f, width // f, self.unet.config.in_channels
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Array:
+        """prompts → the text encoder's last hidden states [B, 77, D] (what cross-attention reads)."""
+        return jnp.asarray(self.text(list(prompts)))
+
+    def _conditions(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None
+                    ) -> tuple[list[str], Array, Array]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if negative_prompts is None:
+            negative_prompts = [""] * len(prompts)              # ∅ = the states of the empty prompt
+        elif isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        negative_prompts = list(negative_prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; give one "
+                             f"negative prompt per prompt (or one string for all)")
+        return prompts, self.encode_prompt(prompts), self.encode_prompt(negative_prompts)
+
+    # --------------------------------------------------------------------------------------------
+    def _on_step(self, i: Any) -> None:
+        if self._bar is not None:  # called once per device with the (replicated) step index: idempotent
+            self._bar.n = max(self._bar.n, int(i) + 1 - self._bar_start)
+            self._bar.refresh()
+
+    def _program(self, num_steps: int, start: int, scale_init: bool, keep_trajectory: bool, sharded: bool) -> Callable:
+        """The compiled sampler: (params, c, ∅, w, z, key) → (images, z_0, trajectory). One per static setting."""
+        key = (num_steps, start, scale_init, keep_trajectory, sharded)
+        if key in self._programs:
+            return self._programs[key]
+
+        def run(params, cond, uncond, guidance_scale, z, rng):
+            self.trace_count += 1                                                     # Python: runs at trace time only
+            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
+                                            {"context": cond}, {"context": uncond}, guidance_scale)
+            if scale_init:                                                            # txt2img: z_T · init_noise_sigma
+                z = z * self.scheduler.init_state(num_steps, z).init_noise_sigma
+            z0, trajectory = denoise_loop(self.scheduler, eps_fn, z, rng, num_steps, start, self._on_step,
+                                          keep_trajectory)                           # [B, h, w, 4]
+            images = self.vae.apply({"params": params["vae"]}, z0, method=AutoencoderKL.decode_latents)
+            return jnp.clip(images, -1.0, 1.0), z0, trajectory                       # [B, H, W, 3]
+
+        if sharded:
+            batch, rep = parallel.batch_sharding(self.mesh), self._replicated
+            program = jax.jit(run, in_shardings=(rep, batch, batch, rep, batch, rep))
+        else:
+            program = jax.jit(run)
+        self._programs[key] = program
+        return program
+
+    def _sample(self, prompts: list[str], cond: Array, uncond: Array, guidance_scale: float, z: Array, key: Array,
+                num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool) -> dict[str, Any]:
+        guidance.check_guidance_scale(guidance_scale)
+        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        sharded = z.shape[0] % self.mesh.devices.size == 0 and self.mesh.devices.size > 1
+        program = self._program(int(num_steps), start, scale_init, keep, sharded)
+        n = self.scheduler.init_state(num_steps, z).timesteps.shape[0]
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar, self._bar_start = tqdm(total=n - start, desc="denoising", unit="step"), start
+        try:
+            images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale), z, key)
+            images = np.asarray(images)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        result: dict[str, Any] = {"images": images, "latents": np.asarray(z0)}
+        if keep:
+            result["model_inputs"], result["trajectory"] = np.asarray(trajectory[0]), np.asarray(trajectory[1])
+            result["timesteps"] = np.asarray(self.scheduler.init_state(num_steps, z).timesteps)[start:]
+        return result
+
+    def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                guidance_scale: float = 7.5, num_steps: int = 50, height: int = 512, width: int = 512, seed: int = 0,
+                latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
+                progress: bool = False) -> dict[str, Any]:
+        """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
+        with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
+        "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
+        averaged over heads, layers and steps; ``pipelines.token_attention_maps``) and "tokens" (per prompt).
+
+        ``latents``: the initial noise z_T ~ N(0, I) [B, h, w, 4] (NHWC; diffusers' ``latents`` are NCHW),
+        else drawn from ``seed``. The same seed gives the same images.
+        """
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        shape = self.latent_shape(len(prompts), height, width)
+        key_latents, key_steps = jax.random.split(jax.random.key(seed))
+        if latents is None:
+            latents = jax.random.normal(key_latents, shape, jnp.float32)                   # z_T [B, h, w, 4]
+        elif tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (NHWC) for {len(prompts)} prompts at {height}×{width}, "
+                             f"got {tuple(np.shape(latents))}")
+        keep = return_latents or return_attention
+        result = self._sample(prompts, cond, uncond, guidance_scale, jnp.asarray(latents, jnp.float32), key_steps,
+                              num_steps, 0, True, keep, progress)
+        if return_attention:
+            self._add_attention(result, prompts)
+        return result
+
+    def img2img(self, images: Array, prompts: str | Sequence[str], strength: float = 0.8,
+                negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 7.5, num_steps: int = 50,
+                seed: int = 0, init_latents: Array | None = None, noise: Array | None = None,
+                return_latents: bool = False, progress: bool = False) -> dict[str, Any]:
+        """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
+        grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
+        latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (both for tests).
+        """
+        name = self.scheduler.name
+        if name not in IMG2IMG_SCHEDULERS:
+            raise ValueError(f"img2img supports the schedulers {', '.join(IMG2IMG_SCHEDULERS)}, not {name!r}: "
+                             f"use sd.with_scheduler('ddim') (or --scheduler ddim)")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo), got {strength}")
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        key_encode, key_noise, key_steps = jax.random.split(jax.random.key(seed), 3)
+        if init_latents is None:
+            images = jnp.asarray(images, jnp.float32)
+            if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(prompts):
+                raise ValueError(f"images must be [B, H, W, 3] in [-1, 1] with B = {len(prompts)} (one per prompt), "
+                                 f"got shape {tuple(images.shape)}")
+            self.latent_shape(len(prompts), images.shape[1], images.shape[2])
+            init_latents = jax.jit(lambda p, x, k: self.vae.apply({"params": p}, x, k, method=AutoencoderKL.encode_latents)
+                                   )(self.params["vae"], images, key_encode)            # [B, h, w, 4]
+        init_latents = jnp.asarray(init_latents, jnp.float32)
+        # diffusers' get_timesteps: redo the last ⌊strength·N⌋ steps of the N-step grid
+        start = num_steps - min(int(num_steps * strength), num_steps)
+        if start >= num_steps:
+            raise ValueError(f"strength {strength} × {num_steps} steps leaves no step to run; raise either")
+        if noise is None:
+            noise = jax.random.normal(key_noise, init_latents.shape, jnp.float32)
+        state = self.scheduler.init_state(num_steps, init_latents)
+        z = add_noise(self.scheduler, state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
+        return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
+                            return_latents, progress)
+
+    # --------------------------------------------------------------------------------------------
+    def _add_attention(self, result: dict[str, Any], prompts: list[str]) -> None:
+        """Per-token cross-attention maps averaged over heads, layers and steps (pipelines.token_attention_maps)."""
+        model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=self.params["unet"])
+        result["attention"] = pipelines.token_attention_maps(model, result["model_inputs"], prompts,
+                                                             result["timesteps"])       # [B, h, w, 77]
+        result["tokens"] = [pipelines.prompt_tokens(self.text, p) for p in prompts]
+
+
+def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
+    """A CLIP-format tokenizer over the 256 bytes (+ their '</w>' forms) and the two special tokens, no
+    merges: every word is spelled byte by byte. For random weights (``from_configs``)."""
+    from ddpm_jax.tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = (symbols + [s + "</w>" for s in symbols])[: max(vocab_size, 4) - 2] + ["<|startoftext|>", "<|endoftext|>"]
+    return Tokenizer({t: i for i, t in enumerate(tokens)}, [])
+
+
+def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool):
+    from ddpm_jax.models.clip import CLIPTextConfig
+    from ddpm_jax.pretrained import autoencoder_kl_config_from_diffusers, read_config_json, unet_config_from_diffusers
+    from ddpm_jax.pretrained_clip import text_config_from_transformers
+    from ddpm_jax.pretrained_compvis import load_compvis
+
+    unet_config = vae_config = text_config = None
+    scheduler_config: Any = SD_V1_SCHEDULER_CONFIG
+    if config_folder is not None:
+        folder = Path(config_folder)
+        unet_config = unet_config_from_diffusers(read_config_json(folder / "unet"))
+        vae_config = autoencoder_kl_config_from_diffusers(read_config_json(folder / "vae"))
+        text_config = text_config_from_transformers(read_config_json(folder / "text_encoder"))
+        scheduler_config = schedulers.read_scheduler_config(folder / "scheduler")
+        tokenizer = tokenizer or folder / "tokenizer"
+    if tokenizer is None:
+        raise ValueError(f"{path} is a single-file checkpoint without a tokenizer: pass tokenizer=<folder with "
+                         f"vocab.json and merges.txt> (e.g. the tokenizer/ of any SD v1 diffusers folder)")
+    models = load_compvis(path, unet_config, vae_config, text_config or CLIPTextConfig(), use_ema=use_ema)
+    return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
+
+
+__all__ = ["StableDiffusion", "add_noise", "byte_tokenizer", "denoise_loop", "load_text_encoder", "resolve_dtype", "resolve_path"]

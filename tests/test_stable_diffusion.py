@@ -1,0 +1,371 @@
+"""Stable Diffusion (stable_diffusion.py, pretrained_compvis.py) against diffusers' pipelines.
+
+Tiny random components (U-Net with cross-attention, AutoencoderKL, CLIP text model, a CLIP BPE
+tokenizer written to disk) are saved as a diffusers StableDiffusionPipeline folder; our txt2img from
+the same initial latents must equal diffusers' output (images in [0, 1]) to ≤ 1e-3 for DDIM, PNDM,
+Euler and DPM-Solver++, with a negative prompt; img2img equals diffusers' Img2Img pipeline (DDIM,
+Euler). The same folder written as a single-file CompVis checkpoint — its layout checked by
+diffusers' own CompVis→diffusers converters — loads to identical params. Plus: compile once for
+new prompts and guidance scales, seed determinism, sharding over 8 simulated devices, errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import save_file  # noqa: E402
+
+from ddpm_jax import tokenizer as tok_lib  # noqa: E402
+from ddpm_jax.stable_diffusion import StableDiffusion  # noqa: E402
+
+SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
+PROMPTS = ["a cat on the dog", "the dog"]
+NEGATIVE = ["the cat", ""]
+MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
+UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
+VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
+           sample_size=SIZE)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                 steps_offset=1, set_alpha_to_one=False)
+
+
+def _perturb(model, seed):
+    """Random weights on their own scale (diffusers zero-initialises some output layers)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (p.std() if p.ndim > 1 and p.numel() > 1 and p.std() > 0 else 0.05))
+    return model.eval()
+
+
+def _write_tokenizer(path):
+    byte_tokens = list(tok_lib.bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir(parents=True)
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
+    return len(tokens)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    vocab_size = _write_tokenizer(root / "tok")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=_perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=_perturb(text, 2), tokenizer=tokenizer,
+        unet=_perturb(diffusers.UNet2DConditionModel(**UNET), 3), scheduler=diffusers.PNDMScheduler(**SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "model", safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # transformers v5 writes tokenizer.json only; SD folders have these
+        (root / "model" / "tokenizer" / name).write_bytes((root / "tok" / name).read_bytes())
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sd(folder):
+    return StableDiffusion.from_pretrained(folder)
+
+
+def _latents(batch=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, SIZE // 2, SIZE // 2, 4)).astype(np.float32)  # NHWC
+
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpmsolver++": "DPMSolverMultistepScheduler"}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_txt2img_equals_diffusers_pipeline(sd, pipe, name):
+    """Same latents, same prompts and negative prompts → the same images to ≤ 1e-3, for each scheduler."""
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    latents = _latents()
+    with torch.no_grad():
+        expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                        num_inference_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np").images
+    ours = sd.with_scheduler(name).txt2img(PROMPTS, NEGATIVE, guidance_scale=5.0, num_steps=6, height=SIZE,
+                                          width=SIZE, latents=latents)
+    images = (ours["images"] + 1) / 2
+    assert images.shape == expected.shape == (2, SIZE, SIZE, 3)
+    assert expected.std() > 0.05  # not a degenerate (saturated or constant) image
+    np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["euler"])
+def test_img2img_equals_diffusers_pipeline(sd, folder, name):
+    """SDEdit from given latents and noise: diffusers' StableDiffusionImg2ImgPipeline (latents as `image`)."""
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
+                                                                    requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    init = _latents(seed=1)
+    noise = torch.randn((2, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = pipe(PROMPTS, image=torch.from_numpy(init.transpose(0, 3, 1, 2)), strength=0.6,
+                        num_inference_steps=10, guidance_scale=4.0, output_type="np",
+                        generator=torch.Generator().manual_seed(7)).images
+    ours = sd.with_scheduler(name).img2img(None, PROMPTS, strength=0.6, guidance_scale=4.0, num_steps=10,
+                                          init_latents=init, noise=noise.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
+
+
+def test_one_program_for_new_prompts_and_guidance_seed_determinism(sd):
+    model = sd.with_scheduler("euler_ancestral")
+    a = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=3)
+    assert model.trace_count == 1
+    b = model.txt2img(["the dog"], ["cat"], guidance_scale=2.0, num_steps=3, height=SIZE, width=SIZE, seed=3)
+    c = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=3)
+    assert model.trace_count == 1  # prompts, negative prompts and w are traced arguments
+    np.testing.assert_array_equal(a["images"], c["images"])  # seed → identical images
+    assert np.abs(a["images"] - b["images"]).max() > 1e-3
+    d = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=4)
+    assert np.abs(a["images"] - d["images"]).max() > 1e-3
+
+
+def test_latents_and_attention_maps(sd):
+    out = sd.with_scheduler("ddim").txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, return_latents=True,
+                                           return_attention=True)
+    assert out["trajectory"].shape == (3, 1, SIZE // 2, SIZE // 2, 4)
+    np.testing.assert_array_equal(out["trajectory"][-1], out["latents"])
+    maps = out["attention"]
+    assert maps.shape == (1, SIZE // 2, SIZE // 2, 77)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-4)  # a distribution over the tokens at each pixel
+    assert out["tokens"][0] == ["<start>", "a", "cat", "<end>"]
+
+
+def _to_compvis(pipe) -> dict[str, np.ndarray]:
+    """diffusers → CompVis keys, written here independently of our loader's tables (and checked below
+    with diffusers' own CompVis → diffusers converters)."""
+    out = {}
+    n = UNET["layers_per_block"]
+    for key, value in pipe.unet.state_dict().items():
+        k = key
+        for a, b in [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                     ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+                     ("mid_block.resnets.0", "middle_block.0"), ("mid_block.attentions.0", "middle_block.1"),
+                     ("mid_block.resnets.1", "middle_block.2")]:
+            k = k.replace(a, b) if k.startswith(a + ".") else k
+        parts = k.split(".")
+        if parts[0] == "down_blocks":
+            level, kind, j = int(parts[1]), parts[2], int(parts[3])
+            if kind == "downsamplers":
+                k = f"input_blocks.{(level + 1) * (n + 1)}.0.op." + ".".join(parts[5:])
+            else:
+                k = f"input_blocks.{1 + level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "up_blocks":
+            level, kind, j = int(parts[1]), parts[2], int(parts[3])
+            if kind == "upsamplers":
+                has_attention = "CrossAttn" in UNET["up_block_types"][level]
+                k = f"output_blocks.{level * (n + 1) + n}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
+            else:
+                k = f"output_blocks.{level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        for a, b in [(".norm1.", ".in_layers.0."), (".conv1.", ".in_layers.2."), (".time_emb_proj.", ".emb_layers.1."),
+                     (".norm2.", ".out_layers.0."), (".conv2.", ".out_layers.3."), (".conv_shortcut.", ".skip_connection.")]:
+            if ".attentions." not in key and "transformer" not in k:
+                k = k.replace(a, b)
+        out["model.diffusion_model." + k] = value.numpy()
+    levels = len(VAE["block_out_channels"])
+    for key, value in pipe.vae.state_dict().items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        k = k.replace("mid_block.attentions.0", "mid.attn_1")
+        for a, b in [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
+            if ".attn_1." in k:
+                k = k.replace(f".{a}.", f".{b}.")
+        parts = k.split(".")
+        if parts[1] == "down_blocks":
+            i = parts[2]
+            k = (f"encoder.down.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"encoder.down.{i}.downsample.conv.")
+            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
+        elif parts[1] == "up_blocks":
+            i = levels - 1 - int(parts[2])
+            k = (f"decoder.up.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"decoder.up.{i}.upsample.conv.")
+            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
+        value = value.numpy()
+        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1×1 convs
+        out["first_stage_model." + k] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer." + key] = value.numpy()  # text_model.…
+    out["betas"] = np.linspace(0, 1, 1000, dtype=np.float32)  # one of LDM's buffers, to be ignored
+    return out
+
+
+def test_compvis_single_file_loads_to_identical_params(sd, pipe, folder, tmp_path):
+    from diffusers.loaders import single_file_utils as sfu
+
+    state = _to_compvis(pipe)
+    # The file's layout is the one diffusers' CompVis → diffusers converters read:
+    checkpoint = {k: torch.from_numpy(v) for k, v in state.items()}
+    for converted, reference in [
+        (sfu.convert_ldm_unet_checkpoint(checkpoint, dict(pipe.unet.config)), pipe.unet.state_dict()),
+        (sfu.convert_ldm_vae_checkpoint(checkpoint, dict(pipe.vae.config)), pipe.vae.state_dict()),
+        (sfu.convert_ldm_clip_checkpoint(checkpoint), pipe.text_encoder.state_dict()),
+    ]:
+        converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
+        reference = {k: v for k, v in reference.items() if not k.endswith("position_ids")}
+        assert set(converted) == set(reference)
+        for k, v in reference.items():
+            assert torch.equal(converted[k].reshape(v.shape), v), k
+
+    path = tmp_path / "tiny-v1.safetensors"
+    save_file(state, path)
+    single = StableDiffusion.from_pretrained(path, config_folder=folder)
+    flat_a, flat_b = jax.tree.leaves_with_path(single.params), jax.tree.leaves_with_path(sd.params)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (p, a), (_, b) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+
+    # a key too many and one missing: both listed
+    del state["model.diffusion_model.out.2.bias"]
+    state["model.diffusion_model.extra.weight"] = np.zeros(2, np.float32)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)missing.*conv_out/bias.*unexpected.*extra\.weight"):
+        StableDiffusion.from_pretrained(tmp_path / "bad.safetensors", config_folder=folder)
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        StableDiffusion.from_pretrained(path)
+
+
+def test_fp16_variant_and_bf16(folder, tmp_path, sd):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        from safetensors.numpy import load_file
+
+        state = load_file(copy / sub / f"{stem}.safetensors")
+        save_file({k: v.astype(np.float16) for k, v in state.items()}, copy / sub / f"{stem}.fp16.safetensors")
+        (copy / sub / f"{stem}.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no (model|diffusion_pytorch_model)\.safetensors"):
+        StableDiffusion.from_pretrained(copy)
+    half = StableDiffusion.from_pretrained(copy, variant="fp16", dtype="bf16")
+    assert {a.dtype for a in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    a = half.with_scheduler("ddim").txt2img(PROMPTS, num_steps=3, height=SIZE, width=SIZE, latents=_latents())
+    b = sd.with_scheduler("ddim").txt2img(PROMPTS, num_steps=3, height=SIZE, width=SIZE, latents=_latents())
+    assert np.abs(a["images"] - b["images"]).mean() < 0.05  # bf16 weights and compute: close, not equal
+
+
+def test_bin_weights_are_read_without_torch(folder, tmp_path):
+    """A diffusers folder saved as PyTorch pickles (.bin) loads through torch_pickle to the same params."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from ddpm_jax.pretrained import load_unet
+
+    shutil.copytree(folder / "unet", tmp_path / "unet")
+    state = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    _, from_bin = load_unet(tmp_path / "unet")
+    _, from_safetensors = load_unet(folder / "unet")
+    for a, b in zip(jax.tree.leaves(from_bin), jax.tree.leaves(from_safetensors)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_errors(sd, folder, tmp_path):
+    with pytest.raises(ValueError, match="multiples of 2"):
+        sd.txt2img("a cat", height=33, width=SIZE)
+    with pytest.raises(ValueError, match="multiples of 4 for this U-Net"):
+        sd.txt2img("a cat", height=34, width=SIZE)
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
+        StableDiffusion.from_pretrained(folder, scheduler="heun")
+    with pytest.raises(ValueError, match="float16 weights need a GPU"):
+        StableDiffusion.from_pretrained(folder, dtype="fp16")
+    with pytest.raises(ValueError, match="2 prompts but 3 negative prompts"):
+        sd.txt2img(PROMPTS, ["a", "b", "c"], height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        sd.txt2img(PROMPTS, height=SIZE, width=SIZE, latents=np.zeros((1, 16, 16, 4)))
+    with pytest.raises(ValueError, match="img2img supports"):
+        sd.img2img(np.zeros((1, SIZE, SIZE, 3)), "a cat")  # the folder's PNDM
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        sd.with_scheduler("ddim").img2img(np.zeros((1, SIZE, SIZE, 3)), "a cat", strength=1.5)
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for name in ("model_index.json", "unet", "vae", "tokenizer", "scheduler"):
+        os.symlink(folder / name, incomplete / name)
+    with pytest.raises(FileNotFoundError, match="missing text_encoder/"):
+        StableDiffusion.from_pretrained(incomplete)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StableDiffusion.from_pretrained(tmp_path / "nowhere")
+
+
+def test_hub_id_without_network_says_pass_a_local_folder(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="pass the local folder"):
+        StableDiffusion.from_pretrained("some-org/some-model-that-is-not-here")
+
+
+@pytest.mark.slow
+def test_sharded_over_8_devices_equals_one_device(folder):
+    """The batch split over 8 simulated CPU devices gives the single-device images (a fresh process)."""
+    code = textwrap.dedent(f"""
+        import numpy as np, jax
+        from ddpm_jax.stable_diffusion import StableDiffusion
+        from ddpm_jax import parallel
+        assert jax.device_count() == 8
+        many = StableDiffusion.from_pretrained({str(folder)!r}, scheduler="ddim")
+        one = StableDiffusion.from_pretrained({str(folder)!r}, scheduler="ddim", mesh=parallel.make_mesh(jax.devices()[:1]))
+        prompts = ["a cat", "the dog"] * 4
+        a = many.txt2img(prompts, num_steps=3, height={SIZE}, width={SIZE}, seed=1)["images"]
+        b = one.txt2img(prompts, num_steps=3, height={SIZE}, width={SIZE}, seed=1)["images"]
+        np.testing.assert_allclose(a, b, atol=1e-4)  # float rounding of per-device batch sizes (seen: 2e-5)
+        print("OK", np.abs(a - b).max())
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_cli_txt2img_and_img2img(folder, tmp_path, capsys):
+    from PIL import Image
+
+    from ddpm_jax import cli
+
+    out = tmp_path / "out.png"
+    assert cli.main(["txt2img", "--model", str(folder), "a cat", "the dog", "--steps", "2", "--height", str(SIZE),
+                     "--width", str(SIZE), "--negative", "blurry", "--scheduler", "euler", "--out", str(out),
+                     "--attention-maps"]) == 0
+    assert out.is_file() and (tmp_path / "out_attention_1.png").is_file()
+    with Image.open(out) as im:
+        assert im.size[1] >= SIZE
+    edited = tmp_path / "edited.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(tmp_path / "in.png")
+    assert cli.main(["img2img", "--model", str(folder), "--image", str(tmp_path / "in.png"), "a cat",
+                     "--strength", "0.5", "--steps", "4", "--out", str(edited)]) == 0
+    assert edited.is_file()
+    with pytest.raises(SystemExit):
+        cli.main(["txt2img", "--model", str(folder), "--workdir", str(tmp_path), "a cat"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["txt2img", "--model", str(folder), "a cat", "--height", "31", "--out", str(out)])
+    assert info.value.code == 2 and "multiples of 2" in capsys.readouterr().err
