@@ -76,3 +76,22 @@ def test_layer_profile_runs_on_a_tiny_shape():
     assert all(_positive(row["jax_ms"]) for row in rows)
     with pytest.raises(ValueError, match="BxHxWxC"):
         bench_layers.parse_shape("8x8")
+
+
+@pytest.mark.slow
+def test_stable_diffusion_benchmark_runs_on_a_tiny_config(tmp_path):
+    """benchmarks/bench_stable_diffusion.py with --config tiny: every timing positive, same U-Net as diffusers'."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stable_diffusion.py"
+    spec = importlib.util.spec_from_file_location("bench_stable_diffusion", path)
+    bench_sd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_sd)
+    out = tmp_path / "sd.json"
+    report = bench_sd.main(["--config", "tiny", "--iters", "1", "--steps", "2", "--json", str(out)])
+    ours = report["rows"][0]
+    for key in ("unet_step_s", "vae_decode_s", "txt2img_s", "txt2img_first_call_s", "peak_rss_gb"):
+        assert _positive(ours[key]), (key, ours[key])
+    assert ours["txt2img_recompiled"] is False  # a new prompt and guidance scale reuse the program
+    if bench_sd.torch_available():
+        theirs = report["rows"][1]
+        assert theirs["unet_params"] == ours["unet_params"] and _positive(theirs["unet_step_s"])
+    assert json.loads(out.read_text())["rows"][0]["config"] == "tiny"
