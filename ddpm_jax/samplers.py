@@ -145,3 +145,31 @@ def ddim_sample(
                             eta=eta, prediction=prediction, clip_denoised=clip_denoised)
 
     return _run_chain(step, x_T, (jnp.asarray(t_seq), jnp.asarray(t_prev_seq)), return_trajectory)
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def sample(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    shape: Sequence[int],
+    key: jax.Array,
+    *,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta: float | jax.Array = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_denoised: bool = True,
+    return_trajectory: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``sampler`` "ddim" (:func:`ddim_sample` with ``num_steps``, ``eta``) or "ddpm" (:func:`ddpm_sample`,
+    all T steps, ``variance``): the one place where a sampler is chosen by name."""
+    if sampler == "ddim":
+        return ddim_sample(eps_fn, schedule, shape, key, num_steps=num_steps, eta=eta, prediction=prediction,
+                           clip_denoised=clip_denoised, return_trajectory=return_trajectory)
+    if sampler == "ddpm":
+        return ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction, variance=variance,
+                           clip_denoised=clip_denoised, return_trajectory=return_trajectory)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

@@ -283,8 +283,8 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
     prediction = config.diffusion.prediction
     # x̂_0 is clipped to [-1, 1] for pixels; latents have no such range (default: clip in pixel space only).
     clip = bool(config.sample.get("clip_denoised", not config.get("latent", {}).get("autoencoder", None)))
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sample.sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"sample.sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
 
     def sample(params: PyTree, key: jax.Array, cond: dict | None = None, uncond: dict | None = None,
                guidance_scale: float | jax.Array = 1.0) -> Any:
@@ -292,12 +292,10 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
             eps_fn = make_eps_fn(model, params)
         else:
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(model, params), cond, uncond, guidance_scale)
-        if sampler == "ddim":
-            return samplers.ddim_sample(eps_fn, schedule, shape, key, num_steps=config.sample.steps,
-                                        eta=config.sample.eta, prediction=prediction, clip_denoised=clip,
-                                        return_trajectory=return_trajectory)
-        return samplers.ddpm_sample(eps_fn, schedule, shape, key, prediction=prediction, clip_denoised=clip,
-                                    variance=config.diffusion.variance, return_trajectory=return_trajectory)
+        return samplers.sample(eps_fn, schedule, shape, key, sampler=sampler, num_steps=config.sample.get("steps", 50),
+                               eta=config.sample.get("eta", 0.0), prediction=prediction,
+                               variance=config.diffusion.variance, clip_denoised=clip,
+                               return_trajectory=return_trajectory)
 
     return sample
 
