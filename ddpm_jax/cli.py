@@ -107,26 +107,36 @@ class LoadedModel:
     eta: float = 1.0
     data: Any = None         # the training data's config.data (workdirs), else None
     description: str = ""
+    decode: Any = None       # x_0 (latents) -> images for a latent model, else None
+    workdir_model: Any = None  # the pipelines.WorkdirModel of a workdir (conditional generation), else None
 
 
 def load_workdir_model(workdir: str, ema: bool = True) -> LoadedModel:
-    """The latest checkpoint of ``workdir`` (EMA parameters by default) with its config's schedule."""
-    from ddpm_jax import checkpoints, training
-    from ddpm_jax import config as config_lib
-    from ddpm_jax.models.unet import UNet, UNetConfig
-    from ddpm_jax.schedules import get_schedule
+    """The latest checkpoint of ``workdir`` (EMA parameters by default, ``pipelines.load_workdir_model``).
 
-    config = config_lib.load_workdir_config(workdir)
-    params = checkpoints.load_params(workdir, ema=ema)
-    model = UNet(UNetConfig(**config.model.to_dict()))
+    ``eps_fn`` is the unconditional model: for a class- or text-conditional run, ε(x_t, ∅) with the null
+    condition it was trained with (classifier-free guidance's unconditional branch); conditional samples
+    come from ``pipelines.generate`` (``workdir_model``). For a latent run, samples are latents and
+    ``decode`` turns them into images.
+    """
+    from ddpm_jax import checkpoints, guidance, pipelines, training
+
+    m = pipelines.load_workdir_model(workdir, ema=ema)
+    if m.null_condition:
+        null = training.model_condition({k: v[None] for k, v in m.null_condition.items()})
+        eps_fn = lambda x_t, t: guidance.unet_model_fn(m.unet, m.params)(x_t, t, null)   # ∅ broadcast over B
+    else:
+        eps_fn = training.make_eps_fn(m.unet, m.params)
+    config = m.config
+    h, _, c = m.x0_shape
     step = checkpoints.latest_step(workdir)
     return LoadedModel(
-        eps_fn=training.make_eps_fn(model, params),
-        schedule=get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
-        image_size=config.data.image_size, channels=config.data.channels,
+        eps_fn=eps_fn, schedule=m.schedule, image_size=h, channels=c,
         prediction=config.diffusion.get("prediction", "eps"), variance=config.diffusion.variance,
+        clip_denoised=m.codec is None,
         sampler=config.sample.sampler, steps=config.sample.steps, eta=config.sample.eta, data=config.data,
-        description=f"workdir {workdir} (step {step}, {'EMA' if ema else 'raw'} parameters)")
+        description=f"workdir {workdir} (step {step}, {'EMA' if ema else 'raw'} parameters)",
+        decode=None if m.codec is None else (lambda z: np.asarray(m.codec.decode(z))), workdir_model=m)
 
 
 def sample_images(
@@ -162,13 +172,9 @@ def sample_images(
     shape = (chunk, model.image_size, model.image_size, model.channels)
 
     def run(key: jax.Array, return_trajectory: bool) -> Any:
-        if sampler == "ddim":
-            return samplers.ddim_sample(model.eps_fn, model.schedule, shape, key, num_steps=steps, eta=eta,
-                                        prediction=model.prediction, clip_denoised=model.clip_denoised,
-                                        return_trajectory=return_trajectory)
-        return samplers.ddpm_sample(model.eps_fn, model.schedule, shape, key, prediction=model.prediction,
-                                    variance=model.variance, clip_denoised=model.clip_denoised,
-                                    return_trajectory=return_trajectory)
+        return samplers.sample(model.eps_fn, model.schedule, shape, key, sampler=sampler, num_steps=steps, eta=eta,
+                               prediction=model.prediction, variance=model.variance,
+                               clip_denoised=model.clip_denoised, return_trajectory=return_trajectory)
 
     key = jax.random.key(seed)
     jitted = jax.jit(run, static_argnums=1)  # compiled once per (chunk shape, trajectory flag)
@@ -192,7 +198,7 @@ def sample_images(
         if want_traj:
             out, traj = out
             traj = np.asarray(traj)
-        images.append(np.asarray(out))
+        images.append(np.asarray(out) if model.decode is None else model.decode(out))
     return np.concatenate(images)[:num], traj
 
 
@@ -274,8 +280,13 @@ def run_sample(
     trajectory: bool = False,
     batch_size: int = 64,
     pretrained: str | None = None,
+    labels: str | Sequence[int] | None = None,
+    guidance: float | None = None,
 ) -> list[pathlib.Path]:
     """Samples (see :func:`sample_from_workdir`) and writes the files; returns their paths.
+
+    A class-conditional workdir samples ``labels`` (default 0..9 repeated to ``num``) with classifier-free
+    guidance ``guidance`` (default the config's); a text-conditional one is sampled by ``ddpm-jax txt2img``.
 
     ``out`` ending in ``.npz`` writes only the arrays; otherwise a PNG grid, plus ``<out>.npz`` with
     ``npz``. The .npz holds ``images`` (uint8 [N, H, W, C], 0..255; what FID tools read) and, with
@@ -296,8 +307,26 @@ def run_sample(
         default_out = pathlib.Path(workdir) / "samples.png"
     else:
         raise ValueError("give --workdir (a trained run) or --pretrained (a diffusers model folder)")
-    images, traj = sample_images(model, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                 trajectory=trajectory, batch_size=batch_size, progress=pretrained is not None)
+    kind = model.workdir_model.kind if model.workdir_model is not None else "none"
+    if kind == "text":
+        raise ValueError(f"{workdir} is a text-to-image run: use `{PROG} txt2img --workdir {workdir} \"a prompt\"`")
+    if kind == "class":
+        from ddpm_jax import pipelines
+
+        if isinstance(labels, str):
+            try:
+                labels = [int(v) for v in labels.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"--labels must be comma-separated integers, e.g. 0,1,2, got {labels!r}") from None
+        labels = list(labels) if labels else [i % 10 for i in range(num)]
+        result = pipelines.generate(model.workdir_model, labels=labels, guidance_scale=guidance, steps=steps, eta=eta,
+                                    seed=seed, return_latents=trajectory)
+        images, traj = result["images"], result.get("trajectory")
+    else:
+        if labels or guidance is not None:
+            raise ValueError("--labels/--guidance are for class-conditional runs; this model is unconditional")
+        images, traj = sample_images(model, num, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                     trajectory=trajectory, batch_size=batch_size, progress=pretrained is not None)
     out_path = pathlib.Path(out) if out else default_out
     written = []
     if out_path.suffix.lower() != ".npz":
@@ -376,6 +405,7 @@ def run_eval(
     inception: str | None = None,
     reference: str | None = None,
     progress: bool = True,
+    sweep_per_class: int = 20,
 ) -> dict[str, Any]:
     """Evaluates a trained workdir (latest checkpoint, EMA) or a diffusers folder; writes ``eval.json``.
 
@@ -386,6 +416,9 @@ def run_eval(
        tfds datasets; the judge's test split for the bundled digits). Mean ± standard error.
     3. **Judge** (MNIST digits with 1 channel; ``judge`` forces it on/off): the offline judge's report
        and classifier FID (``evaluation.judge``, a proxy, not FID).
+    3b. **Guidance sweep** of a class- or text-conditional MNIST run (``evaluation.conditional``):
+       ``sweep_per_class`` samples per digit at w = 0, 1, 2, 3, 5, judged: accuracy on the intended
+       digit and classifier FID (guidance_sweep.json/.png). The unconditional samples above use ∅.
     4. **FID/IS** when ``inception`` (the Inception weights file) is given: against ``reference``
        (precomputed statistics .npz, or a dataset name; default the run's training set).
 
@@ -411,9 +444,10 @@ def run_eval(
         raise ValueError("give --workdir (a trained run) or --pretrained (a diffusers model folder)")
     if bpd_examples < 0 or (num_samples is not None and num_samples < 2):
         raise ValueError(f"--num-samples must be >= 2 and --bpd-examples >= 0, got {num_samples} and {bpd_examples}")
-    data_name = data or (model.data.name if model.data is not None else None)
-    if judge is None:
-        judge = model.channels == 1 and _is_digits(data_name)
+    data_name = data or (model.data.get("name") if model.data is not None else None)
+    kind = model.workdir_model.kind if model.workdir_model is not None else "none"
+    if judge is None:  # MNIST digits: the bundled/tfds ones, or the captioned digits of a text model
+        judge = (model.channels == 1 or model.decode is not None) and (_is_digits(data_name) or kind == "text")
     num_samples = num_samples or (50_000 if inception else 1_000)
     inception_net = None
     if inception:  # before the long sampling run: a missing weights file or reference fails now
@@ -444,7 +478,9 @@ def run_eval(
         f"({result['samples']['steps']} steps), seed {seed}")
 
     # 2. bits/dim
-    if bpd_examples and data_name:
+    if bpd_examples and model.decode is not None:
+        say("bits/dim: skipped (a latent model's bound is over latents, not pixels)")
+    elif bpd_examples and data_name:
         start = time.perf_counter()
         images, where = _bpd_data(model, data_name, bpd_examples, seed)
         n_dev = jax.device_count()
@@ -471,11 +507,22 @@ def run_eval(
         from ddpm_jax.evaluation import judge as judge_lib
 
         start = time.perf_counter()
-        report = judge_lib.judge_report(samples, judge_lib.get_judge(model.image_size, progress=progress))
+        report = judge_lib.judge_report(samples, judge_lib.get_judge(samples.shape[1], progress=progress))
         predicted = np.asarray(report.pop("predicted"))
         report["seconds"] = round(time.perf_counter() - start, 2)
         result["judge"] = report
         say(judge_lib.format_report(report))
+
+    # 3b. a conditional model: does it follow its condition? (the judged guidance sweep)
+    if judge and kind in ("class", "text"):
+        from ddpm_jax.evaluation import conditional
+
+        sweep = conditional.guidance_sweep(model.workdir_model, per_class=sweep_per_class, seed=seed, steps=steps,
+                                           progress=progress)
+        conditional.save_sweep(sweep, out)
+        result["guidance_sweep"] = {k: v for k, v in sweep.items() if k != "samples"}
+        say("guidance sweep (judged as the intended digit; classifier FID): " + ", ".join(
+            f"w={r['guidance']:g}: {r['accuracy']:.1%}, {r['classifier_fid']:.1f}" for r in sweep["rows"]))
 
     # 4. FID / IS with user-supplied Inception weights
     if inception:
@@ -699,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", action="store_true", help="also write the images as <out>.npz")
     p.add_argument("--trajectory", action="store_true", help="also write a strip of x_t along the chain")
     p.add_argument("--batch-size", type=int, default=64, help="images per compiled sampling call")
+    p.add_argument("--labels", default=None, help="class-conditional runs: comma-separated labels, e.g. 0,1,2 "
+                   "(default: 0..9 repeated to --num)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default: config)")
 
     p = sub.add_parser("demo", help="the `make demo` run: figures, training, samples",
                        description=run_demo.__doc__)
@@ -729,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID reference: statistics .npz or a dataset name (default: the run's training set)")
     p.add_argument("--outdir", default=None,
                    help="where eval.json and the figures go (default: the workdir, or ./eval_<folder name>)")
+    p.add_argument("--sweep-per-class", type=int, default=20,
+                   help="conditional runs: samples per digit at each guidance scale of the sweep (default 20)")
 
     p = sub.add_parser("train-clip", help="train (or resume) a CLIP on captioned digits",
                        description=run_train_clip.__doc__)
@@ -808,14 +860,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "sample":
             for path in run_sample(args.workdir, args.out, num=args.num, sampler=args.sampler, steps=args.steps,
                                    eta=args.eta, seed=args.seed, npz=args.npz, trajectory=args.trajectory,
-                                   batch_size=args.batch_size, pretrained=args.pretrained):
+                                   batch_size=args.batch_size, pretrained=args.pretrained,
+                                   labels=args.labels, guidance=args.guidance):
                 print(path)
         elif args.command == "eval":
             run_eval(args.workdir, pretrained=args.pretrained, outdir=args.outdir, num_samples=args.num_samples,
                      bpd_examples=args.bpd_examples, bpd_batch_size=args.bpd_batch_size, data=args.data,
                      sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                      batch_size=args.batch_size, judge=args.judge, inception=args.inception,
-                     reference=args.reference)
+                     reference=args.reference, sweep_per_class=args.sweep_per_class)
         elif args.command == "demo":
             run_demo(args.workdir, args.config, args.overrides)
         elif args.command == "train-clip":
