@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pixel_shape = (batch, 32, 32, 1)
 
     latent = step_seconds(config, latent_shape, (batch, L, D), args.iters)
-    pixel_config = config_lib.apply_overrides(config, ["model.in_channels=1", "model.out_channels=1",
-                                                       "model.sample_size=32"])
+    pixel_config = config_lib.apply_overrides(ml_collections.ConfigDict(config.to_dict()),   # a copy
+                                              ["model.in_channels=1", "model.out_channels=1", "model.sample_size=32"])
     pixel = step_seconds(pixel_config, pixel_shape, (batch, L, D), args.iters)
     report = {
         "batch": batch, "device": str(jax.devices()[0]),
