@@ -45,9 +45,10 @@ def _kernel_manager(kernel_dir: pathlib.Path):
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
     assert "01_forward_process.ipynb" in names and "02_training_and_sampling.ipynb" in names, names
-    assert "05_clip.ipynb" in names, names
     assert "03_likelihood_and_evaluation.ipynb" in names, names
     assert "04_vae.ipynb" in names, names
+    assert "05_clip.ipynb" in names, names
+    assert "06_conditional_and_latent_diffusion.ipynb" in names, names
     assert "07_stable_diffusion_internals.ipynb" in names, names
 
 
