@@ -65,6 +65,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
 
 
+def note(what: str, value: Any) -> None:
+    """Print each measurement as it is taken (a full-size run takes many minutes on a busy CPU)."""
+    print(f"  {what}: {value:.3f}" if isinstance(value, float) else f"  {what}: {value}", file=sys.stderr, flush=True)
+
+
 def median_seconds(fn: Callable[[], Any], iters: int) -> float:
     fn()  # warm-up (and compile)
     times = []
@@ -91,15 +96,19 @@ def bench_ours(name: str, iters: int, steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     step(params["unet"], x, t, ctx).block_until_ready()
     row["unet_compile_s"] = time.perf_counter() - start
+    note("ours: U-Net compile + first call s", row["unet_compile_s"])
     row["unet_step_s"] = median_seconds(lambda: step(params["unet"], x, t, ctx).block_until_ready(), iters)
+    note("ours: U-Net step s", row["unet_step_s"])
 
     decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode_latents))
     z = jnp.zeros((1, latent, latent, 4))
     row["vae_decode_s"] = median_seconds(lambda: decode(params["vae"], z).block_until_ready(), iters)
+    note("ours: VAE decode s", row["vae_decode_s"])
 
     start = time.perf_counter()
     pipe.txt2img("an astronaut riding a horse, in Hokusai style", num_steps=steps, height=size, width=size)
     row["txt2img_first_call_s"] = time.perf_counter() - start  # compile + run
+    note("ours: txt2img first call (compile + run) s", row["txt2img_first_call_s"])
     start = time.perf_counter()
     images = pipe.txt2img("a red cube", num_steps=steps, height=size, width=size, guidance_scale=5.0)["images"]
     row["txt2img_s"] = time.perf_counter() - start
@@ -138,6 +147,7 @@ def bench_diffusers(name: str, iters: int) -> dict[str, Any]:
     t = torch.full((2,), 500)
     with torch.no_grad():
         row["unet_step_s"] = median_seconds(lambda: unet(x, t, encoder_hidden_states=ctx), iters)
+    note("diffusers: U-Net step s", row["unet_step_s"])
     unet = None  # free it before building the VAE
     gc.collect()
     vae = diffusers.AutoencoderKL(

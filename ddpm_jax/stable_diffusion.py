@@ -275,7 +275,9 @@ class StableDiffusion:
         """The same weights with another scheduler (configured like the current one unless ``config``)."""
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
-        return StableDiffusion(self.tokenizer, self.text_encoder, self.unet, self.vae, scheduler, self.params, self.mesh)
+        other = StableDiffusion(self.tokenizer, self.text_encoder, self.unet, self.vae, scheduler, self.params, self.mesh)
+        other.text = self.text  # share the compiled text encoder
+        return other
 
     # --------------------------------------------------------------------------------------------
     @property
