@@ -11,9 +11,21 @@ the grey levels (x + 1)/2, trained on −ELBO (K&W Eq. 10) with Adam; 500 of the
 ``model.latent_dim=2`` adds latent_map.png (decoded grid over the latent plane, K&W Fig. 4) and
 latent_scatter.png (held-out digits' μ by class).
 
-Hardware: 2 CPU cores. MEASURED: see "Expected result" (filled in from the run of this file).
+Hardware: 2 CPU cores, shared with ~6 other jobs while measured (load average ~10): 24–63 steps/s,
+mean 36, so the 6,000 steps took 3 min 12 s (16-D latent) and 4 min 22 s (2-D latent); its fastest
+stretches ran at 63 steps/s.
 
-Expected result: see the bottom of this docstring (measured numbers are added after the real run).
+Expected result (measured, seed 0, 6,000 steps = 170 epochs of the 4,500 training digits):
+
+* 16-D latent: training −ELBO 417 → 101.7 nats; held-out (500 digits) ELBO −112.8 nats =
+  reconstruction −88.0 − KL 24.7. Reconstructions are the right digit, slightly blurred; about half of the
+  prior samples are clearly recognisable, the rest smeared (docs/images/vae_mnist_reconstructions.png).
+* 2-D latent (``model.latent_dim=2``): held-out ELBO −157.5 nats = reconstruction −151.4 − KL 6.0;
+  blurry reconstructions, and latent_map.png shows the classes laid out in the plane
+  (docs/images/vae_mnist_2d_latent_map.png).
+
+The gap between training and held-out ELBO (~11 nats) is overfitting of the 4,500 digits; for a
+bigger training set use ``data.name=tfds:mnist``.
 """
 
 import ml_collections
@@ -31,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         dict(
             batch_size=128,
-            num_steps=3000,
+            num_steps=6000,  # ~3 min on 2 busy CPU cores
             lr=1e-3,
             warmup_steps=100,
             grad_clip=0.0,  # none
