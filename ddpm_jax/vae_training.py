@@ -318,7 +318,7 @@ def validate_config(config: ml_collections.ConfigDict) -> str:
         return kind
     autoencoder_kl_config(config)
     pixel_loss(jnp.zeros(()), jnp.zeros(()), config.loss.get("reconstruction", "l1"))
-    if config.loss.get("perceptual_weight", 0.0) and config.loss.get("perceptual_network", "random") not in PERCEPTUAL_NETWORKS:
+    if config.loss.get("perceptual_network", "random") not in PERCEPTUAL_NETWORKS:
         raise ValueError(f"loss.perceptual_network must be one of {PERCEPTUAL_NETWORKS}, "
                          f"got {config.loss.perceptual_network!r}")
     make_discriminator(config)
