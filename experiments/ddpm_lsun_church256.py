@@ -24,60 +24,23 @@ ancestral sampling, EMA parameters). Check the protocol on the released weights 
 ``ddpm-jax eval --pretrained <copy of google/ddpm-church-256> --inception ... --reference ...``.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
-from ddpm_jax.config import dataclass_to_config
-from ddpm_jax.models.unet import UNetConfig
 
-IMAGE_SIZE = 256
+def _celebahq_config() -> ml_collections.ConfigDict:
+    """experiments/ddpm_celebahq256.py's config: the same U-Net, optimizer, schedule and sampler."""
+    spec = importlib.util.spec_from_file_location("ddpm_celebahq256",
+                                                  pathlib.Path(__file__).with_name("ddpm_celebahq256.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = ml_collections.ConfigDict(
-        dict(name="tfds:lsun/church_outdoor", image_size=IMAGE_SIZE, channels=3, random_flip=True, data_dir=None,
-             num_examples=None)
-    )
-    config.model = dataclass_to_config(
-        UNetConfig(
-            sample_size=IMAGE_SIZE,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 128, 256, 256, 512, 512),  # ch = 128, ch_mult = (1, 1, 2, 2, 4, 4)
-            layers_per_block=2,
-            down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),  # attention at 16×16
-            up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-            add_attention=True,
-            attention_head_dim=None,
-            norm_num_groups=32,
-            norm_eps=1e-6,
-            dropout=0.0,
-            flip_sin_to_cos=False,
-            freq_shift=1,
-            downsample_padding=0,
-        )
-    )
-    config.diffusion = ml_collections.ConfigDict(
-        dict(schedule="linear", num_timesteps=1000, prediction="eps",
-             variance="fixed_small")  # as google/ddpm-church-256's scheduler_config.json
-    )
-    config.train = ml_collections.ConfigDict(
-        dict(
-            batch_size=64,
-            num_steps=1_200_000,
-            lr=2e-5,
-            warmup_steps=5000,
-            grad_clip=1.0,
-            ema_decay=0.9999,
-            ema_warmup=False,
-            seed=0,
-            log_every=100,
-            ckpt_every=10_000,
-            keep_checkpoints=3,
-            sample_every=50_000,
-            num_samples=16,
-            parallel="jit",
-        )
-    )
-    config.sample = ml_collections.ConfigDict(dict(sampler="ddpm", steps=1000, eta=1.0))
+    config = _celebahq_config()
+    config.data.name = "tfds:lsun/church_outdoor"
+    config.train.num_steps = 1_200_000  # Appendix B: 1.2M steps for LSUN Church (0.5M for CelebA-HQ)
     return config

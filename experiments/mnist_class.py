@@ -22,10 +22,6 @@ were conditioned on, more so with guidance w = 2–3 than w = 1 (measured number
 
 import ml_collections
 
-from ddpm_jax.config import dataclass_to_config
-from ddpm_jax.models.unet import UNetConfig
-
-IMAGE_SIZE = 16
 NUM_CLASSES = 10
 
 
@@ -38,21 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     spec.loader.exec_module(base)
     config = base.get_config()  # the demo's data, diffusion, optimizer and sampler settings
 
-    config.model = dataclass_to_config(
-        UNetConfig(
-            sample_size=IMAGE_SIZE,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            add_attention=True,
-            norm_num_groups=8,
-            dropout=0.0,
-            num_class_embeds=NUM_CLASSES + 1,  # + the null class ∅ = index 10
-        )
-    )
+    config.model.num_class_embeds = NUM_CLASSES + 1  # the demo's U-Net + a label table; ∅ = index 10
     config.condition = ml_collections.ConfigDict(dict(kind="class", num_classes=NUM_CLASSES, p_uncond=0.1))
     config.train.num_samples = 20  # the grid: labels 0..9 twice
     config.sample.guidance = 2.0
