@@ -757,18 +757,33 @@ def sample_loop(scheduler: Scheduler, eps_fn: EpsFn, x_T: jax.Array, key: jax.Ar
             scheduler, lambda x, t: guided_unet(params, x, t, cond, g), x_T, key, 50))
     """
     x_T = jnp.asarray(x_T, jnp.float32)
-    state = scheduler.init_state(num_steps, x_T)
-    n = state.timesteps.shape[0]
-    batch = x_T.shape[0]
+    sigma = scheduler.init_state(num_steps, x_T).init_noise_sigma
+    return denoise_loop(scheduler, eps_fn, x_T * sigma, key, num_steps)[0]
+
+
+def denoise_loop(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None, num_steps: int,
+                 start: int = 0, on_step: Callable[[jax.Array], None] | None = None,
+                 keep_trajectory: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan``; x is already at grid
+    point ``start`` (``sample_loop``: start 0 from scaled noise; img2img/SDEdit: a later point).
+
+    ``on_step(i)`` runs on the host after step i (``jax.debug.callback``: a progress bar without splitting the
+    program). Returns ``(x_final, trajectory)``; trajectory (with ``keep_trajectory``) = (the model's inputs
+    [S, B, ...] = scale_model_input(x_i), the samples after each step [S, B, ...]), else None.
+    """
+    state = scheduler.init_state(num_steps, x)
+    batch, n = x.shape[0], state.timesteps.shape[0]
     if key is None:
         key = jax.random.key(0)  # unused by deterministic steps
 
     def body(carry, i):
         x, state = carry
         t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)   # [B]
-        model_output = eps_fn(scheduler.scale_model_input(state, x, i), t)
-        x, state = scheduler.step(state, model_output, i, x, jax.random.fold_in(key, i))
-        return (x, state), None
+        x_in = scheduler.scale_model_input(state, x, i)                     # [B, ...]
+        x, state = scheduler.step(state, eps_fn(x_in, t), i, x, jax.random.fold_in(key, i))
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return (x, state), ((x_in, x) if keep_trajectory else None)
 
-    (x0, _), _ = jax.lax.scan(body, (x_T * state.init_noise_sigma, state), jnp.arange(n, dtype=jnp.int32))
-    return x0
+    (x, _), trajectory = jax.lax.scan(body, (x, state), jnp.arange(start, n, dtype=jnp.int32))
+    return x, trajectory

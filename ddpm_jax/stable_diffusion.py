@@ -149,31 +149,6 @@ def add_noise(scheduler: schedulers.Scheduler, state: Any, z0: Array, noise: Arr
     return diffusion.q_sample(state.schedule, z0, t, noise)
 
 
-def denoise_loop(scheduler: schedulers.Scheduler, eps_fn: Callable[[Array, Array], Array], z: Array, key: Array,
-                 num_steps: int, start: int = 0, on_step: Callable[[Array], None] | None = None,
-                 keep_trajectory: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
-    """Steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan`` (``schedulers.sample_loop``
-    with a start index, a per-step host callback and the trajectory): z is already at grid point ``start``.
-
-    Returns ``(z_final, trajectory)``; trajectory (with ``keep_trajectory``) = (the U-Net's inputs
-    [S, B, h, w, c] = scale_model_input(z_i), the latents after each step [S, B, h, w, c]).
-    """
-    state = scheduler.init_state(num_steps, z)
-    batch, n = z.shape[0], state.timesteps.shape[0]
-
-    def body(carry, i):
-        z, state = carry
-        t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)        # [B]
-        z_in = scheduler.scale_model_input(state, z, i)                            # [B, h, w, c]
-        z, state = scheduler.step(state, eps_fn(z_in, t), i, z, jax.random.fold_in(key, i))
-        if on_step is not None:
-            jax.debug.callback(on_step, i)                                         # progress bar on the host
-        return (z, state), ((z_in, z) if keep_trajectory else None)
-
-    (z, _), trajectory = jax.lax.scan(body, (z, state), jnp.arange(start, n, dtype=jnp.int32))
-    return z, trajectory
-
-
 # ================================================================================================
 # The pipeline
 # ================================================================================================
@@ -332,7 +307,7 @@ class StableDiffusion:
                                             {"context": cond}, {"context": uncond}, guidance_scale)
             if scale_init:                                                            # txt2img: z_T · init_noise_sigma
                 z = z * self.scheduler.init_state(num_steps, z).init_noise_sigma
-            z0, trajectory = denoise_loop(self.scheduler, eps_fn, z, rng, num_steps, start, self._on_step,
+            z0, trajectory = schedulers.denoise_loop(self.scheduler, eps_fn, z, rng, num_steps, start, self._on_step,
                                           keep_trajectory)                           # [B, h, w, 4]
             images = self.vae.apply({"params": params["vae"]}, z0, method=AutoencoderKL.decode_latents)
             return jnp.clip(images, -1.0, 1.0), z0, trajectory                       # [B, H, W, 3]
@@ -474,4 +449,4 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
     return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
 
 
-__all__ = ["StableDiffusion", "add_noise", "byte_tokenizer", "denoise_loop", "load_text_encoder", "resolve_dtype", "resolve_path"]
+__all__ = ["StableDiffusion", "add_noise", "byte_tokenizer", "load_text_encoder", "resolve_dtype", "resolve_path"]
