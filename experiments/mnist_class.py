@@ -15,9 +15,10 @@ training replaces the label by ∅ for 10% of the examples (``condition.p_uncond
 extrapolates ε̂ = ε(∅) + w (ε(c) − ε(∅)) with the guidance scale w (``sample.guidance``; w = 1 is the
 plain conditional model, w = 0 the unconditional one).
 
-Expected result: the sample grid (``samples/step_*.png``) shows the digits 0, 1, …, 9 in order, one per
-column of labels; the offline MNIST judge (``ddpm-jax eval``) classifies most samples as the class they
-were conditioned on, more so with guidance w = 2–3 than w = 1 (measured numbers in the README).
+Expected result (measured: ``ddpm-jax eval --workdir runs/mnist_class --bpd-examples 0 --num-samples 100
+--sweep-per-class 10 --steps 50``, 10 samples per digit): the offline MNIST judge classifies the samples as
+the class they were conditioned on 10% / 47% / 60% / 54% / 36% of the time at guidance w = 0 / 1 / 2 / 3 / 5,
+with the best classifier FID (47.5) at w = 1: guidance helps up to w ≈ 2 for this short run.
 """
 
 import ml_collections
