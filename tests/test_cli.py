@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _cli import run_cli
 from ddpm_jax import cli, training
 from ddpm_jax import config as config_lib
 from ddpm_jax import checkpoints
@@ -22,14 +23,6 @@ MNIST = str(ROOT / "experiments" / "mnist.py")
 CIFAR = str(ROOT / "experiments" / "ddpm_cifar10.py")
 
 
-def run_cli(argv, capsys):
-    """(exit status, stdout, stderr) of ``ddpm-jax argv``."""
-    try:
-        status = cli.main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # ---- config: loading and overrides ----------------------------------------------------------

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _cli import run_cli
 from ddpm_jax import checkpoints, cli, training
 from ddpm_jax import config as config_lib
 from ddpm_jax.evaluation import judge as judge_lib
@@ -23,13 +24,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = str(ROOT / "experiments" / "mnist.py")
 
 
-def run_cli(argv, capsys):
-    try:
-        status = cli.main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")

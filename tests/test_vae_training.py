@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from _training_fixtures import tiny_images
+from _cli import run_cli
 from ddpm_jax import checkpoints, cli
 from ddpm_jax import vae_training as vt
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size, receptive_field
@@ -408,11 +409,8 @@ def test_experiment_configs_validate():
 
 
 def _run_cli(argv, capsys):
-    try:
-        status = cli.main(argv)
-    except SystemExit as exit_:
-        status = exit_.code
-    return status, capsys.readouterr().err
+    status, _, err = run_cli(argv, capsys)
+    return status, err
 
 
 @pytest.mark.parametrize("experiment, override, message", [
