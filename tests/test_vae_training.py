@@ -30,7 +30,7 @@ import pytest
 
 from _training_fixtures import tiny_images
 from _cli import run_cli
-from ddpm_jax import checkpoints, cli
+from ddpm_jax import checkpoints
 from ddpm_jax import vae_training as vt
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size, receptive_field
 from ddpm_jax.models.vae import AutoencoderKL, DiagonalGaussian
