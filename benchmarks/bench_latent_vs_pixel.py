@@ -8,7 +8,7 @@ Command::
 The text-conditional U-Net of ``experiments/ldm_text_mnist.py`` (cross-attention to a [24, 64] context)
 is trained once on what latent diffusion sees, the 8×8×4 latents of the f = 4 autoencoder, and once,
 unchanged but for its input/output channels, on the 32×32×1 pixels of the same digits. Reported:
-median seconds per full training step (``ddpm_jax.training.make_train_step``: ε-loss, backward, Adam,
+median seconds per full training step (``ddpm_jax.training.diffusion.make_train_step``: ε-loss, backward, Adam,
 EMA) over ``--iters`` calls after a warm-up, the ratio, and how many numbers each example has.
 The one-time cost of encoding the dataset to latents is not in the step (latents are precomputed once).
 """
@@ -33,7 +33,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ddpm_jax import config as config_lib  # noqa: E402
-from ddpm_jax import training  # noqa: E402
+from ddpm_jax.training import diffusion as diffusion_trainer  # noqa: E402
+from ddpm_jax.training import loop  # noqa: E402
 from ddpm_jax.models.unet import UNet, UNetConfig  # noqa: E402
 from ddpm_jax.schedules import get_schedule  # noqa: E402
 
@@ -43,9 +44,9 @@ def step_seconds(config: Any, x_shape: tuple[int, ...], context_shape: tuple[int
     model = UNet(UNetConfig(**config.model.to_dict()))
     schedule = get_schedule("linear", 1000)
     null = {"context": np.zeros(context_shape[1:], np.float32)}
-    step = jax.jit(training.make_train_step(model, schedule, config, null_condition=null), donate_argnums=0)
-    tx = training.make_optimizer(1e-3, 0, 1.0)
-    state = training.create_train_state(model, tx, jax.random.key(0), (1, *x_shape[1:]),
+    step = jax.jit(diffusion_trainer.make_train_step(model, schedule, config, null_condition=null), donate_argnums=0)
+    tx = loop.make_optimizer(1e-3, 0, 1.0)
+    state = diffusion_trainer.create_train_state(model, tx, jax.random.key(0), (1, *x_shape[1:]),
                                         condition={"context": jnp.zeros((1, *context_shape[1:]))})
     rng = np.random.default_rng(0)
     batch = {"x0": jnp.asarray(rng.normal(size=x_shape), jnp.float32),

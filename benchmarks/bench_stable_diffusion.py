@@ -45,7 +45,7 @@ from ddpm_jax import schedulers  # noqa: E402
 from ddpm_jax.models.clip import CLIPTextConfig  # noqa: E402
 from ddpm_jax.models.unet import UNetConfig  # noqa: E402
 from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-from ddpm_jax.stable_diffusion import SD_V1_SCHEDULER_CONFIG, StableDiffusion  # noqa: E402
+from ddpm_jax.pipelines.stable_diffusion import SD_V1_SCHEDULER_CONFIG, StableDiffusion  # noqa: E402
 
 CONFIGS = {
     # name: (U-Net, VAE, text encoder, image size)

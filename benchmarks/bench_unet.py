@@ -23,7 +23,7 @@ perturbs it less than a mean would. Ratios are ours / diffusers: above 1 means o
 
 The JAX training step is self-contained (plain ``optax.adam``, no EMA, no clipping) so both sides
 do the same work; it uses ``ddpm_jax.diffusion.loss_simple`` when that module exists, otherwise a
-local copy of the ε-loss. ``--library-step`` additionally times ``ddpm_jax.training``'s real step.
+local copy of the ε-loss. ``--library-step`` additionally times ``ddpm_jax.training.diffusion``'s real step.
 torch is imported only here, never by the library.
 """
 
@@ -281,20 +281,21 @@ def bench_jax(cfg: BenchConfig, batch: int, sample_batch: int, iters: int, ddim_
 
 
 def _bench_library_step(cfg: BenchConfig, model, x0, iters: int) -> dict[str, Any]:
-    """ddpm_jax.training's real step (per-example vmap, EMA, clipping, warm-up), on one device."""
+    """ddpm_jax.training.diffusion's real step (per-example vmap, EMA, clipping, warm-up), on one device."""
     try:
         import ml_collections
 
-        from ddpm_jax import training
+        from ddpm_jax.training import diffusion as diffusion_trainer
+        from ddpm_jax.training import loop
     except ImportError as err:  # pragma: no cover
         return {"library_step_error": repr(err)}
     config = ml_collections.ConfigDict(dict(
         train=dict(lr=LR, warmup_steps=10, grad_clip=1.0, ema_decay=0.999),
         diffusion=dict(prediction="eps"), data=dict(random_flip=False)))
     schedule = _schedules.get_schedule("linear", NUM_TIMESTEPS)
-    tx = training.make_optimizer(LR, 10, 1.0)
-    state = training.create_train_state(model, tx, jax.random.key(0), x0[:1].shape)
-    step = jax.jit(training.make_train_step(model, schedule, config), donate_argnums=0)
+    tx = loop.make_optimizer(LR, 10, 1.0)
+    state = diffusion_trainer.create_train_state(model, tx, jax.random.key(0), x0[:1].shape)
+    step = jax.jit(diffusion_trainer.make_train_step(model, schedule, config), donate_argnums=0)
     key = jax.random.key(3)
     start = time.perf_counter()
     compiled = step.lower(state, x0, key).compile()
@@ -470,7 +471,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(format_table(report["rows"]))
     for row in report["rows"]:
         if "library_train_steps_per_s" in row:
-            print(f"{row['config']}: ddpm_jax.training step {row['library_train_steps_per_s']:.3f} steps/s "
+            print(f"{row['config']}: ddpm_jax.training.diffusion step {row['library_train_steps_per_s']:.3f} steps/s "
                   f"(compile {row['library_compile_s']:.1f} s)")
     if report["ratios"]:
         print("\nours / diffusers (> 1: ours faster)")
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ddim-steps", type=int, default=50, help="DDIM chain length; 0 skips the chain")
     parser.add_argument("--no-torch", action="store_true", help="skip diffusers even if installed")
     parser.add_argument("--torch-channels-last", action="store_true", help="run diffusers in channels_last")
-    parser.add_argument("--library-step", action="store_true", help="also time ddpm_jax.training's train step")
+    parser.add_argument("--library-step", action="store_true", help="also time ddpm_jax.training.diffusion's train step")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     names = ["mnist", "cifar10"] if args.config == "both" else [args.config]

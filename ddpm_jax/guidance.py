@@ -201,3 +201,16 @@ def drop_condition(key: Array, cond: Any, null_cond: Any, p: float | Array = 0.1
         return jnp.where(drop.reshape((batch,) + (1,) * (c.ndim - 1)), null[None], c)
 
     return jax.tree.map(replace, cond, null_cond)
+
+
+# --------------------------------------------------------------------------------------------
+# How a batch's condition reaches the U-Net
+# --------------------------------------------------------------------------------------------
+
+CONDITION_KEYS = ("label", "context")  # the data entries besides "x0" that condition the model
+
+
+def model_condition(cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The U-Net keyword arguments for a batch's condition: label → class_labels, context → context."""
+    names = {"label": "class_labels", "context": "context"}
+    return {names[k]: v for k, v in cond.items()}

@@ -6,7 +6,7 @@ Command::
 
 Then, in Python (what the latent-diffusion code does)::
 
-    from ddpm_jax.vae_training import load_autoencoder
+    from ddpm_jax.workdir import load_autoencoder
     model, params, scaling_factor = load_autoencoder("runs/autoencoder_kl_mnist")
     latents = model.apply({"params": params}, images, method="encode_latents")  # [N, 8, 8, 4], std ≈ 1
 

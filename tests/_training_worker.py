@@ -22,26 +22,29 @@ from _training_fixtures import tiny_config, tiny_images  # noqa: E402
 
 def run_train(workdir: str, num_steps: int, sleep: float = 0.0) -> None:
     """The "same command" of the resume test: re-running it continues from the latest checkpoint."""
-    from ddpm_jax import data, training
+    from ddpm_jax import data
+    from ddpm_jax.training import diffusion as diffusion_trainer
 
     if sleep:  # slow the loop down (not the numbers) so the test can kill it mid-run
         get_batch = data.get_batch
         data.get_batch = lambda *a, **k: (time.sleep(sleep), get_batch(*a, **k))[1]
     config = tiny_config(num_steps=num_steps, ckpt_every=5, log_every=5, sample_every=num_steps)
-    training.train(config, workdir, images=tiny_images())
+    diffusion_trainer.train(config, workdir, images=tiny_images())
 
 
 def _setup(config, mesh):
     import jax
 
-    from ddpm_jax import parallel, training
+    from ddpm_jax import parallel
+    from ddpm_jax.training import diffusion as diffusion_trainer
+    from ddpm_jax.training import loop
     from ddpm_jax.models.unet import UNet, UNetConfig
     from ddpm_jax.schedules import get_schedule
 
     model = UNet(UNetConfig(**config.model.to_dict()))
     schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    tx = training.make_optimizer(config.train.lr, config.train.warmup_steps, config.train.grad_clip)
-    state = jax.jit(lambda k: training.create_train_state(model, tx, k, (1, 8, 8, 1)),
+    tx = loop.make_optimizer(config.train.lr, config.train.warmup_steps, config.train.grad_clip)
+    state = jax.jit(lambda k: diffusion_trainer.create_train_state(model, tx, k, (1, 8, 8, 1)),
                     out_shardings=parallel.replicated_sharding(mesh))(jax.random.key(0))
     return model, schedule, state
 
@@ -51,10 +54,12 @@ def run_steps(config, mesh, num_steps: int, process_index: int = 0, process_coun
     import jax
     import numpy as np
 
-    from ddpm_jax import data, parallel, training
+    from ddpm_jax import data, parallel
+    from ddpm_jax.training import diffusion as diffusion_trainer
+    from ddpm_jax.training import loop
 
     model, schedule, state = _setup(config, mesh)
-    step_fn = training.compile_train_step(model, schedule, config, mesh)
+    step_fn = diffusion_trainer.compile_train_step(model, schedule, config, mesh)
     images = tiny_images(n=32)
     key = jax.random.key(1)
     pmap = config.train.parallel == "pmap"
@@ -80,14 +85,16 @@ def max_diff(a, b) -> float:
 def run_devices8(out_path: str) -> None:
     import jax
 
-    from ddpm_jax import parallel, training
+    from ddpm_jax import parallel
+    from ddpm_jax.training import diffusion as diffusion_trainer
+    from ddpm_jax.training import loop
 
     assert jax.device_count() == 8, jax.devices()
     single = run_steps(tiny_config(), parallel.make_mesh(jax.devices()[:1]), 2)
     sharded = run_steps(tiny_config(), parallel.make_mesh(), 2)
     pmapped = run_steps(tiny_config(parallel="pmap"), parallel.make_mesh(), 2)
     try:
-        training.train(tiny_config(batch_size=12), "/nonexistent/never-created", images=tiny_images())
+        diffusion_trainer.train(tiny_config(batch_size=12), "/nonexistent/never-created", images=tiny_images())
         batch_error = None
     except ValueError as e:
         batch_error = str(e)

@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 
 from _cli import run_cli
-from ddpm_jax import cli, training
+from ddpm_jax import cli
+from ddpm_jax.pipelines import generate
+from ddpm_jax.training import diffusion as diffusion_trainer
+from ddpm_jax.workdir import load_diffusion_model
 from ddpm_jax import config as config_lib
 from ddpm_jax import checkpoints
 from ddpm_jax.models.unet import UNetConfig
@@ -146,9 +149,10 @@ def test_sample_writes_grid_npz_and_trajectory(trained_workdir, capsys):
 
 
 def test_sample_is_deterministic_in_the_seed(trained_workdir):
-    a, _ = cli.sample_from_workdir(str(trained_workdir), 3, seed=1)
-    b, _ = cli.sample_from_workdir(str(trained_workdir), 3, seed=1)
-    c, _ = cli.sample_from_workdir(str(trained_workdir), 3, seed=2, sampler="ddpm")
+    model = load_diffusion_model(str(trained_workdir))
+    a, _ = generate.sample_images(model, 3, seed=1)
+    b, _ = generate.sample_images(model, 3, seed=1)
+    c, _ = generate.sample_images(model, 3, seed=2, sampler="ddpm")
     np.testing.assert_array_equal(a, b)
     assert a.shape == c.shape == (3, 8, 8, 1) and not np.array_equal(a, c)
 

@@ -1,4 +1,4 @@
-"""Contrastive CLIP training (clip_training.py) on a tiny synthetic captioned dataset, and its metrics.
+"""Contrastive CLIP training (training/clip.py) on a tiny synthetic captioned dataset, and its metrics.
 
 The dataset: 8×8 images with a bright block in one of four quadrants (label 0..3) and captions naming the
 digit label and the quadrant, so image and caption carry the same information. Tiny towers (one layer,
@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from _training_fixtures import in_process_compilation_cache, subprocess_env
-from ddpm_jax import checkpoints, cli, clip_training
+from ddpm_jax import checkpoints, cli, workdir
+from ddpm_jax.training import clip as clip_trainer
+from ddpm_jax.training import loop
 from ddpm_jax.data import DIGIT_NAMES
 
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -80,7 +82,7 @@ def _metrics(workdir):
 def test_loss_decreases_resumes_exactly_and_the_workdir_is_self_contained(tmp_path):
     dataset = tiny_dataset()
     workdir = tmp_path / "full"
-    clip_training.train(tiny_config(), workdir, dataset=dataset)
+    clip_trainer.train(tiny_config(), workdir, dataset=dataset)
     lines = _metrics(workdir)
     assert [l["step"] for l in lines] == list(range(5, 35, 5))
     assert {"loss", "accuracy", "logit_scale", "grad_norm", "lr", "steps_per_sec"} <= set(lines[0])
@@ -90,8 +92,8 @@ def test_loss_decreases_resumes_exactly_and_the_workdir_is_self_contained(tmp_pa
         assert (workdir / name).is_file(), name
 
     # Stopped at 15 (a checkpoint), then the same command again: the same parameters as without a stop.
-    clip_training.train(tiny_config(num_steps=15), tmp_path / "split", dataset=dataset)
-    clip_training.train(tiny_config(), tmp_path / "split", dataset=dataset)
+    clip_trainer.train(tiny_config(num_steps=15), tmp_path / "split", dataset=dataset)
+    clip_trainer.train(tiny_config(), tmp_path / "split", dataset=dataset)
     for ema in (False, True):
         jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "split", ema), _params(workdir, ema))
     assert [l["step"] for l in _metrics(tmp_path / "split")] == [l["step"] for l in lines]
@@ -105,8 +107,8 @@ def test_loss_decreases_resumes_exactly_and_the_workdir_is_self_contained(tmp_pa
     assert record == json.loads((tmp_path / "split" / "eval.json").read_text())
 
     # The text side, as the text-to-image pipeline will load it, equals the full model's text tower.
-    text_model, text_params, tokenizer = clip_training.load_clip_workdir(workdir)
-    model, params, tokenizer2, config = clip_training.load_clip_model_workdir(workdir)
+    text_model, text_params, tokenizer = workdir.load_clip_text(workdir)
+    model, params, tokenizer2, config = workdir.load_clip_model(workdir)
     assert config.model.text.vocab_size == tokenizer.vocab_size and tokenizer.context_length == 12
     ids = tokenizer(["a handwritten digit two", "the number 3, bottom right"])
     out = text_model.apply({"params": text_params}, ids)
@@ -120,7 +122,7 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
     dataset = tiny_dataset()
     dataset.images[:] = np.nan
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
-        clip_training.train(tiny_config(), tmp_path, dataset=dataset)
+        clip_trainer.train(tiny_config(), tmp_path, dataset=dataset)
     assert checkpoints.latest_step(tmp_path) is None
 
 
@@ -129,17 +131,17 @@ def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="patch_size=3 does not divide the image size 8"):
         config = tiny_config()
         config.model.vision.patch_size = 3
-        clip_training.train(config, tmp_path / "a", dataset=dataset)
+        clip_trainer.train(config, tmp_path / "a", dataset=dataset)
     with pytest.raises(ValueError, match="train.parallel='pmap'.*use 'jit'"):
-        clip_training.train(tiny_config(parallel="pmap"), tmp_path / "b", dataset=dataset)
+        clip_trainer.train(tiny_config(parallel="pmap"), tmp_path / "b", dataset=dataset)
     with pytest.raises(ValueError, match=r"asks for \[N, 16, 16, 1\]"):
         config = tiny_config()
         config.data.image_size = 16
-        clip_training.train(config, tmp_path / "c", dataset=dataset)
+        clip_trainer.train(config, tmp_path / "c", dataset=dataset)
     with pytest.raises(FileNotFoundError, match="no tokenizer/ folder"):
         (tmp_path / "d").mkdir()
         (tmp_path / "d" / "config.json").write_text(tiny_config().to_json())
-        clip_training.load_clip_workdir(tmp_path / "d")
+        workdir.load_clip_text(tmp_path / "d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,15 +153,15 @@ def test_zero_shot_accuracy_by_hand():
     classes = np.eye(4)                                          # class c's embedding: axis c
     labels = np.array([0, 1, 2, 3, 3])
     aligned = 5.0 * classes[labels] + 0.1                        # scaled, shifted a little: same argmax
-    assert clip_training.zero_shot_accuracy(aligned, classes, labels) == 1.0
-    assert clip_training.zero_shot_accuracy(aligned, classes, np.array([0, 1, 2, 0, 0])) == 0.6
+    assert clip_trainer.zero_shot_accuracy(aligned, classes, labels) == 1.0
+    assert clip_trainer.zero_shot_accuracy(aligned, classes, np.array([0, 1, 2, 0, 0])) == 0.6
     # Prompt ensembling: the mean of each class's normalised prompt embeddings, renormalised.
     prompts = np.array([[1.0, 0.0], [3.0, 3.0], [0.0, 2.0], [0.0, -1.0]])  # class-major, 2 templates each
     expected = np.array([[1 + 1 / np.sqrt(2), 1 / np.sqrt(2)], [0.0, 0.0]])
     expected[0] /= np.linalg.norm(expected[0])
-    got = clip_training.class_embeddings(prompts, 2)
+    got = clip_trainer.class_embeddings(prompts, 2)
     np.testing.assert_allclose(got[0], expected[0])
-    assert clip_training.class_prompts(("a {name}", "the {digit}"), ("zero", "one")) == [
+    assert clip_trainer.class_prompts(("a {name}", "the {digit}"), ("zero", "one")) == [
         "a zero", "the 0", "a one", "the 1"]
 
 
@@ -170,9 +172,9 @@ def test_recall_at_k_by_hand():
                         [0.9, 0.5, 0.0, 0.0],
                         [0.9, 0.8, 0.5, 0.0],
                         [0.9, 0.8, 0.7, 0.1]])
-    assert clip_training.recall_at_k(queries, targets, (1, 2, 3, 4)) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
+    assert clip_trainer.recall_at_k(queries, targets, (1, 2, 3, 4)) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
     tied = np.array([[1.0, 1.0, 0.0, 0.0]] * 4)                  # ties count against the match
-    assert clip_training.recall_at_k(tied, targets, (1, 2)) == {1: 0.0, 2: 0.5}
+    assert clip_trainer.recall_at_k(tied, targets, (1, 2)) == {1: 0.0, 2: 0.5}
 
 
 def test_cli_train_tokenizer(tmp_path, capsys):
@@ -201,13 +203,13 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_clip_training import tiny_config, tiny_dataset
-    from ddpm_jax import clip_training, parallel, tokenizer, train_loop, training
+    from ddpm_jax import parallel, tokenizer
     assert jax.device_count() == 8, jax.devices()
     dataset = tiny_dataset()
     tok = tokenizer.train_tokenizer(dataset.captions, {folder!r}, vocab_size=600)
     tok = tokenizer.load_tokenizer({folder!r}, context_length=12)
-    config = clip_training.resolve_config(tiny_config(), tok)
-    model = clip_training.CLIPModel(clip_training.clip_config(config))
+    config = clip_trainer.resolve_config(tiny_config(), tok)
+    model = clip_trainer.CLIPModel(workdir.clip_config(config))
     # Plain SGD: Adam divides by sqrt(v), which turns the ~1e-9 float noise in gradients that are exactly
     # zero in exact arithmetic (the attention key biases: softmax ignores a constant per row) into
     # lr-sized steps of either sign; with SGD the comparison sees the step's gradients themselves.
@@ -217,9 +219,9 @@ SHARDED = textwrap.dedent("""
     results = {{}}
     for name, devices in (("single", jax.devices()[:1]), ("sharded", jax.devices())):
         mesh = parallel.make_mesh(devices)
-        state = jax.device_put(clip_training.create_train_state(model, tx, jax.random.key(0)),
+        state = jax.device_put(clip_trainer.create_train_state(model, tx, jax.random.key(0)),
                                parallel.replicated_sharding(mesh))
-        step = train_loop.compile_step(clip_training.make_train_step(model, config), mesh)
+        step = loop.compile_step(clip_trainer.make_train_step(model, config), mesh)
         for s in range(2):
             batch = {{"images": parallel.shard_batch(dataset.images[16 * s: 16 * s + 16], mesh),
                       "input_ids": parallel.shard_batch(ids[16 * s: 16 * s + 16], mesh)}}
@@ -227,7 +229,7 @@ SHARDED = textwrap.dedent("""
         results[name] = (jax.tree.map(np.asarray, jax.device_get(state.params)), float(metrics["loss"]))
     single, sharded = results["single"][0], results["sharded"][0]
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)))
-    initial = clip_training.create_train_state(model, tx, jax.random.key(0)).params
+    initial = clip_trainer.create_train_state(model, tx, jax.random.key(0)).params
     changed = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(initial)))
     json.dump({{"diff": diff, "changed": changed, "losses": [results["single"][1], results["sharded"][1]]}},
               open({out!r}, "w"))

@@ -8,7 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoints, pipelines, training
+from ddpm_jax import checkpoints, workdir
+from ddpm_jax.pipelines import generate, training_data
+from ddpm_jax.training import diffusion as diffusion_trainer
+from ddpm_jax.training import loop
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.schedules import get_schedule
 from _training_fixtures import in_process_compilation_cache, tiny_config, tiny_images
@@ -34,7 +37,7 @@ def text_config(**train):
 
 def class_data(n=8):
     labels = np.arange(n, dtype=np.int32) % NUM_CLASSES
-    return pipelines.DiffusionData({"x0": tiny_images(n), "label": labels},
+    return training_data.DiffusionData({"x0": tiny_images(n), "label": labels},
                                    null_condition={"label": np.asarray(NUM_CLASSES, np.int32)},
                                    grid_condition={"label": np.arange(4, dtype=np.int32)},
                                    grid_titles=["0", "1", "2", "3"])
@@ -42,7 +45,7 @@ def class_data(n=8):
 
 def context_data(n=8):
     rng = np.random.default_rng(0)
-    return pipelines.DiffusionData({"x0": tiny_images(n), "context": rng.normal(size=(n, 5, 6)).astype(np.float32)},
+    return training_data.DiffusionData({"x0": tiny_images(n), "context": rng.normal(size=(n, 5, 6)).astype(np.float32)},
                                    null_condition={"context": np.zeros((5, 6), np.float32)},
                                    grid_condition={"context": rng.normal(size=(4, 5, 6)).astype(np.float32)})
 
@@ -55,19 +58,19 @@ def _compilation_cache():
 
 def test_class_conditional_run_trains_samples_and_resumes_exactly(tmp_path):
     config = class_config(num_steps=8, ckpt_every=4, sample_every=8)
-    full = training.train(config, tmp_path / "full", data=class_data())
+    full = diffusion_trainer.train(config, tmp_path / "full", data=class_data())
     assert (tmp_path / "full" / "samples" / "step_0000008.png").is_file()       # guided sample grid
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "full" / "metrics.jsonl")]
     assert all(np.isfinite(losses))
 
-    training.train(class_config(num_steps=4, ckpt_every=4, sample_every=8), tmp_path / "split", data=class_data())
-    resumed = training.train(config, tmp_path / "split", data=class_data())
+    diffusion_trainer.train(class_config(num_steps=4, ckpt_every=4, sample_every=8), tmp_path / "split", data=class_data())
+    resumed = diffusion_trainer.train(config, tmp_path / "split", data=class_data())
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_text_conditional_run_trains_and_samples(tmp_path):
-    state = training.train(text_config(num_steps=3, ckpt_every=3, sample_every=3), tmp_path, data=context_data())
+    state = diffusion_trainer.train(text_config(num_steps=3, ckpt_every=3, sample_every=3), tmp_path, data=context_data())
     assert (tmp_path / "samples" / "step_0000003.png").is_file()
     assert "attn2" in str(jax.tree.structure(state.params))                     # cross-attention was trained
     assert checkpoints.latest_step(tmp_path) == 3
@@ -79,9 +82,9 @@ def test_conditioning_dropout_is_per_example_and_uses_the_null_condition():
     config.condition.p_uncond = 1.0
     model = UNet(UNetConfig(**config.model.to_dict()))
     schedule = get_schedule("linear", 100)
-    step = jax.jit(training.make_train_step(model, schedule, config, null_condition={"label": NUM_CLASSES}))
-    tx = training.make_optimizer(1e-3, 0, 1.0)
-    state = training.create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1),
+    step = jax.jit(diffusion_trainer.make_train_step(model, schedule, config, null_condition={"label": NUM_CLASSES}))
+    tx = loop.make_optimizer(1e-3, 0, 1.0)
+    state = diffusion_trainer.create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1),
                                         condition={"class_labels": jnp.zeros((1,), jnp.int32)})
     x = jnp.asarray(tiny_images(8))
     key = jax.random.key(1)
@@ -89,7 +92,7 @@ def test_conditioning_dropout_is_per_example_and_uses_the_null_condition():
     _, m_b = step(state, {"x0": x, "label": jnp.full(8, 2, jnp.int32)}, key)
     assert float(m_a["loss"]) == float(m_b["loss"])
     config.condition.p_uncond = 0.0
-    step = jax.jit(training.make_train_step(model, schedule, config, null_condition={"label": NUM_CLASSES}))
+    step = jax.jit(diffusion_trainer.make_train_step(model, schedule, config, null_condition={"label": NUM_CLASSES}))
     _, m_a = step(state, {"x0": x, "label": jnp.zeros(8, jnp.int32)}, key)
     _, m_b = step(state, {"x0": x, "label": jnp.full(8, 2, jnp.int32)}, key)
     assert float(m_a["loss"]) != float(m_b["loss"])
@@ -99,47 +102,47 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     config = class_config()
     config.model.in_channels = 3
     with pytest.raises(ValueError, match="have 1 channels but model.in_channels=3"):
-        training.train(config, tmp_path, data=class_data())
+        diffusion_trainer.train(config, tmp_path, data=class_data())
     config = class_config()
     data = class_data()
     data.arrays["label"][0] = NUM_CLASSES + 5
     with pytest.raises(ValueError, match="class"):
-        training.train(config, tmp_path, data=data)
+        diffusion_trainer.train(config, tmp_path, data=data)
     config = text_config()
     data = context_data()
     data.arrays["context"] = data.arrays["context"][..., :4]
     with pytest.raises(ValueError, match="cross_attention_dim is 6"):
-        training.train(config, tmp_path, data=data)
+        diffusion_trainer.train(config, tmp_path, data=data)
     with pytest.raises(ValueError, match="no null_condition"):
-        training.make_train_step(UNet(UNetConfig(**class_config().model.to_dict())), get_schedule("linear", 100),
+        diffusion_trainer.make_train_step(UNet(UNetConfig(**class_config().model.to_dict())), get_schedule("linear", 100),
                                  class_config())(None, {"x0": jnp.zeros((2, 8, 8, 1)), "label": jnp.zeros(2)},
                                                  jax.random.key(0))
     config = class_config()
     config.condition.kind = "caption"
     with pytest.raises(ValueError, match="condition.kind must be"):
-        pipelines.load_training_data(config)
+        training_data.load_training_data(config)
     assert checkpoints.latest_step(tmp_path) is None
 
 
 def test_generation_guidance_sweep_and_its_errors(tmp_path):
-    """pipelines.generate on a trained class-conditional workdir; the judged guidance sweep writes its files."""
+    """generate.generate on a trained class-conditional workdir; the judged guidance sweep writes its files."""
     from ddpm_jax.evaluation import conditional, judge as judge_lib
 
-    training.train(class_config(num_steps=2, ckpt_every=2), tmp_path / "run", data=class_data())
-    model = pipelines.load_workdir_model(tmp_path / "run")
+    diffusion_trainer.train(class_config(num_steps=2, ckpt_every=2), tmp_path / "run", data=class_data())
+    model = workdir.load_diffusion_model(tmp_path / "run")
     assert model.kind == "class" and int(model.null_condition["label"]) == NUM_CLASSES
-    a = pipelines.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
-    b = pipelines.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
-    c = pipelines.generate(model, labels=[1, 2], guidance_scale=4.0, steps=3, seed=0)["images"]
+    a = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
+    b = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
+    c = generate.generate(model, labels=[1, 2], guidance_scale=4.0, steps=3, seed=0)["images"]
     assert a.shape == (2, 8, 8, 1)
     np.testing.assert_array_equal(a, b)                                          # seed → identical images
     assert np.abs(a - c).max() > 1e-4                                           # w changes the samples
     with pytest.raises(ValueError, match="class"):
-        pipelines.generate(model, labels=[NUM_CLASSES + 1], steps=2)
+        generate.generate(model, labels=[NUM_CLASSES + 1], steps=2)
     with pytest.raises(ValueError, match="finite"):
-        pipelines.generate(model, labels=[1], guidance_scale=float("nan"), steps=2)
+        generate.generate(model, labels=[1], guidance_scale=float("nan"), steps=2)
     with pytest.raises(ValueError, match="give class labels"):
-        pipelines.generate(model, prompts=["a seven"], steps=2)
+        generate.generate(model, prompts=["a seven"], steps=2)
 
     judge = judge_lib.train_judge(8, seed=0, num_steps=30, progress=False)
     sweep = conditional.guidance_sweep(model, scales=(0.0, 2.0), per_class=2, steps=2, judge=judge, progress=False)

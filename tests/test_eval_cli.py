@@ -1,4 +1,4 @@
-"""``ddpm-jax eval`` and ``ddpm-jax sample --pretrained`` (ddpm_jax/cli.py).
+"""``ddpm-jax eval`` and ``ddpm-jax sample --pretrained`` (ddpm_jax/cli.py → evaluation/report.py, pipelines/generate.py).
 
 Workdir runs use the tiny 8×8 MNIST config of tests/test_cli.py with a fake model (ε̂ = 0x) behind
 the checkpoint, and an (untrained) judge in a temporary cache, so the whole evaluation
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from _cli import run_cli
-from ddpm_jax import checkpoints, cli, training
+from ddpm_jax import checkpoints, diffusion_model
+from ddpm_jax.pipelines import generate
 from ddpm_jax import config as config_lib
 from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.evaluation.likelihood import dataset_bpd
@@ -42,7 +43,8 @@ def workdir(tmp_path, monkeypatch, judge_cache):
         "data.image_size=8", "model.sample_size=8", "diffusion.num_timesteps=40", "sample.steps=4"])
     config_lib.save_config(c, tmp_path / config_lib.CONFIG_FILENAME)
     monkeypatch.setattr(checkpoints, "load_params", lambda workdir, ema=True, step=None: {})
-    monkeypatch.setattr(training, "make_eps_fn", lambda model, params: lambda x_t, t: 0.5 * x_t)
+    monkeypatch.setattr(diffusion_model.DiffusionModel, "unconditional_eps_fn",
+                        lambda self, params=None: lambda x_t, t: 0.5 * x_t)
     monkeypatch.setenv(judge_lib.CACHE_ENV, str(judge_cache))
     return tmp_path
 
@@ -168,7 +170,7 @@ def _save_ddpm_folder(folder, variance_type="fixed_large", clip_sample=True, lay
     ("fixed_large", True, "root"), ("fixed_small", False, "pipeline"), ("fixed_small_log", True, "root")])
 def test_one_reverse_step_matches_diffusers_ddpm_scheduler(tmp_path, variance_type, clip_sample, layout):
     unet, scheduler = _save_ddpm_folder(tmp_path, variance_type, clip_sample, layout)
-    model = cli.load_pretrained_model(tmp_path)
+    model = generate.load_pretrained_ddpm(tmp_path)
     assert (model.image_size, model.channels, model.schedule.num_timesteps) == (8, 3, 20)
     assert model.variance == ("fixed_large" if variance_type == "fixed_large" else "fixed_small")
     assert model.clip_denoised is clip_sample and (model.sampler, model.steps) == ("ddpm", 20)
@@ -199,7 +201,8 @@ def test_sample_pretrained_writes_grid_and_npz(tmp_path, capsys, monkeypatch):
     images = np.load(tmp_path / "samples_ddpm-tiny.npz")["images"]
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     assert images.std() > 10  # not a blank grid
-    ddim, _ = cli.sample_from_pretrained(str(folder), 3, seed=1, sampler="ddim", steps=5, eta=0.0)
+    ddim, _ = generate.sample_images(generate.load_pretrained_ddpm(str(folder)), 3, seed=1, sampler="ddim", steps=5,
+                                     eta=0.0)
     assert ddim.shape == (3, 8, 8, 3) and np.all(np.abs(ddim) <= 1.0)
 
 
@@ -233,21 +236,22 @@ def test_unsupported_scheduler_options_are_named(tmp_path, change, message):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        cli.load_pretrained_model(tmp_path)
+        generate.load_pretrained_ddpm(tmp_path)
 
 
 def test_missing_scheduler_config_is_named(tmp_path):
     _save_ddpm_folder(tmp_path)
     (tmp_path / "scheduler_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="has no scheduler_config.json"):
-        cli.load_pretrained_model(tmp_path)
+        generate.load_pretrained_ddpm(tmp_path)
 
 
 _SHARDED_SAMPLING = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from ddpm_jax import cli
+from ddpm_jax import diffusion_model
 from ddpm_jax.models.unet import UNet, UNetConfig
+from ddpm_jax.pipelines import generate
 from ddpm_jax.schedules import get_schedule
 
 cfg = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
@@ -255,15 +259,15 @@ cfg = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channel
                  norm_num_groups=4)
 unet = UNet(cfg)
 params = unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
-model = cli.LoadedModel(eps_fn=lambda x, t: unet.apply({"params": params}, x, t), schedule=get_schedule("linear", 30),
-                        image_size=8, channels=1, sampler="ddim", steps=5, eta=1.0)
+model = diffusion_model.DiffusionModel(unet=unet, params=params, schedule=get_schedule("linear", 30), x0_shape=(8, 8, 1),
+                                       sampler="ddim", steps=5, eta=1.0)
 calls = []
 real_jit = jax.jit
 def spy(fun, **kw):
     calls.append(str(kw.get("out_shardings")))
     return real_jit(fun, **kw)
 jax.jit = spy
-eight, _ = cli.sample_images(model, 20, batch_size=16)   # chunks of 16 over 8 devices (the last one trimmed)
+eight, _ = generate.sample_images(model, 20, batch_size=16)   # chunks of 16 over 8 devices (the last one trimmed)
 jax.jit = real_jit
 one = np.concatenate([np.asarray(real_jit(lambda k: __import__("ddpm_jax").samplers.ddim_sample(
     model.eps_fn, model.schedule, (16, 8, 8, 1), k, num_steps=5, eta=1.0))(jax.random.fold_in(jax.random.key(0), i)))

@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax import tokenizer as tok_lib  # noqa: E402
-from ddpm_jax.stable_diffusion import StableDiffusion  # noqa: E402
+from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
@@ -341,7 +341,7 @@ def test_sharded_over_8_devices_equals_one_device(folder):
     """The batch split over 8 simulated CPU devices gives the single-device images (a fresh process)."""
     code = textwrap.dedent(f"""
         import numpy as np, jax
-        from ddpm_jax.stable_diffusion import StableDiffusion
+        from ddpm_jax.pipelines.stable_diffusion import StableDiffusion
         from ddpm_jax import parallel
         assert jax.device_count() == 8
         many = StableDiffusion.from_pretrained({str(folder)!r}, scheduler="ddim")

@@ -1,4 +1,4 @@
-"""The shared loop (train_loop.run) on a toy least-squares problem: pytree batches, hooks, resume, NaN stop."""
+"""The shared loop (loop.run) on a toy least-squares problem: pytree batches, hooks, resume, NaN stop."""
 
 import json
 
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoints, parallel, train_loop
+from ddpm_jax import checkpoints, parallel
+from ddpm_jax.training import loop
 
 
 @flax.struct.dataclass
@@ -38,14 +39,14 @@ def _run(workdir, num_steps, hooks=(), y_scale=1.0):
     state = jax.device_put(ToyState(jnp.zeros((), jnp.int32), jnp.zeros(2), jnp.zeros(())),
                            parallel.replicated_sharding(mesh))
     batch_fn = lambda s: {"x": x[8 * (s % 8): 8 * (s % 8) + 8], "y": y_scale * y[8 * (s % 8): 8 * (s % 8) + 8]}
-    step = train_loop.compile_step(toy_step, mesh)
-    return train_loop.run(state, step, batch_fn, workdir=workdir, num_steps=num_steps, key=jax.random.key(0),
+    step = loop.compile_step(toy_step, mesh)
+    return loop.run(state, step, batch_fn, workdir=workdir, num_steps=num_steps, key=jax.random.key(0),
                           mesh=mesh, log_every=5, ckpt_every=10, hooks=hooks)
 
 
 def test_hooks_logging_and_exact_resume(tmp_path):
     calls = []
-    full = _run(tmp_path / "full", 30, hooks=[train_loop.Hook(12, lambda s, step: calls.append(step))])
+    full = _run(tmp_path / "full", 30, hooks=[loop.Hook(12, lambda s, step: calls.append(step))])
     assert calls == [12, 24, 30]                                       # every 12 and after the last step
     lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [5, 10, 15, 20, 25, 30]
@@ -68,6 +69,6 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
 def test_bad_parallel_kind():
     mesh = parallel.make_mesh()
     with pytest.raises(ValueError, match="train.parallel must be 'jit' or 'pmap'"):
-        train_loop.compile_step(toy_step, mesh, "shard_map")
+        loop.compile_step(toy_step, mesh, "shard_map")
     with pytest.raises(ValueError, match="not available for this trainer"):
-        train_loop.compile_step(toy_step, mesh, "pmap")
+        loop.compile_step(toy_step, mesh, "pmap")

@@ -1,4 +1,4 @@
-"""The autoencoder trainers (vae_training.py) and the PatchGAN discriminator (models/discriminator.py).
+"""The autoencoder trainers (training/autoencoder.py) and the PatchGAN discriminator (models/discriminator.py).
 
 * Loss pieces against hand computations: the adaptive weight λ (Esser et al. Eq. 7) on a tiny linear
   decoder, the hinge losses on known logits, the LPIPS-style distance.
@@ -31,10 +31,12 @@ import pytest
 from _training_fixtures import tiny_images
 from _cli import run_cli
 from ddpm_jax import checkpoints
-from ddpm_jax import vae_training as vt
+from ddpm_jax import workdir
+from ddpm_jax.training import autoencoder as vt
+from ddpm_jax.training import loop
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size, receptive_field
 from ddpm_jax.models.vae import AutoencoderKL, DiagonalGaussian
-from ddpm_jax.training import make_optimizer
+from ddpm_jax.training.loop import make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 O0 = {"xla_backend_optimization_level": 0}  # the tests' programs run a few times: compile them fast
@@ -305,11 +307,11 @@ def test_gaussian_vae_trains_writes_figures_and_resumes_exactly(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.opt_state), jax.device_get(full.opt_state))
     assert [l["step"] for l in _metrics(tmp_path / "split")] == [5, 10, 15, 20, 25, 30]
 
-    module, params = vt.load_gaussian_vae(tmp_path / "full")
+    module, params = workdir.load_gaussian_vae(tmp_path / "full")
     assert module.config.image_shape == (8, 8, 1) and module.config.latent_dim == 2
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(full.params))
     with pytest.raises(ValueError, match="not an autoencoder_kl one"):
-        vt.load_autoencoder(tmp_path / "full")
+        workdir.load_autoencoder(tmp_path / "full")
 
 
 def test_non_finite_loss_stops_training(tmp_path):
@@ -373,10 +375,10 @@ def test_autoencoder_kl_trains_and_measures_its_latents(tmp_path):
                      jax.device_get(getattr(full, field)))
 
     # load_autoencoder: the EMA params and the measured scaling factor; eval.json's PSNR is the held-out one.
-    model, params, scaling_factor = vt.load_autoencoder(tmp_path / "full")
+    model, params, scaling_factor = workdir.load_autoencoder(tmp_path / "full")
     assert scaling_factor == record["scaling_factor"] == model.config.scaling_factor
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(full.ema_params))
-    _, held = vt.split_held_out(40, 8, 0)
+    _, held = loop.split_held_out(40, 8, 0)
     np.testing.assert_allclose(record["psnr"], vt.reconstruction_psnr(model, params, images[held]), rtol=1e-5)
     factor, latents = vt.measure_scaling_factor(model, params, images, jax.random.key(5))
     np.testing.assert_allclose(np.std(factor * latents), 1.0, rtol=1e-5)
@@ -387,9 +389,9 @@ def test_autoencoder_kl_trains_and_measures_its_latents(tmp_path):
 
     (tmp_path / "full" / "eval.json").unlink()
     with pytest.raises(FileNotFoundError, match="eval.json does not exist"):
-        vt.load_autoencoder(tmp_path / "full")
+        workdir.load_autoencoder(tmp_path / "full")
     with pytest.raises(ValueError, match="not a gaussian_vae one"):
-        vt.load_gaussian_vae(tmp_path / "full")
+        workdir.load_gaussian_vae(tmp_path / "full")
 
 
 # ================================================================================================
@@ -402,10 +404,10 @@ def test_experiment_configs_validate():
 
     vae = config_lib.load_config(ROOT / "experiments" / "vae_mnist.py")
     assert vt.validate_config(vae) == "gaussian_vae"
-    assert vt.gaussian_vae_config(config_lib.apply_overrides(vae, ["model.latent_dim=2"])).latent_dim == 2
+    assert workdir.gaussian_vae_config(config_lib.apply_overrides(vae, ["model.latent_dim=2"])).latent_dim == 2
     kl = config_lib.load_config(ROOT / "experiments" / "autoencoder_kl_mnist.py")
     assert vt.validate_config(kl) == "autoencoder_kl"
-    assert vt.autoencoder_kl_config(kl).downsampling_factor == 4 and kl.data.image_size == 32  # 8×8 latents
+    assert workdir.autoencoder_kl_config(kl).downsampling_factor == 4 and kl.data.image_size == 32  # 8×8 latents
 
 
 def _run_cli(argv, capsys):

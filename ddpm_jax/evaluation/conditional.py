@@ -21,7 +21,18 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
+import tqdm
+
+from ddpm_jax.data import DIGIT_NAMES
+from ddpm_jax.diffusion_model import DiffusionModel
+from ddpm_jax.evaluation import judge as judge_lib
+from ddpm_jax.pipelines.generate import generate
+from ddpm_jax.plotting import save_figure, save_image_grid
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 PROMPT_TEMPLATE = "a handwritten digit {name}"
@@ -30,8 +41,6 @@ PROMPT_TEMPLATE = "a handwritten digit {name}"
 def class_conditions(kind: str, num_classes: int = 10, per_class: int = 10,
                      template: str = PROMPT_TEMPLATE) -> tuple[np.ndarray, list[str] | None]:
     """(intended classes [num_classes · per_class], prompts or None): class c repeated ``per_class`` times."""
-    from ddpm_jax.pipelines import DIGIT_NAMES
-
     classes = np.repeat(np.arange(num_classes), per_class)
     if kind == "class":
         return classes, None
@@ -40,25 +49,20 @@ def class_conditions(kind: str, num_classes: int = 10, per_class: int = 10,
     raise ValueError(f"a guidance sweep needs a class- or text-conditional model, got condition.kind={kind!r}")
 
 
-def guidance_sweep(model: Any, scales: Sequence[float] = DEFAULT_SCALES, per_class: int = 10, seed: int = 0,
-                   steps: int | None = None, judge: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Judge ``model`` (a ``pipelines.WorkdirModel``) at each guidance scale; a JSON-serialisable dict.
+def guidance_sweep(model: DiffusionModel, scales: Sequence[float] = DEFAULT_SCALES, per_class: int = 10, seed: int = 0,
+                   steps: int | None = None, judge: Any = None, progress: bool = True, sampler: str | None = None) -> dict[str, Any]:
+    """Judge ``model`` (a class- or text-conditional DiffusionModel) at each guidance scale; a JSON-serialisable dict.
 
     The same seed at every w: the sweep changes only the guidance, not the initial noise.
     """
-    from ddpm_jax import pipelines
-    from ddpm_jax.evaluation import judge as judge_lib
-
     classes, prompts = class_conditions(model.kind, per_class=per_class)
     rows, samples = [], {}
     iterator = scales
     if progress:
-        import tqdm
-
         iterator = tqdm.tqdm(scales, desc=f"guidance sweep ({len(classes)} samples per scale)", unit="scale")
     for w in iterator:
-        out = pipelines.generate(model, prompts=prompts, labels=None if prompts else classes, guidance_scale=float(w),
-                                 steps=steps, seed=seed)
+        out = generate(model, prompts=prompts, labels=None if prompts else classes, guidance_scale=float(w),
+                                 steps=steps, seed=seed, sampler=sampler)
         images = out["images"]
         if judge is None:
             judge = judge_lib.get_judge(images.shape[1], progress=progress)
@@ -77,13 +81,6 @@ def guidance_sweep(model: Any, scales: Sequence[float] = DEFAULT_SCALES, per_cla
 
 def plot_guidance_sweep(sweep: dict[str, Any], path: str | os.PathLike) -> pathlib.Path:
     """Accuracy (left axis) and classifier FID (right axis) against the guidance scale w. PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ddpm_jax.plotting import _savefig
-
     w = [r["guidance"] for r in sweep["rows"]]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(w, [100 * r["accuracy"] for r in sweep["rows"]], "o-", color="tab:blue")
@@ -98,14 +95,12 @@ def plot_guidance_sweep(sweep: dict[str, Any], path: str | os.PathLike) -> pathl
         ax2.axhline(sweep["classifier_fid_real_baseline"], color="tab:red", ls=":", lw=0.8)
     ax.set_title(f"{sweep['kind']}-conditional: {sweep['per_class']} samples per digit", fontsize=9)
     fig.tight_layout()
-    return _savefig(fig, path)
+    return save_figure(fig, path)
 
 
 def save_sweep(sweep: dict[str, Any], workdir: str | os.PathLike, name: str = "guidance_sweep"
                ) -> list[pathlib.Path]:
     """``<name>.json`` (without the images), ``<name>.png`` (the plot) and ``<name>_w<w>.png`` grids."""
-    from ddpm_jax.plotting import save_image_grid
-
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in sweep.items() if k != "samples"}

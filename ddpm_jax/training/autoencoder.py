@@ -1,6 +1,6 @@
 """The autoencoder trainers: the lecture's Gaussian VAE and LDM's AutoencoderKL.
 
-Both use the loop every trainer shares (``train_loop.run``: resume from the latest checkpoint, NaN stop,
+Both use the loop every trainer shares (``training.loop.run``: resume from the latest checkpoint, NaN stop,
 metrics.jsonl + tqdm, orbax checkpoints, periodic hooks; the step is one ``jax.jit`` over the device
 mesh, batch sharded on "data"). ``train(config, workdir)`` dispatches on ``config.model.kind``.
 
@@ -88,7 +88,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from ddpm_jax import parallel, train_loop
+from ddpm_jax import config as config_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import parallel, plotting
+from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size
 from ddpm_jax.models.vae import (
     AutoencoderKL,
@@ -99,17 +102,17 @@ from ddpm_jax.models.vae import (
     elbo,
     vae_loss,
 )
-from ddpm_jax.training import ema_decay_at, ema_update, make_optimizer
+from ddpm_jax.training import loop
+from ddpm_jax.training.loop import ema_decay_at, ema_update, make_optimizer, split_held_out
+from ddpm_jax.workdir import AUTOENCODER_KINDS, EVAL_FILENAME, autoencoder_kind, autoencoder_kl_config, gaussian_vae_config
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 FeatureFn = Callable[[jax.Array], Sequence[jax.Array]]
 
-KINDS = ("gaussian_vae", "autoencoder_kl")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 PERCEPTUAL_NETWORKS = ("random", "judge")
 LAST_LAYER = ("decoder", "conv_out", "kernel")  # G_L of Esser et al. Eq. 7
-EVAL_FILENAME = "eval.json"
 # Initialisation runs once: compile it without XLA's backend optimisations. On CPU the ~100 random
 # initialisers of AutoencoderKL otherwise take ~50 s to compile (~6 s like this); the speed of the
 # program that runs once does not matter.
@@ -228,8 +231,6 @@ def judge_feature_fn(image_size: int, seed: int = 0) -> FeatureFn:
 
     Trains the judge once for ``image_size`` (~20 s on 2 cores) and caches it (see ``get_judge``).
     """
-    from ddpm_jax.evaluation import judge as judge_lib
-
     judge = judge_lib.get_judge(image_size, seed)
     net = judge_lib.JudgeCNN()
 
@@ -263,39 +264,6 @@ def make_feature_fn(config: ml_collections.ConfigDict) -> FeatureFn | None:
 # ================================================================================================
 
 
-def model_kind(config: ml_collections.ConfigDict) -> str:
-    kind = config.model.get("kind", None)
-    if kind not in KINDS:
-        raise ValueError(f"config.model.kind must be one of {KINDS}, got {kind!r}")
-    return kind
-
-
-def gaussian_vae_config(config: ml_collections.ConfigDict) -> GaussianVAEConfig:
-    """``GaussianVAEConfig`` from ``config.model``, the image shape from ``config.data``."""
-    m = config.model
-    return GaussianVAEConfig(image_shape=(config.data.image_size, config.data.image_size, config.data.channels),
-                             hidden_dims=tuple(m.hidden_dims), latent_dim=m.latent_dim, likelihood=m.likelihood,
-                             sigma=m.sigma)
-
-
-def autoencoder_kl_config(config: ml_collections.ConfigDict) -> AutoencoderKLConfig:
-    """``AutoencoderKLConfig`` from ``config.model``, checked against ``config.data``."""
-    fields = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
-    known = {f.name for f in dataclasses.fields(AutoencoderKLConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"config.model has fields {unknown} that AutoencoderKLConfig does not know")
-    cfg = AutoencoderKLConfig(**fields)
-    channels, size, f = config.data.channels, config.data.image_size, cfg.downsampling_factor
-    if cfg.in_channels != channels or cfg.out_channels != channels:
-        raise ValueError(f"model.in_channels={cfg.in_channels} and model.out_channels={cfg.out_channels} must equal "
-                         f"data.channels={channels}")
-    if size % f:
-        raise ValueError(f"data.image_size={size} is not divisible by the downsampling factor f={f} of "
-                         f"model.block_out_channels={cfg.block_out_channels}; pick a multiple of {f} (MNIST: 32)")
-    return cfg
-
-
 def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator:
     """The PatchGAN of ``config.discriminator``, checked against the image size."""
     dc, size = config.discriminator, config.data.image_size
@@ -307,7 +275,7 @@ def make_discriminator(config: ml_collections.ConfigDict) -> NLayerDiscriminator
 
 def validate_config(config: ml_collections.ConfigDict) -> str:
     """Every check that needs no data, so a bad config fails in a second with one line; returns the kind."""
-    kind = model_kind(config)
+    kind = autoencoder_kind(config)
     if config.train.get("parallel", "jit") != "jit":
         raise ValueError(f"train.parallel={config.train.parallel!r}: the autoencoder trainers run as one sharded "
                          "jit; use 'jit'")
@@ -323,19 +291,6 @@ def validate_config(config: ml_collections.ConfigDict) -> str:
                          f"got {config.loss.perceptual_network!r}")
     make_discriminator(config)
     return kind
-
-
-def split_held_out(num_examples: int, num_held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices): a permutation from ``seed``; its first ``num_held_out`` are held out.
-
-    The held-out indices stay in permutation order (the bundled digits are sorted by class, so the first
-    held-out digits, shown in the reconstruction grids, are a mix of classes).
-    """
-    if not 0 < num_held_out < num_examples:
-        raise ValueError(f"data.num_held_out={num_held_out} must be between 1 and the number of examples "
-                         f"minus one ({num_examples - 1})")
-    perm = np.random.default_rng([seed, 7]).permutation(num_examples)
-    return np.sort(perm[num_held_out:]), perm[:num_held_out]
 
 
 # ================================================================================================
@@ -558,42 +513,6 @@ def measure_scaling_factor(model: AutoencoderKL, params: PyTree, images: np.ndar
     return float(1.0 / latents.std()), latents
 
 
-def load_autoencoder(workdir: str | os.PathLike, ema: bool = True) -> tuple[AutoencoderKL, PyTree, float]:
-    """The AutoencoderKL trained in ``workdir``: (model, params, scaling_factor).
-
-    ``model.config.scaling_factor`` is the measured one from ``workdir/eval.json``, so
-    ``model.apply({"params": params}, x, method=AutoencoderKL.encode_latents)`` gives unit-variance
-    latents and ``decode_latents`` inverts it. Params: the EMA ones by default (= the raw ones without EMA).
-    """
-    from ddpm_jax import checkpoints
-    from ddpm_jax import config as config_lib
-
-    config = config_lib.load_workdir_config(workdir)
-    if config.model.get("kind") != "autoencoder_kl":
-        raise ValueError(f"workdir {os.fspath(workdir)!r} holds a model.kind={config.model.get('kind')!r} run, "
-                         "not an autoencoder_kl one")
-    path = pathlib.Path(workdir) / EVAL_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the scaling factor is measured at the end of training; "
-                                f"finish it with `ddpm-jax train-vae --config <config> --workdir {os.fspath(workdir)}`")
-    scaling_factor = float(json.loads(path.read_text())["scaling_factor"])
-    model = AutoencoderKL(dataclasses.replace(autoencoder_kl_config(config), scaling_factor=scaling_factor))
-    params = checkpoints.load_params(workdir, ema=ema)
-    return model, params, scaling_factor
-
-
-def load_gaussian_vae(workdir: str | os.PathLike, ema: bool = True) -> tuple[GaussianVAE, PyTree]:
-    """The Gaussian VAE trained in ``workdir``: (module, params)."""
-    from ddpm_jax import checkpoints
-    from ddpm_jax import config as config_lib
-
-    config = config_lib.load_workdir_config(workdir)
-    if config.model.get("kind") != "gaussian_vae":
-        raise ValueError(f"workdir {os.fspath(workdir)!r} holds a model.kind={config.model.get('kind')!r} run, "
-                         "not a gaussian_vae one")
-    return GaussianVAE(gaussian_vae_config(config)), checkpoints.load_params(workdir, ema=ema)
-
-
 # ================================================================================================
 # Figures
 # ================================================================================================
@@ -602,8 +521,6 @@ def load_gaussian_vae(workdir: str | os.PathLike, ema: bool = True) -> tuple[Gau
 def save_reconstruction_grid(originals: np.ndarray, recons: np.ndarray, path: str | os.PathLike,
                              nrow: int = 8) -> pathlib.Path:
     """Rows of ``nrow`` originals, each followed by the row of their reconstructions."""
-    from ddpm_jax import plotting
-
     n = (len(originals) // nrow) * nrow or len(originals)
     nrow = min(nrow, n)
     rows = []
@@ -665,13 +582,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images:
 def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images: np.ndarray | None,
              labels: np.ndarray | None):
     """Checks, config.json, data split, mesh: what both trainers start with."""
-    from ddpm_jax import config as config_lib
-    from ddpm_jax import data as data_lib
-
     cfg = config.train
     validate_config(config)
     mesh = parallel.make_mesh()
-    train_loop.check_batch_split(cfg.batch_size, mesh, "jit")
+    loop.check_batch_split(cfg.batch_size, mesh, "jit")
     if images is None:
         dataset = data_lib.load_dataset_with_labels(config.data)
         images, labels = dataset.images, dataset.labels
@@ -691,16 +605,14 @@ def _run(config, workdir, mesh, state, step_fn, train_images, key, hooks, num_pa
     cfg = config.train
 
     def batch_fn(step: int) -> np.ndarray:  # [B/P, H, W, C]
-        from ddpm_jax import data as data_lib
-
-        return data_lib.get_batch(train_images, step, cfg.batch_size, cfg.seed, jax.process_index(),
+            return data_lib.get_batch(train_images, step, cfg.batch_size, cfg.seed, jax.process_index(),
                                   jax.process_count())
 
     def log_start(start_step: int) -> None:
         logging.info("%s params; %s at step %d", f"{num_params_of(state):,}", "resuming" if start_step else "starting",
                      start_step)
 
-    return train_loop.run(state, train_loop.compile_step(step_fn, mesh), batch_fn, workdir=workdir,
+    return loop.run(state, loop.compile_step(step_fn, mesh), batch_fn, workdir=workdir,
                           num_steps=cfg.num_steps, key=key, mesh=mesh, log_every=cfg.log_every,
                           ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3), hooks=hooks,
                           on_start=log_start)
@@ -716,7 +628,7 @@ def _count(tree: PyTree) -> int:
 
 
 def _host(tree: PyTree) -> PyTree:
-    return jax.tree.map(train_loop.first_local, tree)
+    return jax.tree.map(loop.first_local, tree)
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
@@ -730,8 +642,6 @@ def train_gaussian_vae(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     eval.json: the held-out digits' mean ELBO, reconstruction term and KL (nats, one posterior sample each).
     """
-    from ddpm_jax import plotting
-
     workdir, mesh, train_images, held_out, held_labels = _prepare(config, workdir, images, labels)
     cfg = config.train
     module = GaussianVAE(gaussian_vae_config(config))
@@ -766,7 +676,7 @@ def train_gaussian_vae(config: ml_collections.ConfigDict, workdir: str | os.Path
             plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
 
     state = _run(config, workdir, mesh, state, make_vae_train_step(module, config), train_images, train_key,
-                 [train_loop.Hook(_every(config), figures)], lambda s: _count(s.params))
+                 [loop.Hook(_every(config), figures)], lambda s: _count(s.params))
 
     params = _host(state.ema_params)
     terms_fn = jax.jit(lambda p, x, k: elbo(x, *module.apply({"params": p}, x, k), likelihood=module.config.likelihood,
@@ -775,7 +685,7 @@ def train_gaussian_vae(config: ml_collections.ConfigDict, workdir: str | os.Path
              for i in range(0, len(held_out), 500)]
     record = {name: float(np.mean(np.concatenate([np.asarray(getattr(t, name)) for t in terms])))
               for name in ("elbo", "reconstruction", "kl")}
-    record.update(step=int(train_loop.first_local(state.step)), num_held_out=len(held_out),
+    record.update(step=int(loop.first_local(state.step)), num_held_out=len(held_out),
                   protocol="mean over the held-out digits of the one-sample ELBO (K&W Eq. 10), nats per image")
     _write_json(os.path.join(workdir, EVAL_FILENAME), record)
     logging.info("held-out ELBO %.2f nats (reconstruction %.2f, KL %.2f)", record["elbo"], record["reconstruction"],
@@ -792,8 +702,6 @@ def train_autoencoder_kl(config: ml_collections.ConfigDict, workdir: str | os.Pa
     ``scaling_factor`` (1 / std of sampled latents of up to 2,000 training digits), the latents' mean
     and per-channel std, and the latent shape.
     """
-    from ddpm_jax import plotting
-
     workdir, mesh, train_images, held_out, _ = _prepare(config, workdir, images, None)
     cfg = config.train
     model = AutoencoderKL(autoencoder_kl_config(config))
@@ -822,7 +730,7 @@ def train_autoencoder_kl(config: ml_collections.ConfigDict, workdir: str | os.Pa
             plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
 
     state = _run(config, workdir, mesh, state, step_fn, train_images, train_key,
-                 [train_loop.Hook(_every(config), figures)], lambda s: _count(s.params) + _count(s.disc_params))
+                 [loop.Hook(_every(config), figures)], lambda s: _count(s.params) + _count(s.disc_params))
 
     params = _host(state.ema_params)
     scale_images = train_images[:2000]
@@ -833,7 +741,7 @@ def train_autoencoder_kl(config: ml_collections.ConfigDict, workdir: str | os.Pa
         "latent_mean": float(latents.mean()),
         "latent_std_per_channel": [float(s) for s in latents.std(axis=(0, 1, 2))],
         "latent_shape": list(latents.shape[1:]),
-        "step": int(train_loop.first_local(state.step)),
+        "step": int(loop.first_local(state.step)),
         "num_held_out": len(held_out),
         "protocol": ("psnr: mean per-image PSNR (dB, peak-to-peak 2 on [-1, 1]) of D(mode q(z|x)) on the held-out "
                      f"digits, EMA params; scaling_factor: 1/std of z ~ q(z|x) over {len(scale_images)} training "

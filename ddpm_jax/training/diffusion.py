@@ -1,4 +1,4 @@
-"""Training: ``TrainState``, the pure ``train_step`` (Algorithm 1 of Ho et al. 2020) and the loop.
+"""The diffusion trainer: the pure ``train_step`` (Algorithm 1 of Ho et al. 2020) and ``train``.
 
 Algorithm 1 (Training), one step per batch::
 
@@ -66,7 +66,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,28 +74,20 @@ import numpy as np
 import optax
 from jax import lax
 
-from ddpm_jax import diffusion, guidance, parallel, samplers, train_loop
-from ddpm_jax.models.unet import UNet, UNetConfig
-from ddpm_jax.schedules import Schedule, get_schedule
+from ddpm_jax import config as config_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import diffusion, guidance, parallel, plotting
+from ddpm_jax.guidance import CONDITION_KEYS, model_condition
+from ddpm_jax.models.unet import UNet
+from ddpm_jax.pipelines.generate import guided_sample, make_sample_fn
+from ddpm_jax.pipelines.training_data import DiffusionData, check_model_fits, load_training_data
+from ddpm_jax.schedules import Schedule
+from ddpm_jax.training import loop
+from ddpm_jax.training.loop import TrainState, ema_decay_at, ema_update, make_lr_schedule, make_optimizer
+from ddpm_jax.workdir import diffusion_model_from_config, unet_config
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-
-
-# ================================================================================================
-# Train state
-# ================================================================================================
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (a pytree), plus the code that changes it (static)."""
-
-    step: jax.Array                 # int32 [], number of updates done
-    params: PyTree                  # θ
-    ema_params: PyTree              # EMA of θ, used for sampling
-    opt_state: optax.OptState       # Adam moments (and clipping/schedule counters)
-    apply_fn: Callable = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
@@ -117,55 +108,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 
 # ================================================================================================
-# Optimizer and EMA
-# ================================================================================================
-
-def make_lr_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-    """lr · min(step / warmup_steps, 1), as in Ho et al.'s code (0 at step 0)."""
-    if warmup_steps <= 0:
-        return optax.constant_schedule(lr)
-    return optax.linear_schedule(init_value=0.0, end_value=lr, transition_steps=warmup_steps)
-
-
-def make_optimizer(lr: float = 2e-4, warmup_steps: int = 5000, grad_clip: float | None = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """Adam with linear warm-up, after clipping the gradients to global norm ``grad_clip``."""
-    adam = optax.adam(make_lr_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps)
-    if not grad_clip:
-        return adam
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
-
-
-def ema_update(ema_params: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-
-
-def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
-    """The EMA decay used at update ``step`` (0-based).
-
-    Without warm-up it is ``decay`` (Ho et al.). With warm-up it is min(decay, (1 + s)/(10 + s)), the
-    ``num_updates`` rule of TensorFlow's ExponentialMovingAverage: a short run would otherwise keep
-    decay^s of the random initialisation in θ_ema (0.999^1500 ≈ 22% after 1,500 steps).
-    """
-    if not warmup:
-        return jnp.asarray(decay, jnp.float32)
-    s = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + s) / (10.0 + s))
-
-
-# ================================================================================================
 # The step: one body, two parallel formulations
 # ================================================================================================
-
-CONDITION_KEYS = ("label", "context")  # the batch entries besides "x0" that condition the model
-
-
-def model_condition(cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The U-Net keyword arguments for a batch's condition: label → class_labels, context → context."""
-    names = {"label": "class_labels", "context": "context"}
-    return {names[k]: v for k, v in cond.items()}
-
 
 def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: jax.Array, *, model: nn.Module,
                     schedule: Schedule, prediction: str, random_flip: bool, p_uncond: float,
@@ -257,47 +201,7 @@ def compile_train_step(model: nn.Module, schedule: Schedule, config: ml_collecti
     if kind not in ("jit", "pmap"):
         raise ValueError(f"train.parallel must be 'jit' or 'pmap', got {kind!r}")
     step = functools.partial(make_train_step, model, schedule, config, null_condition=null_condition)
-    return train_loop.compile_step(step(), mesh, kind, step(axis_name=parallel.DATA_AXIS) if kind == "pmap" else None)
-
-
-# ================================================================================================
-# Sampling during training
-# ================================================================================================
-
-def make_eps_fn(model: nn.Module, params: PyTree) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``eps_fn(x_t [B, H, W, C], t [B]) -> model output`` for the samplers (eval mode: no dropout)."""
-    return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
-
-
-def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.ConfigDict,
-                   shape: tuple[int, ...], *, return_trajectory: bool = False) -> Callable[..., Any]:
-    """``sample(params, key, cond=None, uncond=None, guidance_scale=1.0) -> x_0 [shape]`` (not compiled).
-
-    Uses ``config.sample`` (sampler "ddim" with ``steps``/``eta``, or "ddpm" = Algorithm 2). A conditional
-    model gets its condition as a dict of U-Net inputs (``{"class_labels": [B]}`` or ``{"context":
-    [B, L, D]}``, leading dim B or 1) and the null condition ``uncond`` of the same structure; the two
-    predictions are combined by classifier-free guidance with scale w (``guidance.py``; w is traced, so
-    one compiled sampler serves every w). ``return_trajectory`` also returns x_t along the chain.
-    """
-    sampler = config.sample.get("sampler", "ddim")
-    prediction = config.diffusion.prediction
-    # x̂_0 is clipped to [-1, 1] for pixels; latents have no such range (default: clip in pixel space only).
-    clip = bool(config.sample.get("clip_denoised", not config.get("latent", {}).get("autoencoder", None)))
-    if sampler not in samplers.SAMPLERS:
-        raise ValueError(f"sample.sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
-
-    def sample(params: PyTree, key: jax.Array, cond: dict | None = None, uncond: dict | None = None,
-               guidance_scale: float | jax.Array = 1.0) -> Any:
-        if cond is None:
-            eps_fn = make_eps_fn(model, params)
-        else:
-            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(model, params), cond, uncond, guidance_scale)
-        return samplers.sample(eps_fn, schedule, shape, key, sampler=sampler, num_steps=config.sample.get("steps", 50),
-                               eta=config.sample.get("eta", 0.0), prediction=prediction,
-                               variance=config.diffusion.variance, clip_denoised=clip,
-                               return_trajectory=return_trajectory)
-
-    return sample
+    return loop.compile_step(step(), mesh, kind, step(axis_name=parallel.DATA_AXIS) if kind == "pmap" else None)
 
 
 # ================================================================================================
@@ -308,45 +212,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           images: np.ndarray | None = None, data: Any | None = None) -> TrainState:
     """Trains (or resumes) the run described by ``config`` in ``workdir``; returns the final state.
 
-    The training arrays come from ``pipelines.load_training_data(config)`` (images, or an autoencoder's
+    The training arrays come from ``load_training_data(config)`` (images, or an autoencoder's
     latents; class labels or caption contexts for a conditional model); ``images`` [N, H, W, C] in
-    [-1, 1] or a ``pipelines.DiffusionData`` ``data`` overrides that. Re-running the same call after a
+    [-1, 1] or a ``DiffusionData`` ``data`` overrides that. Re-running the same call after a
     crash resumes from the latest checkpoint with the same data order and random numbers.
     Raises FloatingPointError at the first non-finite loss (nothing is saved after the last good
     checkpoint) and ValueError when the batch does not split over the devices or the model does not
     fit the data.
     """
-    # Imported here: data and plotting (matplotlib) are only needed by the loop.
-    from ddpm_jax import config as config_lib
-    from ddpm_jax import data as data_lib
-    from ddpm_jax import pipelines, plotting
-
     cfg = config.train
     workdir = os.fspath(workdir)
     is_chief = jax.process_index() == 0
     mesh = parallel.make_mesh()
     kind = cfg.get("parallel", "jit")
-    train_loop.check_batch_split(cfg.batch_size, mesh, kind)
+    loop.check_batch_split(cfg.batch_size, mesh, kind)
 
     # ---------------------------------------------------------------------------------------------
     # Data, model, diffusion, optimizer
     # ---------------------------------------------------------------------------------------------
     num_samples = cfg.get("num_samples", 64)
     if data is None:
-        data = (pipelines.load_training_data(config, num_samples) if images is None
-                else pipelines.DiffusionData({"x0": np.asarray(images, np.float32)}))
-    pipelines.check_model_fits(config, data)
+        data = (load_training_data(config, num_samples) if images is None
+                else DiffusionData({"x0": np.asarray(images, np.float32)}))
+    check_model_fits(config, data)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     if is_chief:
         config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
     arrays = {k: np.asarray(v) for k, v in data.arrays.items()}                 # "x0" [N, h, w, c], ...
-    model = UNet(UNetConfig(**config.model.to_dict()))
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    sampling = diffusion_model_from_config(config, UNet(unet_config(config)), None, codec=data.codec,
+                                           null_condition=data.null_condition)
+    model, schedule = sampling.unet, sampling.schedule
     tx = make_optimizer(cfg.lr, cfg.warmup_steps, cfg.grad_clip)
     init_key, train_key, sample_key = jax.random.split(jax.random.key(cfg.seed), 3)
 
     # ---------------------------------------------------------------------------------------------
-    # State (initialized replicated over the mesh; train_loop.run restores the latest checkpoint)
+    # State (initialized replicated over the mesh; loop.run restores the latest checkpoint)
     # ---------------------------------------------------------------------------------------------
     replicated = parallel.replicated_sharding(mesh)
     example = model_condition({k: v[:1] for k, v in arrays.items() if k in CONDITION_KEYS})
@@ -361,27 +261,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     # ---------------------------------------------------------------------------------------------
     # Sample grids during training (conditioned on data.grid_condition, guided with sample.guidance)
     # ---------------------------------------------------------------------------------------------
-    sample_fn = make_sample_fn(model, schedule, config, (num_samples, *data.x0_shape))
+    sample_fn = make_sample_fn(sampling, (num_samples, *data.x0_shape))
     grid_uncond = {k: np.broadcast_to(data.null_condition[k], v.shape) for k, v in data.grid_condition.items()}
     w = float(config.sample.get("guidance", 1.0))
-    sample_grid = jax.jit(lambda params, key: data.decode(pipelines.guided_sample(
+    sample_grid = jax.jit(lambda params, key: data.decode(guided_sample(
         sample_fn, params, key, data.grid_condition, grid_uncond, w)), out_shardings=replicated)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     def save_samples(state: TrainState, step: int) -> None:
-        samples = train_loop.first_local(sample_grid(state.ema_params, sample_key))   # [n, H, W, C]
+        samples = loop.first_local(sample_grid(state.ema_params, sample_key))   # [n, H, W, C]
         if is_chief:
             plotting.save_image_grid(samples, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
             plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
 
     # ---------------------------------------------------------------------------------------------
-    # Loop (train_loop.run: resume, step, check, log, checkpoint, hooks)
+    # Loop (loop.run: resume, step, check, log, checkpoint, hooks)
     # ---------------------------------------------------------------------------------------------
     def batch_fn(step: int) -> dict[str, np.ndarray]:                         # {"x0": [B/P, h, w, c], ...}
         return {k: data_lib.get_batch(v, step, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
                 for k, v in arrays.items()}
 
-    return train_loop.run(
+    return loop.run(
         state, compile_train_step(model, schedule, config, mesh, data.null_condition), batch_fn, workdir=workdir, num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind,
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
-        hooks=[train_loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start)
+        hooks=[loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start)

@@ -10,8 +10,8 @@ placed, with captions measured from the pixels ("a thick, slanted seven", "the n
 small in the top left"). The tokenizer is a small BPE fitted on the training captions
 (``tokenizer.train_tokenizer``) unless ``config.tokenizer.path`` names a folder.
 
-The loop is the one every trainer shares (``train_loop.run``: resume, NaN stop, metrics.jsonl,
-checkpoints, hooks); the state is ``training.TrainState`` (step, params, EMA params, Adam state);
+The loop is the one every trainer shares (``training.loop.run``: resume, NaN stop, metrics.jsonl,
+checkpoints, hooks); the state is ``training.loop.TrainState`` (step, params, EMA params, Adam state);
 the step is one ``jax.jit`` over the device mesh, the global batch sharded along "data" — the loss
 needs all N×N similarities, which the sharded jit computes over the *global* batch (XLA gathers the
 embeddings), so the result does not depend on the number of devices. (A pmap step would have to
@@ -68,7 +68,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import parallel, train_loop, training
+from ddpm_jax import config as config_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import parallel, plotting
+from ddpm_jax.data import DIGIT_NAMES
 from ddpm_jax.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -79,37 +82,19 @@ from ddpm_jax.models.clip import (
     contrastive_logits,
 )
 from ddpm_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ddpm_jax.training import loop
+from ddpm_jax.training.loop import TrainState, ema_decay_at, ema_update, make_lr_schedule, make_optimizer, split_held_out
+from ddpm_jax.workdir import EVAL_FILENAME, TOKENIZER_DIR, clip_config
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
-TOKENIZER_DIR = "tokenizer"
-EVAL_FILE = "eval.json"
 DEFAULT_TEMPLATES = ("a handwritten digit {name}", "the number {digit}", "a handwritten {name}", "the digit {digit}")
 
 
 # ================================================================================================
 # Config → model
 # ================================================================================================
-
-def clip_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-    """The ``CLIPConfig`` of ``config.model`` (after :func:`resolve_config` has filled in the tokenizer's sizes)."""
-    m = config.model
-    projection_dim = int(m.projection_dim)
-    text = CLIPTextConfig(**{**m.text.to_dict(), "projection_dim": projection_dim})
-    vision_fields = {**m.vision.to_dict(), "projection_dim": projection_dim}
-    vision_fields["patch_size"] = int(vision_fields["patch_size"])
-    vision = CLIPVisionConfig(**vision_fields)
-    if vision.image_size % vision.patch_size:
-        raise ValueError(f"model.vision.patch_size={vision.patch_size} does not divide the image size "
-                         f"{vision.image_size}; pick a divisor (28: 4, 7 or 14)")
-    for name, c in (("text", text), ("vision", vision)):
-        if c.hidden_size % c.num_attention_heads:
-            raise ValueError(f"model.{name}.hidden_size={c.hidden_size} is not divisible by "
-                             f"num_attention_heads={c.num_attention_heads}")
-    return CLIPConfig(text=text, vision=vision, projection_dim=projection_dim,
-                      logit_scale_init_value=float(m.logit_scale_init_value))
-
 
 def resolve_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ml_collections.ConfigDict:
     """Fills in what the tokenizer and the data decide: vocabulary size, end token, context length,
@@ -130,10 +115,10 @@ def init_params(model: CLIPModel, key: jax.Array) -> PyTree:
     return model.init(key, ids, images)["params"]
 
 
-def create_train_state(model: CLIPModel, tx: optax.GradientTransformation, key: jax.Array) -> training.TrainState:
-    """``training.TrainState`` (step, params, EMA params, Adam state) for the CLIP model."""
+def create_train_state(model: CLIPModel, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """``training.loop.TrainState`` (step, params, EMA params, Adam state) for the CLIP model."""
     params = init_params(model, key)
-    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                                apply_fn=model.apply, tx=tx)
 
@@ -143,7 +128,7 @@ def create_train_state(model: CLIPModel, tx: optax.GradientTransformation, key: 
 # ================================================================================================
 
 def make_train_step(model: CLIPModel, config: ml_collections.ConfigDict) -> Callable[
-        [training.TrainState, dict[str, jax.Array], jax.Array], tuple[training.TrainState, Metrics]]:
+        [TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
     """The pure ``train_step(state, batch, key) -> (state, metrics)`` on the global batch.
 
     ``batch = {"images": [B, H, W, 1], "input_ids": [B, T]}``, row i a matching pair. The step uses no
@@ -152,19 +137,19 @@ def make_train_step(model: CLIPModel, config: ml_collections.ConfigDict) -> Call
     clipped at 100), grad_norm (before clipping), lr.
     """
     cfg = config.train
-    lr_schedule = training.make_lr_schedule(cfg.lr, cfg.warmup_steps)
+    lr_schedule = make_lr_schedule(cfg.lr, cfg.warmup_steps)
     ema_decay, ema_warmup = float(cfg.ema_decay), bool(cfg.get("ema_warmup", False))
 
     def loss_fn(params: PyTree, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         out = model.apply({"params": params}, batch["input_ids"], batch["images"])
         return clip_loss(out.image_embeds, out.text_embeds, params["logit_scale"]), out.logits_per_image
 
-    def train_step(state: training.TrainState, batch: dict[str, jax.Array], key: jax.Array):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         del key  # deterministic: no dropout, no augmentation inside the step
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = training.ema_decay_at(state.step, ema_decay, ema_warmup)
+        decay = ema_decay_at(state.step, ema_decay, ema_warmup)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])),
@@ -173,7 +158,7 @@ def make_train_step(model: CLIPModel, config: ml_collections.ConfigDict) -> Call
             "lr": lr_schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=training.ema_update(state.ema_params, params, decay))
+                                  ema_params=ema_update(state.ema_params, params, decay))
         return new_state, metrics
 
     return train_step
@@ -252,8 +237,6 @@ def evaluate(model: CLIPModel, params: PyTree, tokenizer: Tokenizer, images: np.
              ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Zero-shot digit accuracy (prompt ensemble over ``templates``) and text→image recall@k on
     (images, labels, captions); returns a JSON-able dict."""
-    from ddpm_jax.data import DIGIT_NAMES
-
     num_classes, labels = len(DIGIT_NAMES), np.asarray(labels)
     prompts, first_prompts = class_prompts(templates, DIGIT_NAMES), class_prompts(templates[:1], DIGIT_NAMES)
     texts = [*prompts, *first_prompts, *captions]
@@ -290,8 +273,6 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ddpm_jax import plotting
-
     n = len(captions)
     fig = plt.figure(figsize=(4.0 + 0.55 * n, 1.2 + 0.5 * n))
     grid = fig.add_gridspec(2, 1, height_ratios=[1, n], hspace=0.03, left=0.45, right=0.97, top=0.93, bottom=0.03)
@@ -311,57 +292,12 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
     ax.set_xlabel("image")
     if title:
         ax_images.set_title(title, fontsize=9)
-    return plotting._savefig(fig, path)
-
-
-# ================================================================================================
-# Workdirs
-# ================================================================================================
-
-def load_clip_model_workdir(workdir: str | os.PathLike, ema: bool = True
-                            ) -> tuple[CLIPModel, PyTree, Tokenizer, ml_collections.ConfigDict]:
-    """(CLIPModel, params, tokenizer, config) of a trained workdir (EMA params by default).
-
-    Raises FileNotFoundError when the workdir, its config.json, tokenizer/ or checkpoint is missing.
-    """
-    from ddpm_jax import checkpoints
-    from ddpm_jax import config as config_lib
-
-    config = config_lib.load_workdir_config(workdir)
-    tokenizer_dir = pathlib.Path(workdir) / TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"workdir {os.fspath(workdir)!r} has no {TOKENIZER_DIR}/ folder; was it written by "
-                                f"ddpm-jax train-clip?")
-    tokenizer = load_tokenizer(tokenizer_dir, context_length=int(config.tokenizer.context_length))
-    params = checkpoints.load_params(workdir, ema=ema)
-    return CLIPModel(clip_config(config)), params, tokenizer, config
-
-
-def load_clip_workdir(workdir: str | os.PathLike, ema: bool = True
-                      ) -> tuple[CLIPTextModelWithProjection, PyTree, Tokenizer]:
-    """The text side of a trained workdir: (text model, its params, tokenizer).
-
-    ``text_model.apply({"params": params}, tokenizer(prompts))`` → ``CLIPEncoderOutput`` with
-    ``last_hidden_state`` [B, T, D] (per-token states, what cross-attention reads), ``pooled`` and
-    ``embeds`` (in the joint space, comparable with the image embeddings).
-    """
-    model, params, tokenizer, _ = load_clip_model_workdir(workdir, ema)
-    text_params = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
-    return CLIPTextModelWithProjection(model.config.text), text_params, tokenizer
+    return plotting.save_figure(fig, path)
 
 
 # ================================================================================================
 # The loop
 # ================================================================================================
-
-def split_held_out(num_examples: int, num_held_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices), from a permutation by ``seed``."""
-    if not 0 < num_held_out < num_examples:
-        raise ValueError(f"data.num_held_out={num_held_out} must be between 1 and the number of examples minus "
-                         f"one ({num_examples - 1})")
-    perm = np.random.default_rng([seed, 7]).permutation(num_examples)
-    return np.sort(perm[num_held_out:]), np.sort(perm[:num_held_out])
-
 
 def fixed_batch_indices(indices: np.ndarray, labels: np.ndarray, num: int, seed: int) -> np.ndarray:
     """``num`` of ``indices`` drawn by ``seed``, preferring distinct labels (one per digit first), ordered
@@ -392,18 +328,54 @@ def _tokenizer_for(config: ml_collections.ConfigDict, workdir: str, captions: Se
     return load_tokenizer(out, context_length=length)
 
 
+def captioned_layouts(config: ml_collections.ConfigDict, dataset: Any | None = None
+                      ) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """(layouts, train indices, held-out indices): the digits in ``data.num_layouts`` placements (seeds
+    data.seed + k), each measured and captioned, or ``dataset``; held-out *digits* (all their placements)
+    are never trained on and are evaluated in the first placement."""
+    if dataset is None:
+        layouts = [data_lib.load_captioned_digits(int(config.data.image_size), seed=int(config.data.seed) + k,
+                                                  layout=config.data.get("layout", "random"))
+                   for k in range(int(config.data.get("num_layouts", 1)))]
+    else:
+        layouts = [dataset]
+    images = np.asarray(layouts[0].images, np.float32)                        # [N, H, W, 1]
+    size = int(config.data.image_size)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 1):
+        raise ValueError(f"images have shape {images.shape}, but config.data.image_size asks for [N, {size}, {size}, 1]")
+    train_idx, held_idx = split_held_out(len(images), int(config.data.num_held_out), int(config.train.seed))
+    return layouts, train_idx, held_idx
+
+
+def write_evaluation(config: ml_collections.ConfigDict, workdir: str, model: CLIPModel, state: TrainState,
+                     tokenizer: Tokenizer, images: np.ndarray, labels: np.ndarray, captions: Sequence[str]
+                     ) -> dict[str, Any]:
+    """eval.json (zero-shot accuracy, recall@k on the held-out digits), similarity.png and loss.png."""
+    params = jax.tree.map(loop.first_local, state.ema_params)
+    record = evaluate(model, params, tokenizer, images, labels, captions, tuple(config.eval.templates),
+                      tuple(config.eval.recall_ks))
+    record = {"step": int(loop.first_local(state.step)), **record}
+    if jax.process_index() == 0:
+        pathlib.Path(workdir, EVAL_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+        latest = pathlib.Path(workdir, "similarity", f"step_{record['step']:07d}.png")
+        if latest.is_file():
+            pathlib.Path(workdir, "similarity.png").write_bytes(latest.read_bytes())
+        metrics = pathlib.Path(workdir, "metrics.jsonl")
+        if metrics.is_file() and metrics.stat().st_size:
+            plotting.plot_loss_curve(metrics, os.path.join(workdir, "loss.png"))
+    logging.info("zero-shot accuracy %.3f, text→image recall@1/5/10 %s", record["zero_shot_accuracy"],
+                 [round(record.get(f"text_to_image_recall@{k}", float("nan")), 3) for k in (1, 5, 10)])
+    return record
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset: Any | None = None
-          ) -> training.TrainState:
+          ) -> TrainState:
     """Trains (or resumes) the CLIP of ``config`` in ``workdir``, then writes eval.json; returns the state.
 
     ``dataset`` (anything with ``images`` [N, H, W, 1], ``labels`` [N] and ``captions``) overrides
     ``data.load_captioned_digits``. Raises FloatingPointError at the first non-finite loss and
     ValueError for a batch that does not split over the devices or a bad model config.
     """
-    from ddpm_jax import config as config_lib
-    from ddpm_jax import data as data_lib
-    from ddpm_jax import plotting
-
     cfg = config.train
     workdir = os.fspath(workdir)
     is_chief = jax.process_index() == 0
@@ -412,25 +384,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
         raise ValueError(f"train.parallel={kind!r}: the CLIP step runs as one sharded jit (its loss needs the "
                          f"whole batch); use 'jit'")
     mesh = parallel.make_mesh()
-    train_loop.check_batch_split(cfg.batch_size, mesh, kind)
+    loop.check_batch_split(cfg.batch_size, mesh, kind)
     os.makedirs(workdir, exist_ok=True)
 
     # ---------------------------------------------------------------------------------------------
     # Data and tokenizer
     # ---------------------------------------------------------------------------------------------
-    if dataset is None:  # the digits in num_layouts placements (seeds data.seed + k), each measured and captioned
-        layouts = [data_lib.load_captioned_digits(int(config.data.image_size), seed=int(config.data.seed) + k,
-                                                  layout=config.data.get("layout", "random"))
-                   for k in range(int(config.data.get("num_layouts", 1)))]
-    else:
-        layouts = [dataset]
+    layouts, train_idx, held_idx = captioned_layouts(config, dataset)
     images = np.asarray(layouts[0].images, np.float32)                        # [N, H, W, 1]
     labels, captions = np.asarray(layouts[0].labels), list(layouts[0].captions)
-    size = int(config.data.image_size)
-    if images.ndim != 4 or images.shape[1:] != (size, size, 1):
-        raise ValueError(f"images have shape {images.shape}, but config.data.image_size asks for [N, {size}, {size}, 1]")
-    # Held-out *digits* (all their placements) are never trained on; they are evaluated in the first placement.
-    train_idx, held_idx = split_held_out(len(images), int(config.data.num_held_out), cfg.seed)
     train_captions = [layout.captions[i] for layout in layouts for i in train_idx]
     tokenizer = _tokenizer_for(config, workdir, train_captions)
     config = resolve_config(config, tokenizer)
@@ -444,7 +406,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
     # Model, optimizer, state
     # ---------------------------------------------------------------------------------------------
     model = CLIPModel(clip_config(config))
-    tx = training.make_optimizer(cfg.lr, cfg.warmup_steps, cfg.grad_clip)
+    tx = make_optimizer(cfg.lr, cfg.warmup_steps, cfg.grad_clip)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     replicated = parallel.replicated_sharding(mesh)
     state = jax.jit(functools.partial(create_train_state, model, tx), out_shardings=replicated)(init_key)
@@ -466,8 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
         out = model.apply({"params": params}, plot_ids, plot_images)
         return contrastive_logits(out.text_embeds, out.image_embeds, jnp.zeros(()))  # cosines [texts, images]
 
-    def save_similarity(state: training.TrainState, step: int) -> None:
-        similarity = train_loop.first_local(similarity_fn(state.ema_params))
+    def save_similarity(state: TrainState, step: int) -> None:
+        similarity = loop.first_local(similarity_fn(state.ema_params))
         if is_chief:
             path = os.path.join(workdir, "similarity", f"step_{step:07d}.png")
             plot_similarity_matrix(plot_images, plot_captions, similarity, path, title=f"step {step}")
@@ -480,28 +442,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, dataset
         return {"images": data_lib.get_batch(train_images, *args), "input_ids": data_lib.get_batch(train_ids, *args)}
 
     plot_every = int(cfg.get("plot_every", 0)) or int(cfg.num_steps)
-    state = train_loop.run(
-        state, train_loop.compile_step(make_train_step(model, config), mesh, kind), batch_fn, workdir=workdir,
+    state = loop.run(
+        state, loop.compile_step(make_train_step(model, config), mesh, kind), batch_fn, workdir=workdir,
         num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind, log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
-        hooks=[train_loop.Hook(plot_every, save_similarity)], on_start=log_start)
+        hooks=[loop.Hook(plot_every, save_similarity)], on_start=log_start)
 
     # ---------------------------------------------------------------------------------------------
     # Evaluation on the held-out digits
     # ---------------------------------------------------------------------------------------------
-    params = jax.tree.map(train_loop.first_local, state.ema_params)
-    record = evaluate(model, params, tokenizer, images[held_idx], labels[held_idx], [captions[i] for i in held_idx],
-                      tuple(config.eval.templates), tuple(config.eval.recall_ks))
-    record = {"step": int(train_loop.first_local(state.step)), **record}
-    if is_chief:
-        pathlib.Path(workdir, EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        latest = pathlib.Path(workdir, "similarity", f"step_{record['step']:07d}.png")
-        if latest.is_file():
-            pathlib.Path(workdir, "similarity.png").write_bytes(latest.read_bytes())
-        metrics = pathlib.Path(workdir, "metrics.jsonl")
-        if metrics.is_file() and metrics.stat().st_size:
-            plotting.plot_loss_curve(metrics, os.path.join(workdir, "loss.png"))
-    logging.info("zero-shot accuracy %.3f, text→image recall@1/5/10 %s", record["zero_shot_accuracy"],
-                 [round(record.get(f"text_to_image_recall@{k}", float("nan")), 3) for k in (1, 5, 10)])
+    write_evaluation(config, workdir, model, state, tokenizer, images[held_idx], labels[held_idx],
+                     [captions[i] for i in held_idx])
     return state
 

@@ -41,12 +41,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from ddpm_jax import diffusion, guidance, parallel, pipelines, schedulers
+from ddpm_jax import diffusion, guidance, parallel, plotting, schedulers
+from ddpm_jax.diffusion_model import TextEncoder
 from ddpm_jax.models.clip import CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pretrained import Params, convert_state_dict, load_unet, load_vae, read_state_dict
+from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
 from ddpm_jax.tokenizer import Tokenizer, load_tokenizer
 
 Array = jax.Array
@@ -174,7 +177,7 @@ class StableDiffusion:
         self._replicated = parallel.replicated_sharding(self.mesh)
         if self.mesh.devices.size > 1:
             self.params = jax.device_put(self.params, self._replicated)
-        self.text = pipelines.TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"])
+        self.text = TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"])
         self._programs: dict[tuple, Callable] = {}
         self._bar = None
         self.trace_count = 0
@@ -352,7 +355,7 @@ class StableDiffusion:
         """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
         with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
         "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
-        averaged over heads, layers and steps; ``pipelines.token_attention_maps``) and "tokens" (per prompt).
+        averaged over heads, layers and steps; ``cross_attention.token_attention_maps``) and "tokens" (per prompt).
 
         ``latents``: the initial noise z_T ~ N(0, I) [B, h, w, 4] (NHWC; diffusers' ``latents`` are NCHW),
         else drawn from ``seed``. The same seed gives the same images.
@@ -410,11 +413,10 @@ class StableDiffusion:
 
     # --------------------------------------------------------------------------------------------
     def _add_attention(self, result: dict[str, Any], prompts: list[str]) -> None:
-        """Per-token cross-attention maps averaged over heads, layers and steps (pipelines.token_attention_maps)."""
+        """Per-token cross-attention maps averaged over heads, layers and steps (cross_attention.token_attention_maps)."""
         model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=self.params["unet"])
-        result["attention"] = pipelines.token_attention_maps(model, result["model_inputs"], prompts,
-                                                             result["timesteps"])       # [B, h, w, 77]
-        result["tokens"] = [pipelines.prompt_tokens(self.text, p) for p in prompts]
+        result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"])       # [B, h, w, 77]
+        result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]
 
 
 def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
@@ -450,3 +452,51 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
 
 
 __all__ = ["StableDiffusion", "add_noise", "byte_tokenizer", "load_text_encoder", "resolve_dtype", "resolve_path"]
+
+
+# ================================================================================================
+# What `ddpm-jax txt2img --model` and `ddpm-jax img2img` write
+# ================================================================================================
+
+def read_image(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """A PNG/JPEG → [1, H, W, 3] float32 in [−1, 1], resized (bicubic) to height × width if given."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if height and width:
+            im = im.resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(im, np.float32)
+    return (pixels / 127.5 - 1.0)[None]
+
+
+def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | Path = "txt2img.png", *,
+                     steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+                     negative_prompts: Sequence[str] | None = None, height: int = 512, width: int = 512,
+                     attention_maps: bool = False) -> list[Path]:
+    """One image per prompt as a PNG grid; the denoising loop is one compiled program, its tqdm bar fed by
+    ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``."""
+    result = pipe.txt2img(list(prompts), negative_prompts=negative_prompts or None, guidance_scale=guidance_scale,
+                          num_steps=steps, height=height, width=width, seed=seed, return_attention=attention_maps,
+                          progress=True)
+    out_path = Path(out)
+    written = [plotting.save_image_grid(result["images"], out_path, min_tile=1)]
+    if attention_maps:
+        for i, tokens in enumerate(result["tokens"]):
+            path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")
+            written.append(save_attention_overlays(result["images"][i:i + 1],
+                                                   result["attention"][i:i + 1, :, :, :len(tokens)], tokens, path))
+    return written
+
+
+def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence[str], out: str | Path = "img2img.png",
+                     *, strength: float = 0.75, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
+                     negative_prompts: Sequence[str] | None = None, height: int | None = None,
+                     width: int | None = None) -> list[Path]:
+    """SDEdit on the image file: encode it, noise it to ``strength``, denoise with each prompt; a PNG grid."""
+    pixels = read_image(image, height, width)
+    prompts = list(prompts)
+    result = pipe.img2img(np.repeat(pixels, len(prompts), axis=0), prompts, strength=strength,
+                          negative_prompts=negative_prompts or None, guidance_scale=guidance_scale, num_steps=steps,
+                          seed=seed, progress=True)
+    return [plotting.save_image_grid(result["images"], out, min_tile=1)]
