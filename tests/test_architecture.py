@@ -35,10 +35,10 @@ def resolve(name: str) -> str | None:
     return name or None
 
 
-def imports_of(module: str) -> list[tuple[str, str | None, int]]:
-    """(imported module, imported name or None, line) for every ddpm_jax import in ``module``."""
-    tree = ast.parse(MODULES[module].read_text())
-    is_package = MODULES[module].name == "__init__.py"
+def imports_of(module: str, source: str | None = None) -> list[tuple[str, str | None, int]]:
+    """(imported module, imported name or None, line) for every ddpm_jax import in ``module`` (or ``source``)."""
+    tree = ast.parse(MODULES[module].read_text() if source is None else source)
+    is_package = module in MODULES and MODULES[module].name == "__init__.py"
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -101,10 +101,13 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle(edges) is not None
 
 
-def test_the_graph_sees_in_function_imports():
-    # pipelines.generate imports ddpm_jax.samplers; the graph must have that edge however it is written
-    assert "ddpm_jax.samplers" in graph()["ddpm_jax.pipelines.generate"]
-    assert "ddpm_jax.pipelines" in graph()["ddpm_jax.pipelines.generate"]  # the package __init__ as well
+def test_the_graph_sees_in_function_and_relative_imports():
+    source = "def f():\n    from ddpm_jax.training import loop\n    from . import samplers\n    import ddpm_jax.cli\n"
+    found = {t for t, _, _ in imports_of("ddpm_jax.schedules", source)}
+    assert found == {"ddpm_jax.training.loop", "ddpm_jax.samplers", "ddpm_jax.cli"}
+    edges = graph()
+    assert "ddpm_jax.samplers" in edges["ddpm_jax.pipelines.generate"]
+    assert "ddpm_jax.pipelines" in edges["ddpm_jax.pipelines.cross_attention"]  # the package __init__ as well
 
 
 def test_the_paper_core_imports_nothing_above_it():
