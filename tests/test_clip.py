@@ -21,10 +21,9 @@ from ddpm_jax.models.clip import (  # noqa: E402
     CLIPTextModelWithProjection,
     CLIPTextTransformer,
     CLIPVisionTransformer,
-    clip_loss,
-    contrastive_logits,
     pooled_token_index,
 )
+from ddpm_jax.objectives import clip_loss, contrastive_logits  # noqa: E402
 from ddpm_jax.pretrained_clip import load_clip, load_clip_text, load_clip_vision  # noqa: E402
 
 TOL = 1e-4

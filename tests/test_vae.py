@@ -19,14 +19,10 @@ from ddpm_jax.models.vae import (
     DiagonalGaussian,
     GaussianVAE,
     GaussianVAEConfig,
-    bernoulli_log_likelihood,
     decoder_mean_image,
-    elbo,
-    gaussian_kl,
-    gaussian_log_likelihood,
-    reparameterize,
-    vae_loss,
 )
+from ddpm_jax.objectives import bernoulli_log_likelihood, elbo, gaussian_kl, gaussian_log_likelihood, reparameterize
+from ddpm_jax.training.autoencoder import vae_loss
 
 N_MC = 200_000
 Z_SCORE = 5.0

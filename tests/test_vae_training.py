@@ -31,7 +31,7 @@ import pytest
 from _training_fixtures import tiny_images
 from _cli import run_cli
 from ddpm_jax import checkpoints
-from ddpm_jax import workdir
+from ddpm_jax import objectives, workdir
 from ddpm_jax.training import autoencoder as vt
 from ddpm_jax.training import loop
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size, receptive_field
@@ -59,12 +59,12 @@ def test_adaptive_weight_matches_hand_computation_on_a_linear_decoder():
     grad_gan = jax.grad(lambda W: -v @ (W @ z))(W)
     residual = np.array([1.0 - 0.5, 2.0, 3.0 + 1.0])  # Wz − x
     expected = 2 * np.linalg.norm(residual) * np.sqrt(5) / (3 * np.sqrt(5) + 1e-4)
-    np.testing.assert_allclose(vt.adaptive_weight(grad_rec, grad_gan), expected, rtol=1e-6)
+    np.testing.assert_allclose(objectives.adaptive_weight(grad_rec, grad_gan), expected, rtol=1e-6)
     # Clipped to [0, 1e4] (a vanishing GAN gradient), and constant for autodiff.
-    assert float(vt.adaptive_weight(grad_rec, 1e-12 * grad_gan)) == 1e4
-    assert float(jax.grad(lambda s: vt.adaptive_weight(s * grad_rec, grad_gan))(1.0)) == 0.0
+    assert float(objectives.adaptive_weight(grad_rec, 1e-12 * grad_gan)) == 1e4
+    assert float(jax.grad(lambda s: objectives.adaptive_weight(s * grad_rec, grad_gan))(1.0)) == 0.0
     # Pytrees: the norm is the global one.
-    tree = vt.adaptive_weight({"a": grad_rec, "b": grad_rec}, {"a": grad_gan})
+    tree = objectives.adaptive_weight({"a": grad_rec, "b": grad_rec}, {"a": grad_gan})
     np.testing.assert_allclose(tree, np.sqrt(2) * 2 * np.linalg.norm(residual) * np.sqrt(5) / (3 * np.sqrt(5) + 1e-4),
                                rtol=1e-6)
 
@@ -72,9 +72,9 @@ def test_adaptive_weight_matches_hand_computation_on_a_linear_decoder():
 def test_hinge_losses_on_known_logits():
     real = jnp.array([2.0, 0.5, -1.0])  # relu(1 − real) = [0, 0.5, 2]
     fake = jnp.array([-2.0, 0.0, 1.0])  # relu(1 + fake) = [0, 1, 2]
-    np.testing.assert_allclose(vt.hinge_d_loss(real, fake), 0.5 * (2.5 / 3 + 1.0), rtol=1e-6)
-    np.testing.assert_allclose(vt.hinge_g_loss(fake), 1.0 / 3, rtol=1e-6)
-    assert float(vt.hinge_d_loss(jnp.full(4, 1.5), jnp.full(4, -3.0))) == 0.0  # confident: no push
+    np.testing.assert_allclose(objectives.hinge_d_loss(real, fake), 0.5 * (2.5 / 3 + 1.0), rtol=1e-6)
+    np.testing.assert_allclose(objectives.hinge_g_loss(fake), 1.0 / 3, rtol=1e-6)
+    assert float(objectives.hinge_d_loss(jnp.full(4, 1.5), jnp.full(4, -3.0))) == 0.0  # confident: no push
 
 
 def test_perceptual_distance_hand_computation_and_random_features():
@@ -82,17 +82,17 @@ def test_perceptual_distance_hand_computation_and_random_features():
     # squares (0.36 + 0.04)/2 = 0.2; the second position is identical; spatial mean 0.1.
     fx = jnp.array([[[[3.0, 4.0], [1.0, 1.0]]]])  # [1, 1, 2, 2]
     fy = jnp.array([[[[0.0, 2.0], [5.0, 5.0]]]])
-    np.testing.assert_allclose(vt.perceptual_distance([fx], [fy]), [0.1], rtol=1e-6)
-    np.testing.assert_allclose(vt.perceptual_distance([fx, fx], [fy, 7.0 * fy]), [0.2], rtol=1e-6)  # scale-free
+    np.testing.assert_allclose(objectives.perceptual_distance([fx], [fy]), [0.1], rtol=1e-6)
+    np.testing.assert_allclose(objectives.perceptual_distance([fx, fx], [fy, 7.0 * fy]), [0.2], rtol=1e-6)  # scale-free
     with pytest.raises(ValueError, match="same, non-empty list"):
-        vt.perceptual_distance([fx], [])
+        objectives.perceptual_distance([fx], [])
 
     feature_fn = jax.jit(vt.random_feature_fn(channels=1, seed=0), compiler_options=O0)
     x = jnp.asarray(tiny_images(n=2, size=16))
     maps = feature_fn(x)
     assert [m.shape for m in maps] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64)]
-    same = vt.perceptual_distance(maps, maps)
-    other = vt.perceptual_distance(maps, feature_fn(x[::-1]))
+    same = objectives.perceptual_distance(maps, maps)
+    other = objectives.perceptual_distance(maps, feature_fn(x[::-1]))
     np.testing.assert_allclose(same, 0.0, atol=1e-7)
     assert np.all(np.asarray(other) > 1e-3)
 
@@ -100,11 +100,11 @@ def test_perceptual_distance_hand_computation_and_random_features():
 def test_psnr_and_pixel_losses():
     x = jnp.zeros((2, 4, 4, 1))
     y = x.at[0].set(0.2).at[1].set(2.0)  # MSE 0.04 and 4 (the whole [-1, 1] range)
-    np.testing.assert_allclose(vt.psnr(x, y), [10 * np.log10(4 / 0.04), 0.0], rtol=1e-6)
-    np.testing.assert_allclose(vt.pixel_loss(x, y - 0.4, "l1")[1], jnp.full((4, 4, 1), 1.6), rtol=1e-6)
-    np.testing.assert_allclose(vt.pixel_loss(x, y, "l2")[0], jnp.full((4, 4, 1), 0.04), rtol=1e-6)
+    np.testing.assert_allclose(objectives.psnr(x, y), [10 * np.log10(4 / 0.04), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(objectives.pixel_loss(x, y - 0.4, "l1")[1], jnp.full((4, 4, 1), 1.6), rtol=1e-6)
+    np.testing.assert_allclose(objectives.pixel_loss(x, y, "l2")[0], jnp.full((4, 4, 1), 0.04), rtol=1e-6)
     with pytest.raises(ValueError, match="loss.reconstruction must be one of"):
-        vt.pixel_loss(x, y, "huber")
+        objectives.pixel_loss(x, y, "huber")
 
 
 # ================================================================================================

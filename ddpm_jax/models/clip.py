@@ -18,7 +18,7 @@ CLIPTextTransformer         CLIPTextModel (``text_model``)             §2.4, te
 CLIPTextModelWithProjection CLIPTextModelWithProjection                + W_t, Figure 3
 CLIPVisionTransformer       CLIPVisionModel (``vision_model``)         §2.4, ViT image encoder
 CLIPModel                   CLIPModel                                  Figure 3 (both towers)
-clip_loss                   ``clip_loss`` / Figure 3's pseudocode      §2.3, Figure 3
+(the loss: ``objectives.clip_loss``, Figure 3's pseudocode, §2.3)
 ==========================  =========================================  ==========================
 
 Parameters carry transformers' names (``embeddings/token_embedding``, ``encoder/layers_0/mlp/fc1``,
@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.models.layers import Attention
+from ddpm_jax.objectives import contrastive_logits
 
 Array = jax.Array
 Dtype = Any
@@ -362,54 +363,6 @@ class CLIPVisionModelWithProjection(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Both towers and the contrastive loss
 # --------------------------------------------------------------------------------------------
-
-MAX_LOGIT_SCALE = 100.0  # "clipped to prevent scaling the logits by more than 100" (§2.5)
-
-
-def contrastive_logits(
-    image_embeds: Array, text_embeds: Array, logit_scale: Array, max_logit_scale: float = MAX_LOGIT_SCALE
-) -> Array:
-    """Scaled cosine similarities of every image with every text (Figure 3):
-
-        Î = I / ‖I‖,  T̂ = T / ‖T‖,   logits = min(exp(s), 100) · Î T̂ᵀ
-
-    ``s = logit_scale`` is the learnable log inverse temperature (τ = 1/exp(s)).
-
-    Args: image_embeds [N, E], text_embeds [M, E], logit_scale scalar.
-    Returns: logits_per_image [N, M] (its transpose is logits_per_text).
-    """
-    image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
-    text_embeds = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
-    scale = jnp.minimum(jnp.exp(logit_scale), max_logit_scale)
-    return scale * image_embeds @ text_embeds.T  # [N, M]
-
-
-def clip_loss(
-    image_embeds: Array, text_embeds: Array, logit_scale: Array, max_logit_scale: float = MAX_LOGIT_SCALE
-) -> Array:
-    """CLIP's symmetric contrastive (InfoNCE) loss (Radford et al. 2021, §2.3 and Figure 3).
-
-    For a batch of N matching pairs, with L = contrastive_logits(I, T, s) ([N, N], row i = image i):
-
-        loss = ½ · [ CE(L, labels) + CE(Lᵀ, labels) ],      labels = (0, 1, …, N−1)
-        CE(L, y) = −1/N · Σ_i log softmax(L_i)_{y_i}
-
-    i.e. each image must pick its caption among the N captions, and each caption its image among
-    the N images. The temperature is learned through s = log(1/τ) (initialised to log(1/0.07)) and
-    the scale exp(s) is clipped at 100; at the clip the gradient w.r.t. s is zero, which is what
-    clipping the parameter after each step does.
-
-    Args: image_embeds [N, E], text_embeds [N, E] (unnormalised), logit_scale scalar.
-    Returns: scalar loss.
-    """
-    logits = contrastive_logits(image_embeds, text_embeds, logit_scale, max_logit_scale)  # [N, N]
-    labels = jnp.arange(logits.shape[0])
-    log_p_text_given_image = jax.nn.log_softmax(logits, axis=1)  # rows: images over texts
-    log_p_image_given_text = jax.nn.log_softmax(logits, axis=0)  # columns: texts over images
-    image_loss = -jnp.mean(log_p_text_given_image[labels, labels])
-    text_loss = -jnp.mean(log_p_image_given_text[labels, labels])
-    return (image_loss + text_loss) / 2
-
 
 @flax.struct.dataclass
 class CLIPOutput:

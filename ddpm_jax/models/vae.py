@@ -7,9 +7,9 @@ lower bound (ELBO, K&W Eq. 3 / Eq. 10)
     log p_θ(x) ≥ L(θ, φ; x) = E_{q_φ(z|x)}[log p_θ(x|z)]  −  KL(q_φ(z|x) ‖ p(z)),   p(z) = N(0, I)
                               └──── reconstruction ────┘     └────────── KL ──────────┘
 
-Each piece is one small pure function below (``reparameterize``, ``gaussian_kl``,
-``bernoulli_log_likelihood``, ``gaussian_log_likelihood``, ``elbo``); ``GaussianVAE`` is the MLP
-that produces μ, log σ² and the decoder's output, ``vae_loss`` puts them together.
+Each piece of the bound is one small pure function in ``objectives.py`` (``reparameterize``,
+``gaussian_kl``, ``bernoulli_log_likelihood``, ``gaussian_log_likelihood``, ``elbo``); ``GaussianVAE``
+here is the MLP that produces μ, log σ² and the decoder's output.
 
 Part 2, AutoencoderKL (Rombach et al. 2022, "LDM", §3 and Appendix G): the convolutional
 autoencoder in whose latent space Stable Diffusion diffuses. An image [B, H, W, 3] becomes a
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,118 +44,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from ddpm_jax.models.layers import Conv3x3, Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from ddpm_jax.objectives import LIKELIHOODS, reparameterize
 
 Array = jax.Array
 
-LIKELIHOODS = ("bernoulli", "gaussian")
-
-
-def _sum_except_batch(a: Array) -> Array:
-    return a.reshape(a.shape[0], -1).sum(axis=-1)  # [B, ...] → [B]
-
-
 # ============================================================================================
-# Part 1. The Gaussian VAE of Kingma & Welling (2014): the ELBO, one function per term
+# Part 1. The Gaussian VAE of Kingma & Welling (2014) (its ELBO: objectives.py)
 # ============================================================================================
-
-
-def reparameterize(mu: Array, logvar: Array, key: Array) -> Array:
-    """The reparameterisation trick (K&W §2.4, Eq. 10 with the Gaussian of Appendix C.2).
-
-        z = μ + σ ⊙ ε,    ε ~ N(0, I),    σ = exp(½ log σ²)
-
-    z has the law N(μ, diag σ²), but the randomness sits in ε, which does not depend on (μ, σ):
-    ∇_{μ,σ} E[f(z)] = E[∇_{μ,σ} f(μ + σ ⊙ ε)], so gradients flow through the sample.
-
-    Args:
-      mu, logvar: [..., D] mean and log-variance of q_φ(z|x).
-      key: PRNG key for ε.
-    Returns:
-      z, same shape as ``mu``.
-    """
-    eps = jax.random.normal(key, mu.shape, mu.dtype)
-    return mu + jnp.exp(0.5 * logvar) * eps
-
-
-def gaussian_kl(mu: Array, logvar: Array) -> Array:
-    """Closed-form KL(N(μ, diag σ²) ‖ N(0, I)) (K&W Appendix B), summed over all but the batch axis.
-
-        KL = −½ Σ_j (1 + log σ_j² − μ_j² − σ_j²)
-
-    Args:
-      mu, logvar: [B, ...].
-    Returns:
-      [B] KL in nats.
-    """
-    return -0.5 * _sum_except_batch(1.0 + logvar - mu**2 - jnp.exp(logvar))
-
-
-def bernoulli_log_likelihood(x: Array, logits: Array) -> Array:
-    """log p_θ(x|z) for a Bernoulli decoder (K&W Appendix C.1), summed over pixels.
-
-        log p(x|z) = Σ_i x_i log p_i + (1 − x_i) log(1 − p_i),    p = sigmoid(logits)
-
-    computed stably as x·logits − softplus(logits). ``x`` lies in [0, 1] (grey levels are
-    allowed, as is usual for MNIST).
-
-    Returns:
-      [B] log-likelihood in nats.
-    """
-    return _sum_except_batch(x * logits - jax.nn.softplus(logits))
-
-
-def gaussian_log_likelihood(x: Array, mean: Array, sigma: float | Array = 1.0) -> Array:
-    """log p_θ(x|z) for a Gaussian decoder N(x; mean, σ² I) (K&W Appendix C.2), summed over pixels.
-
-        log p(x|z) = −½ Σ_i [ (x_i − mean_i)² / σ² + log(2π σ²) ]
-
-    With fixed σ this is −‖x − mean‖² / (2σ²) + const: the reconstruction term becomes an L2 loss
-    whose weight against the KL is set by σ.
-
-    Returns:
-      [B] log-likelihood in nats.
-    """
-    var = jnp.asarray(sigma, x.dtype) ** 2
-    return -0.5 * _sum_except_batch((x - mean) ** 2 / var + jnp.log(2.0 * jnp.pi * var))
-
-
-class ElboTerms(NamedTuple):
-    """Per-example terms of the ELBO, each [B], in nats: ``elbo = reconstruction − kl``."""
-
-    elbo: Array
-    reconstruction: Array  # single-sample estimate of E_q[log p_θ(x|z)]
-    kl: Array  # KL(q_φ(z|x) ‖ N(0, I)), closed form
-
-
-def elbo(
-    x: Array,
-    decoder_output: Array,
-    mu: Array,
-    logvar: Array,
-    *,
-    likelihood: str = "bernoulli",
-    sigma: float = 1.0,
-) -> ElboTerms:
-    """The ELBO with a one-sample reconstruction term and a closed-form KL (K&W Eq. 10, the "SGVB B" estimator).
-
-        L(x) ≈ log p_θ(x | z)  −  KL(N(μ, diag σ²) ‖ N(0, I)),    z = μ + σ ⊙ ε
-
-    Args:
-      x: images [B, H, W, C] in [−1, 1] (the repository's convention). The Bernoulli likelihood
-        models (x + 1) / 2 ∈ [0, 1]; the Gaussian one models x itself.
-      decoder_output: p_θ(x|z)'s parameters at the sampled z: logits (Bernoulli) or mean (Gaussian).
-      mu, logvar: q_φ(z|x)'s parameters.
-      likelihood: "bernoulli" or "gaussian".
-      sigma: the Gaussian decoder's fixed standard deviation (in [−1, 1] image units).
-    """
-    if likelihood == "bernoulli":
-        reconstruction = bernoulli_log_likelihood((x + 1.0) / 2.0, decoder_output)
-    elif likelihood == "gaussian":
-        reconstruction = gaussian_log_likelihood(x, decoder_output, sigma)
-    else:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-    kl = gaussian_kl(mu, logvar)
-    return ElboTerms(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,14 +121,6 @@ def decoder_mean_image(config: GaussianVAEConfig, decoder_output: Array) -> Arra
     if config.likelihood == "bernoulli":
         return 2.0 * jax.nn.sigmoid(decoder_output) - 1.0
     return decoder_output
-
-
-def vae_loss(module: GaussianVAE, params: Any, x: Array, key: Array) -> tuple[Array, dict[str, Array]]:
-    """Negative ELBO per example, averaged over the batch: the loss to minimise. Also returns the mean terms."""
-    out, mu, logvar = module.apply({"params": params}, x, key)
-    terms = elbo(x, out, mu, logvar, likelihood=module.config.likelihood, sigma=module.config.sigma)
-    metrics = {name: value.mean() for name, value in terms._asdict().items()}
-    return -metrics["elbo"], metrics
 
 
 # ============================================================================================

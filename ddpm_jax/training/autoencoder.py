@@ -99,8 +99,16 @@ from ddpm_jax.models.vae import (
     GaussianVAE,
     GaussianVAEConfig,
     decoder_mean_image,
+)
+from ddpm_jax.objectives import (
+    RECONSTRUCTION_LOSSES,
+    adaptive_weight,
     elbo,
-    vae_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    perceptual_distance,
+    pixel_loss,
+    psnr,
 )
 from ddpm_jax.training import loop
 from ddpm_jax.training.loop import ema_decay_at, ema_update, make_optimizer, split_held_out
@@ -110,87 +118,12 @@ PyTree = Any
 Metrics = dict[str, jax.Array]
 FeatureFn = Callable[[jax.Array], Sequence[jax.Array]]
 
-RECONSTRUCTION_LOSSES = ("l1", "l2")
 PERCEPTUAL_NETWORKS = ("random", "judge")
 LAST_LAYER = ("decoder", "conv_out", "kernel")  # G_L of Esser et al. Eq. 7
 # Initialisation runs once: compile it without XLA's backend optimisations. On CPU the ~100 random
 # initialisers of AutoencoderKL otherwise take ~50 s to compile (~6 s like this); the speed of the
 # program that runs once does not matter.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-# ================================================================================================
-# Loss pieces (pure functions of arrays)
-# ================================================================================================
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Peak signal-to-noise ratio per image, [B], in dB, for images in [−1, 1] (peak-to-peak range 2).
-
-        PSNR = 10 log₁₀(2² / mean((x − y)²)),   the same number as 10 log₁₀(1 / MSE) on [0, 1] images.
-    """
-    mse = jnp.mean((x - y) ** 2, axis=tuple(range(1, x.ndim)))  # [B]
-    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-
-
-def pixel_loss(x: jax.Array, recon: jax.Array, kind: str = "l1") -> jax.Array:
-    """|x − x̂| ("l1", LDM's choice) or (x − x̂)² ("l2") per pixel, same shape as x."""
-    if kind == "l1":
-        return jnp.abs(x - recon)
-    if kind == "l2":
-        return (x - recon) ** 2
-    raise ValueError(f"loss.reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {kind!r}")
-
-
-def normalize_channels(features: jax.Array, eps: float = 1e-10) -> jax.Array:
-    """fˡ / ‖fˡ‖₂ over the channel axis, at every position (LPIPS's ``normalize_tensor``)."""
-    return features / (jnp.sqrt(jnp.sum(features**2, axis=-1, keepdims=True)) + eps)
-
-
-def perceptual_distance(features_x: Sequence[jax.Array], features_y: Sequence[jax.Array]) -> jax.Array:
-    """LPIPS-style distance, [B] (Zhang et al. 2018, Eq. 1 with uniform weights w_l = 1/√C_l).
-
-        d(x, y) = Σ_l mean_{h,w} mean_c ( f̂ˡ(x)_{hwc} − f̂ˡ(y)_{hwc} )²
-
-    Args:
-      features_x, features_y: the feature maps [B, h_l, w_l, C_l] of the two images, layer by layer.
-    """
-    if len(features_x) != len(features_y) or not features_x:
-        raise ValueError("perceptual_distance needs the same, non-empty list of feature maps for both images")
-    total = 0.0
-    for fx, fy in zip(features_x, features_y):
-        diff = (normalize_channels(fx) - normalize_channels(fy)) ** 2  # [B, h, w, C]
-        total = total + jnp.mean(diff, axis=(1, 2, 3))  # [B]
-    return total
-
-
-def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-    """The discriminator's hinge loss (Lim & Ye 2017; taming's ``hinge_d_loss``), a scalar.
-
-        L_D = ½ [ mean(relu(1 − D(x))) + mean(relu(1 + D(x̂))) ]
-
-    Zero once real logits are ≥ 1 and fake ones ≤ −1: a confident discriminator stops being pushed.
-    """
-    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
-
-
-def hinge_g_loss(logits_fake: jax.Array) -> jax.Array:
-    """The generator's (here: the decoder's) side of the hinge GAN, a scalar: L_G = −mean D(x̂)."""
-    return -jnp.mean(logits_fake)
-
-
-def adaptive_weight(grad_rec: PyTree, grad_gan: PyTree, delta: float = 1e-4, max_weight: float = 1e4) -> jax.Array:
-    """The adaptive GAN weight of Esser et al. 2021, Eq. 7, clipped and with its gradient stopped (taming).
-
-        λ = ‖∇_{G_L}[L_rec]‖ / (‖∇_{G_L}[L_GAN]‖ + δ),   clipped to [0, max_weight]
-
-    Args:
-      grad_rec, grad_gan: the gradients of the reconstruction loss and of the GAN (generator) loss with
-        respect to the decoder's last layer G_L (arrays or pytrees; ‖·‖ is the global L2 norm).
-      delta: δ (10⁻⁶ in the paper, 10⁻⁴ in taming's and LDM's code, used here).
-    """
-    ratio = optax.tree.norm(grad_rec) / (optax.tree.norm(grad_gan) + delta)
-    return lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight))
 
 
 # ================================================================================================
@@ -296,6 +229,14 @@ def validate_config(config: ml_collections.ConfigDict) -> str:
 # ================================================================================================
 # Gaussian VAE: state and step
 # ================================================================================================
+
+
+def vae_loss(module: GaussianVAE, params: Any, x: jax.Array, key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative ELBO per example, averaged over the batch: the loss to minimise. Also returns the mean terms."""
+    out, mu, logvar = module.apply({"params": params}, x, key)
+    terms = elbo(x, out, mu, logvar, likelihood=module.config.likelihood, sigma=module.config.sigma)
+    metrics = {name: value.mean() for name, value in terms._asdict().items()}
+    return -metrics["elbo"], metrics
 
 
 @flax.struct.dataclass

@@ -3,7 +3,7 @@
 CLIP (Radford et al. 2021, §2.3, Figure 3): for a batch of N (image, caption) pairs, embed the images
 with the vision transformer and the captions with the text transformer, and train both so that each
 image is most similar to its own caption among the N captions, and each caption to its own image
-(``models.clip.clip_loss``, the symmetric InfoNCE loss with a learned, clipped temperature).
+(``objectives.clip_loss``, the symmetric InfoNCE loss with a learned, clipped temperature).
 
 Here the pairs are ``data.load_captioned_digits``: the bundled MNIST digits, randomly scaled and
 placed, with captions measured from the pixels ("a thick, slanted seven", "the number 7 written
@@ -78,9 +78,8 @@ from ddpm_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
-    clip_loss,
-    contrastive_logits,
 )
+from ddpm_jax.objectives import clip_loss, contrastive_logits
 from ddpm_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ddpm_jax.training import loop
 from ddpm_jax.training.loop import TrainState, ema_decay_at, ema_update, make_lr_schedule, make_optimizer, split_held_out
