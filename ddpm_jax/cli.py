@@ -139,6 +139,19 @@ def load_workdir_model(workdir: str, ema: bool = True) -> LoadedModel:
         decode=None if m.codec is None else (lambda z: np.asarray(m.codec.decode(z))), workdir_model=m)
 
 
+def sampler_steps(model: LoadedModel, sampler: str, steps: int | None) -> tuple[int, int]:
+    """(grid points, model calls) for ``sampler``: ``steps``, else the model's default steps for its own sampler,
+    and all T steps (Algorithm 2) for "ddpm" chosen over another default sampler. PNDM calls the model N + 1 times."""
+    from ddpm_jax import samplers
+
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
+    if steps is None:
+        steps = model.schedule.num_timesteps if sampler == "ddpm" and model.sampler != "ddpm" else model.steps
+    calls = len(samplers.make_scheduler(model.schedule, sampler).set_timesteps(steps))
+    return int(steps), calls
+
+
 def sample_images(
     model: LoadedModel,
     num: int,
@@ -164,10 +177,8 @@ def sample_images(
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1, got {num} and {batch_size}")
     sampler = sampler or model.sampler
-    steps = model.steps if steps is None else steps
+    steps, calls = sampler_steps(model, sampler, steps)
     eta = model.eta if eta is None else eta
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"--sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     chunk = min(batch_size, num)
     shape = (chunk, model.image_size, model.image_size, model.channels)
 
@@ -188,8 +199,7 @@ def sample_images(
     if progress:
         import tqdm
 
-        chunks = tqdm.tqdm(chunks, desc=f"sampling {num} images ({sampler}, "
-                           f"{steps if sampler == 'ddim' else model.schedule.num_timesteps} steps)",
+        chunks = tqdm.tqdm(chunks, desc=f"sampling {num} images ({sampler}, {calls} steps)",
                            unit="batch", dynamic_ncols=True)
     for i in chunks:
         want_traj = trajectory and i == 0
@@ -197,7 +207,7 @@ def sample_images(
         out = sharded(k) if sharded is not None and not want_traj else jitted(k, want_traj)
         if want_traj:
             out, traj = out
-            traj = np.asarray(traj)
+            traj = np.asarray(traj.x)  # the Trajectory's x [S+1, b, H, W, C]
         images.append(np.asarray(out) if model.decode is None else model.decode(out))
     return np.concatenate(images)[:num], traj
 
@@ -470,8 +480,7 @@ def run_eval(
     samples, _ = sample_images(model, num_samples, sampler=sampler, steps=steps, eta=eta, seed=seed,
                                batch_size=batch_size, progress=progress)
     result["samples"] = {
-        "num": num_samples, "sampler": sampler,
-        "steps": (model.steps if steps is None else steps) if sampler == "ddim" else model.schedule.num_timesteps,
+        "num": num_samples, "sampler": sampler, "steps": sampler_steps(model, sampler, steps)[1],
         "eta": (model.eta if eta is None else eta) if sampler == "ddim" else None, "seed": seed,
         "seconds": round(time.perf_counter() - start, 2)}
     say(f"samples: {num_samples} from {model.description}, sampler {sampler} "
@@ -723,6 +732,8 @@ def run_img2img(model: str, image: str, prompts: Sequence[str], out: str = "img2
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddpm-jax`` argument parser (sub-commands train, sample, demo)."""
+    from ddpm_jax import samplers
+
     parser = argparse.ArgumentParser(prog=PROG, description="DDPM in JAX: train, sample, demo.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,demo}")
 
@@ -738,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--pretrained", metavar="FOLDER",
                         help="a diffusers UNet2DModel + scheduler folder, e.g. a copy of google/ddpm-cifar10-32")
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the workdir's config")
+    p.add_argument("--sampler", choices=samplers.SAMPLERS, default=None, help="default: the workdir's config")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the workdir's config)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 = deterministic")
     p.add_argument("--seed", type=int, default=0)
@@ -767,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpd-batch-size", type=int, default=64)
     p.add_argument("--data", default=None,
                    help="dataset for bits/dim, e.g. tfds:cifar10:test (default: the run's; its test split)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=samplers.SAMPLERS, default=None, help="default: the model's")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0)

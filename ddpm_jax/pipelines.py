@@ -315,8 +315,9 @@ def generate(model: WorkdirModel, *, prompts: Sequence[str] | None = None, label
 
     Classifier-free guidance with scale ``guidance_scale`` (default ``config.sample.guidance``) in one
     batched U-Net call per step; DDIM with ``steps``/``eta`` (default the config's). Returns
-    {"images": [B, H, W, C] in [-1, 1], "x0": the sampled latents (or images), "trajectory": x_t along
-    the chain (when ``return_latents``)}.
+    {"images": [B, H, W, C] in [-1, 1], "x0": the sampled latents (or images), and with ``return_latents``
+    the run's ``schedulers.Trajectory`` as "trajectory" (x_t along the chain [S+1, B, ...]), "model_inputs"
+    [S, B, ...] and "timesteps" [S]}.
     """
     from ddpm_jax.models.unet import check_condition
     from ddpm_jax.training import make_sample_fn, model_condition
@@ -340,7 +341,8 @@ def generate(model: WorkdirModel, *, prompts: Sequence[str] | None = None, label
     images = x0 if model.codec is None else model.codec.decode(x0)
     result = {"images": np.asarray(images), "x0": np.asarray(x0)}
     if trajectory is not None:
-        result["trajectory"] = np.asarray(trajectory)
+        result["trajectory"] = np.asarray(trajectory.x)
+        result["model_inputs"], result["timesteps"] = np.asarray(trajectory.model_input), np.asarray(trajectory.t)
     return result
 
 
@@ -435,13 +437,8 @@ def run_txt2img_workdir(workdir: str | os.PathLike, prompts: Sequence[str], guid
     out_path = pathlib.Path(out) if out else pathlib.Path(workdir) / "txt2img.png"
     written = [plotting.save_image_grid(result["images"], out_path)]
     if attention_maps:
-        from ddpm_jax import samplers
-
-        T = model.schedule.num_timesteps
-        timesteps = (samplers.ddim_timesteps(T, int(steps or model.config.sample.steps))
-                     if model.config.sample.get("sampler", "ddim") == "ddim" else np.arange(T)[::-1])
-        trajectory = result["trajectory"][:-1]                       # x_t fed to step k is at timesteps[k]
-        maps = token_attention_maps(model, trajectory, prompts, np.asarray(timesteps))    # [B, h, w, L]
+        # the U-Net's input at step k is model_inputs[k], at timesteps[k] (the runner's Trajectory)
+        maps = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"])  # [B, h, w, L]
         for i, prompt in enumerate(prompts):
             tokens = prompt_tokens(model.text_encoder, prompt)
             path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")

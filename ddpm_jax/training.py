@@ -50,7 +50,7 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.train.sample_every   int    sample grid PNG every N steps (and at the end); 0 = never
     config.train.num_samples    int    images per grid
     config.train.parallel       str    "jit" | "pmap"
-    config.sample.sampler       str    "ddim" | "ddpm"
+    config.sample.sampler       str    one of samplers.SAMPLERS ("ddim", "ddpm", "pndm", "euler", …)
     config.sample.steps         int    DDIM steps
     config.sample.eta           float  DDIM η (0 = deterministic)
 
@@ -273,11 +273,13 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, config: ml_collections.
                    shape: tuple[int, ...], *, return_trajectory: bool = False) -> Callable[..., Any]:
     """``sample(params, key, cond=None, uncond=None, guidance_scale=1.0) -> x_0 [shape]`` (not compiled).
 
-    Uses ``config.sample`` (sampler "ddim" with ``steps``/``eta``, or "ddpm" = Algorithm 2). A conditional
+    Uses ``config.sample``: ``sampler`` (any of ``samplers.SAMPLERS``; "ddpm" with steps = T is Algorithm 2)
+    with ``steps`` (and ``eta`` for DDIM). A conditional
     model gets its condition as a dict of U-Net inputs (``{"class_labels": [B]}`` or ``{"context":
     [B, L, D]}``, leading dim B or 1) and the null condition ``uncond`` of the same structure; the two
     predictions are combined by classifier-free guidance with scale w (``guidance.py``; w is traced, so
-    one compiled sampler serves every w). ``return_trajectory`` also returns x_t along the chain.
+    one compiled sampler serves every w). ``return_trajectory`` also returns the run's
+    ``schedulers.Trajectory`` (x_t along the chain, the model inputs, the timesteps).
     """
     sampler = config.sample.get("sampler", "ddim")
     prediction = config.diffusion.prediction

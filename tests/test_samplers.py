@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion as D
-from ddpm_jax.samplers import ddim_sample, ddim_timesteps, ddpm_sample
+from ddpm_jax.samplers import ddim_sample, ddpm_sample
+from ddpm_jax.schedulers import spaced_timesteps
 from ddpm_jax.schedules import BETA_FUNCTIONS, extract, get_schedule
 
 SIGMA = 0.5  # data x0 ~ N(0, SIGMA² I)
@@ -160,9 +161,9 @@ def test_swapping_the_posterior_variance_changes_samples_and_default_restores_th
 
 
 def test_ddim_timesteps_leading_spacing():
-    np.testing.assert_array_equal(ddim_timesteps(1000, 4), [750, 500, 250, 0])
-    np.testing.assert_array_equal(ddim_timesteps(10, 3), [6, 3, 0])
-    assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
+    np.testing.assert_array_equal(spaced_timesteps(1000, 4, "leading"), [750, 500, 250, 0])
+    np.testing.assert_array_equal(spaced_timesteps(10, 3, "leading"), [6, 3, 0])
+    assert spaced_timesteps(1000, 1000, "leading").tolist() == list(range(999, -1, -1))
 
 
 def test_bad_input_raises_one_clear_error():
