@@ -11,7 +11,7 @@ default is the library's, e.g. ``p_mean_variance(..., q_posterior_fn=q_posterior
 To try your own Eq. 7 in a notebook, without editing the package::
 
     pmv = functools.partial(p_mean_variance, q_posterior_fn=my_q_posterior)
-    x0 = ddpm_sample(eps_fn, schedule, shape, key, p_mean_variance_fn=pmv)
+    x0 = samplers.ddpm_sample(eps_fn, schedule, shape, key, p_mean_variance_fn=pmv)
 
 Notation: ``alphas_cumprod`` is ᾱ_t, ``eps`` is ε ~ N(0, I), ``eps_hat`` is the model's ε_θ(x_t, t),
 ``x0_hat`` the model's estimate of x_0, ``v`` the velocity of Salimans & Ho 2022.
@@ -29,6 +29,9 @@ import jax.numpy as jnp
 from ddpm_jax.schedules import Schedule, extract
 
 PREDICTIONS = ("eps", "x0", "v")
+# The model as every sampler, scheduler and evaluation sees it: (x_t [B, ...], t [B]) -> model output
+# [B, ...] (ε̂, x̂_0 or v̂, per ``prediction``); it may close over parameters and a condition.
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -180,7 +183,8 @@ def p_mean_variance(
     if variance == "fixed_small":
         var, log_var = posterior_var, posterior_log_var
     else:
-        large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])  # [T]
+        large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])  # [T] (T = 1: β_1)
+        large = large if schedule.num_timesteps > 1 else schedule.betas
         var = extract(large, t, x_t.shape)
         log_var = jnp.log(var)
     return PMeanVariance(mean, var, log_var, x0_hat)

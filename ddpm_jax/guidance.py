@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.diffusion import EpsFn
 from ddpm_jax.models.unet import UNet, check_condition
 
 Array = jax.Array
-EpsFn = Callable[[Array, Array], Array]  # (x_t [B, H, W, C], t [B]) -> ε̂ [B, H, W, C]
 ModelFn = Callable[[Array, Array, Any], Array]  # (x_t, t, cond) -> model output; cond: a pytree with leading dim B
 UNET_CONDITION_KEYS = ("context", "class_labels")
 

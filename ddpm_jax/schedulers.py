@@ -3,8 +3,13 @@
 A *scheduler*, in diffusers' vocabulary, is not a noise schedule (that is ``schedules.py``) but a solver: a rule
 that takes the sample x at one point of a short grid of timesteps, the model's output there, and returns the
 sample at the next grid point. Each class below reproduces one diffusers scheduler, numbers included, as pure
-JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program):
+JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program, :func:`run`). This is the ONE
+sampling vocabulary of the library: ``samplers.py`` (Algorithm 2, DDIM, ``samplers.sample``) and Stable
+Diffusion both run these schedulers with :func:`run`.
 
+- :class:`DDPMScheduler` — Ho, Jain & Abbeel 2020, Algorithm 2 (the library's :func:`~ddpm_jax.diffusion.p_sample`).
+  With fewer steps than T, Algorithm 2 on the *respaced* schedule of Nichol & Dhariwal 2021 (Sec. 4,
+  :func:`~ddpm_jax.schedules.respace`): β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}. diffusers' ``DDPMScheduler``.
 - :class:`DDIMScheduler` — Song, Meng & Ermon 2021, *Denoising Diffusion Implicit Models*, Eq. 12 (the
   library's :func:`~ddpm_jax.diffusion.ddim_step`). diffusers' ``DDIMScheduler``.
 - :class:`PNDMScheduler` — Liu, Ren, Lin & Zhao 2022, *Pseudo Numerical Methods for Diffusion Models on
@@ -23,6 +28,12 @@ JAX, so that a whole sampling run is one ``lax.scan`` (one compiled program):
 
 Conventions
 -----------
+- **The protocol.** Every scheduler is a frozen dataclass with ``name``, ``config``, ``set_timesteps(N)``,
+  ``init_state(N, sample)``, ``scale_model_input(state, x, i)``, a pure ``step(state, model_output, i, x, key)
+  -> (x, state)`` and ``add_noise(state, x_0, noise, i)`` (x at grid point i from a clean x_0: img2img/SDEdit).
+  Equation-swap arguments are dataclass fields with the library's defaults: ``DDPMScheduler(p_sample_fn=
+  diffusion.p_sample, p_mean_variance_fn=diffusion.p_mean_variance)``, ``DDIMScheduler(ddim_step_fn=
+  diffusion.ddim_step, eta=0.0)``.
 - **One step per grid point.** ``i = 0 … N−1`` is the loop index; ``state.timesteps[i]`` is what the model is
   called with at step i (diffusers' ``scheduler.timesteps``; int32 for DDIM/PNDM/DPM-Solver, float32 for the
   Euler schedulers, whose "linspace" timesteps are fractional). N is ``num_steps``, except PNDM, which calls the
@@ -30,7 +41,7 @@ Conventions
 - **σ-space.** The Euler schedulers integrate x̃ = x/√ᾱ, the variance-exploding form x̃ = x̃_0 + σ ε with
   σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM Sec. 2). So the starting noise is ``init_noise_sigma`` · N(0, I) instead of
   N(0, I), and the model, trained on x_t = x̃/√(1 + σ²), gets ``scale_model_input(x̃) = x̃/√(σ² + 1)``.
-  Every scheduler has both (identity / 1 for the others), and :func:`sample_loop` calls them as diffusers'
+  Every scheduler has both (identity / 1 for the others), and :func:`run` calls them as diffusers'
   pipelines do.
 - **Pure steps.** ``state = scheduler.init_state(num_steps, sample)`` holds the grid (timesteps, σ's, per-step
   coefficients, computed in float64 NumPy and stored as float32) and, for the multistep methods, the history
@@ -42,12 +53,34 @@ Conventions
   not have are ignored, so Stable Diffusion's PNDM config builds any of the five. A diffusers option this module
   does not implement is accepted only at its default value; anything else is a one-line error.
 - **Registry.** :func:`get_scheduler` takes a short name ("ddim", "pndm", "euler", "euler_ancestral",
-  "dpmsolver++") or a diffusers ``_class_name``.
+  "dpmsolver++", "ddpm") or a diffusers ``_class_name``.
+- **A model trained with the library's own schedule** (``ddpm-jax train``, ``schedules.get_schedule``): pass
+  the :class:`~ddpm_jax.schedules.Schedule` itself, ``get_scheduler(name, schedule=schedule, prediction="eps",
+  clip_sample=True, variance="fixed_small", **scheduler_fields)`` (or ``SomeConfig.from_schedule(schedule,
+  **config_fields)``). The config then carries that Schedule in ``trained_schedule`` (the analogue of
+  diffusers' ``trained_betas``) and every scheduler uses exactly its ᾱ's (the float32 values the model was
+  trained with, widened to float64 for σ's and coefficients) instead of recomputing β's from the config.
+  ``prediction`` ("eps", "x0", "v"), ``clip_sample`` and ``variance`` ("fixed_small", "fixed_large") are set
+  on the configs that have them (prediction: all; clip_sample: DDPM, DDIM; variance: DDPM) and ignored by the
+  others, as diffusers ignores config keys a class does not have.
+- **The runner.** :func:`run` is the ONE ``lax.scan`` over a scheduler's grid (start index, host progress
+  callback, trajectory). With ``return_trajectory`` it also returns a :class:`Trajectory`: ``x`` [S+1, B, ...]
+  (the sample at the start grid point, then after each of the S steps, so ``x[-1]`` is the result),
+  ``model_input`` [S, B, ...] (``scale_model_input(x_i)``, what the model saw at step i) and ``t`` [S] (the
+  model's timestep at step i).
+- **The noise-key rule (one for the whole library).** A sampling run's ``key`` is split once,
+  ``key_x_T, key_steps = jax.random.split(key)``: x_T ~ N(0, I) is drawn from ``key_x_T``, and step i (the
+  loop index on the grid, 0 … N−1; also when a run starts mid-grid) draws its noise from
+  ``jax.random.fold_in(key_steps, i)``. :func:`run` takes ``key_steps``; ``samplers.sample`` and Stable
+  Diffusion's txt2img/img2img do the split. So the noise depends only on the key, not on compilation or
+  devices.
 
 Usage::
 
     scheduler = get_scheduler("dpmsolver++", "path/to/stable-diffusion/scheduler")  # or a dict, or None
-    run = jax.jit(lambda params, x_T: sample_loop(scheduler, lambda x, t: unet.apply(params, x, t), x_T, None, 25))
+    key_x_T, key_steps = jax.random.split(key)
+    sample = jax.jit(lambda params, x_T, key_steps: run(
+        scheduler, lambda x, t: unet.apply(params, x, t), x_T, key_steps, 25))
 
 Matching diffusers also means matching its quirks, which are noted where they occur (DDIM's and PNDM's step
 size T // N whatever the spacing; Euler's init_noise_sigma for "leading"; the churn noise being added after the
@@ -62,22 +95,23 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ddpm_jax.diffusion import ddim_step, predict_x0_and_eps
-from ddpm_jax.schedules import Schedule, cosine_betas, schedule_from_betas, scaled_linear_betas
-
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+from ddpm_jax.diffusion import (VARIANCES, EpsFn, ddim_step, p_mean_variance, p_sample, predict_x0_and_eps,
+                                q_sample)
+from ddpm_jax.schedules import Schedule, cosine_betas, respace, schedule_from_betas, scaled_linear_betas
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' prediction_type -> ours (diffusion.PREDICTIONS)
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# diffusers' DDPM variance_type -> ours (diffusion.VARIANCES); "fixed_small_log" is the same σ² = β̃_t
+VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 
 
 def _check_choice(owner: str, what: str, value: Any, choices: tuple) -> None:
@@ -114,6 +148,8 @@ class SchedulerConfig:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+    # the library's own Schedule (``from_schedule``): its ᾱ's replace the β fields above (not compared: arrays)
+    trained_schedule: Schedule | None = dataclasses.field(default=None, compare=False, repr=False)
 
     # diffusers options of this class that are implemented only at the value given here
     _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False}
@@ -129,6 +165,20 @@ class SchedulerConfig:
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ValueError(f"{name}: trained_betas has {len(self.trained_betas)} values, "
                              f"num_train_timesteps is {self.num_train_timesteps}")
+        if self.trained_schedule is not None and self.trained_schedule.num_timesteps != self.num_train_timesteps:
+            raise ValueError(f"{name}: trained_schedule has T = {self.trained_schedule.num_timesteps}, "
+                             f"num_train_timesteps is {self.num_train_timesteps}")
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, **fields: Any) -> SchedulerConfig:
+        """This class's config for a model trained with the library's ``schedule`` (``schedules.get_schedule``):
+        T = ``schedule.num_timesteps`` and exactly its ᾱ's; ``fields`` set the other options (e.g.
+        ``prediction_type="v_prediction"``, ``timestep_spacing="trailing"``)."""
+        return cls(**{**fields, "num_train_timesteps": schedule.num_timesteps, "trained_schedule": schedule})
+
+    def fields(self) -> dict[str, Any]:
+        """The config's fields as a dict (shallow: ``trained_schedule`` stays a Schedule)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> SchedulerConfig:
@@ -153,6 +203,8 @@ class SchedulerConfig:
         """β_1..β_T in float64. diffusers' "linear" is linspace(beta_start, beta_end, T) with no 1000/T
         rescaling (so not ``schedules.linear_betas``); "squaredcos_cap_v2" is ``schedules.cosine_betas``."""
         T = int(self.num_train_timesteps)
+        if self.trained_schedule is not None:
+            return np.asarray(self.trained_schedule.betas, np.float64)
         if self.trained_betas is not None:
             return np.asarray(self.trained_betas, np.float64)
         if self.beta_schedule == "linear":
@@ -162,11 +214,15 @@ class SchedulerConfig:
         return cosine_betas(T)
 
     def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_t = Π (1 − β_s), float64 [T]."""
+        """ᾱ_t = Π (1 − β_s), float64 [T]; the trained schedule's own ᾱ's if there is one."""
+        if self.trained_schedule is not None:
+            return np.asarray(self.trained_schedule.alphas_cumprod, np.float64)
         return np.cumprod(1.0 - self.betas())
 
     def schedule(self) -> Schedule:
-        """The library's :class:`~ddpm_jax.schedules.Schedule` for these β's."""
+        """The library's :class:`~ddpm_jax.schedules.Schedule` for these β's (``trained_schedule`` itself if set)."""
+        if self.trained_schedule is not None:
+            return self.trained_schedule
         return schedule_from_betas(self.betas())
 
     @property
@@ -184,6 +240,26 @@ class DDIMConfig(SchedulerConfig):
 
     _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False, "thresholding": False,
                                               "clip_sample_range": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMConfig(SchedulerConfig):
+    """diffusers ``DDPMScheduler`` config (fixed variances only: no learned variances, no thresholding)."""
+
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False, "thresholding": False,
+                                              "clip_sample_range": 1.0}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(type(self).__name__, "variance_type", self.variance_type, tuple(VARIANCE_TYPES))
+
+    @property
+    def variance(self) -> str:
+        """variance_type in the library's words ("fixed_small", "fixed_large")."""
+        return VARIANCE_TYPES[self.variance_type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +383,93 @@ def _timestep_array(t: np.ndarray, dtype: Any) -> jax.Array:
     return jnp.asarray(np.asarray(t, np.float64).astype(dtype))
 
 
+def _batch(value: jax.Array, sample: jax.Array) -> jax.Array:
+    """A per-step scalar (timestep, index) as the [B] int32 array the equations of diffusion.py take."""
+    return jnp.full((sample.shape[0],), value, jnp.int32)
+
+
+def _step_noise(key: jax.Array | None, sample: jax.Array) -> jax.Array:
+    """z ~ N(0, I) like ``sample`` from ``key``; zeros without a key (deterministic use of a stochastic step)."""
+    if key is None:
+        return jnp.zeros_like(sample)
+    return jax.random.normal(key, sample.shape, sample.dtype)
+
+
+def _add_noise_vp(state: Any, x0: jax.Array, noise: jax.Array, i: jax.Array | int) -> jax.Array:
+    """x at grid point i from a clean x_0: DDPM Eq. 4, x_{t_i} = √ᾱ_{t_i} x_0 + √(1 − ᾱ_{t_i}) ε (q_sample)."""
+    return q_sample(state.schedule, x0, _batch(state.timesteps[i], x0), noise)
+
+
+def _add_noise_sigma(state: Any, x0: jax.Array, noise: jax.Array, i: jax.Array | int) -> jax.Array:
+    """x̃ at grid point i from a clean x_0 in σ-space: x̃ = x_0 + σ_i ε (EDM Sec. 2; diffusers' add_noise)."""
+    return x0 + noise * state.sigmas[i]
+
+
+# ================================================================================================
+# DDPM (Algorithm 2, respaced for N < T)
+# ================================================================================================
+
+@struct.dataclass
+class DDPMState:
+    schedule: Schedule            # the respaced schedule: index k is the grid's k-th smallest timestep
+    timesteps: jax.Array          # [N] int32, τ_i: the model's timestep at step i (descending)
+    init_noise_sigma: jax.Array   # [] 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPMScheduler:
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, as diffusers' ``DDPMScheduler``; the step is
+    :func:`diffusion.p_sample`: x_{τ_{i+1}} = μ_θ(x_{τ_i}, τ_i) + σ z.
+
+    On a grid τ of N < T timesteps (``set_timesteps``, diffusers' spacings) the chain is Algorithm 2 on the
+    respaced schedule (Nichol & Dhariwal 2021, Sec. 4; :func:`schedules.respace`), β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}
+    and ᾱ = 1 after the last grid point, which is what diffusers' ``step`` computes from its ᾱ ratio. Step i
+    (grid point τ_i, descending) is p_sample at index k = N−1−i of the respaced schedule, while the model is
+    called with the original τ_i. With N = T this is Algorithm 2 on the original schedule, bit for bit. ``variance_type``
+    "fixed_small"/"fixed_small_log" give σ² = β̃', "fixed_large" σ² = β'.
+
+    One documented difference from diffusers: Algorithm 2 adds no noise at the last step (paper t = 1), while
+    diffusers adds noise whenever the grid point τ > 0. With "fixed_small" that noise has σ² = β̃' = 0 there
+    (diffusers clamps it to 1e-20, so σ = 1e-10), but with "fixed_large" on a grid whose last point is > 0
+    (``steps_offset=1``, "trailing") diffusers' last step adds √β' z; we follow the paper.
+    """
+
+    config: DDPMConfig = DDPMConfig()
+    p_sample_fn: Callable = p_sample
+    p_mean_variance_fn: Callable = p_mean_variance
+
+    name: ClassVar[str] = "ddpm"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]."""
+        c = self.config
+        return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset).astype(np.int64)
+
+    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> DDPMState:
+        t = self.set_timesteps(num_steps)
+        if len(t) == self.config.num_train_timesteps:  # every timestep: Algorithm 2 on the schedule itself
+            schedule = self.config.schedule()
+        else:
+            schedule = respace(self.config.alphas_cumprod(), t)
+        return DDPMState(schedule, _timestep_array(t, np.int32), _f32(1.0))
+
+    def scale_model_input(self, state: DDPMState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+        return sample
+
+    def step(self, state: DDPMState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, DDPMState]:
+        """x_{τ_{i+1}} = μ_θ(x_{τ_i}, τ_i) + σ z (Algorithm 2, line 4, on the respaced schedule; z from ``key``)."""
+        k = _batch(state.timesteps.shape[0] - 1 - i, sample)                           # [B] respaced index
+        prev = self.p_sample_fn(state.schedule, model_output, sample, k, _step_noise(key, sample),
+                                prediction=self.config.prediction, variance=self.config.variance,
+                                clip_denoised=self.config.clip_sample, p_mean_variance_fn=self.p_mean_variance_fn)
+        return prev, state
+
+    def add_noise(self, state: DDPMState, x0: jax.Array, noise: jax.Array, i: jax.Array | int) -> jax.Array:
+        """x at grid point i from a clean x_0 (DDPM Eq. 4 at τ_i, i.e. at respaced index N−1−i)."""
+        return q_sample(state.schedule, x0, _batch(state.timesteps.shape[0] - 1 - i, x0), noise)
+
+
 # ================================================================================================
 # DDIM
 # ================================================================================================
@@ -325,11 +488,13 @@ class DDIMScheduler:
 
     diffusers steps from τ to τ − T // N whatever the spacing (with "trailing" that is not always the next
     grid point); after the last step ᾱ = 1 (``set_alpha_to_one``) or ᾱ_1 (Stable Diffusion's config).
-    ``eta`` is DDIM's η (Eq. 16): 0 = deterministic.
+    ``eta`` is DDIM's η (Eq. 16): 0 = deterministic; it may be a traced value (a new η does not retrace).
+    ``ddim_step_fn`` swaps the equation (default :func:`diffusion.ddim_step`).
     """
 
     config: DDIMConfig = DDIMConfig()
-    eta: float = 0.0
+    eta: float | jax.Array = 0.0
+    ddim_step_fn: Callable = ddim_step
 
     name: ClassVar[str] = "ddim"
 
@@ -351,14 +516,13 @@ class DDIMScheduler:
 
     def step(self, state: DDIMState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
              key: jax.Array | None = None) -> tuple[jax.Array, DDIMState]:
-        """x_{τ_i − T//N} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM Eq. 12)."""
-        if self.eta > 0:
-            noise = jax.random.normal(key, sample.shape, sample.dtype)
-        else:
-            noise = jnp.zeros_like(sample)
-        prev = ddim_step(state.schedule, model_output, sample, state.timesteps[i], state.prev_timesteps[i], noise,
-                         eta=self.eta, prediction=self.config.prediction, clip_denoised=self.config.clip_sample)
+        """x_{τ_i − T//N} = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (DDIM Eq. 12; σ = 0 for η = 0)."""
+        prev = self.ddim_step_fn(state.schedule, model_output, sample, _batch(state.timesteps[i], sample),
+                                 _batch(state.prev_timesteps[i], sample), _step_noise(key, sample), eta=self.eta,
+                                 prediction=self.config.prediction, clip_denoised=self.config.clip_sample)
         return prev, state
+
+    add_noise = staticmethod(_add_noise_vp)
 
 
 # ================================================================================================
@@ -436,6 +600,8 @@ class PNDMScheduler:
         ets = jnp.where(i == 1, state.ets, history[:3])
         cur_sample = jnp.where(i == 0, sample, state.cur_sample)
         return prev, state.replace(ets=ets, cur_sample=cur_sample)
+
+    add_noise = staticmethod(_add_noise_vp)
 
 
 # ================================================================================================
@@ -518,6 +684,8 @@ class EulerScheduler:
         derivative = (sample - denoised) / sigma_hat
         return sample + derivative * (state.sigmas[i + 1] - sigma_hat), state
 
+    add_noise = staticmethod(_add_noise_sigma)
+
 
 @struct.dataclass
 class EulerAncestralState:
@@ -569,6 +737,8 @@ class EulerAncestralScheduler:
         noise = jax.random.normal(key, sample.shape, sample.dtype)
         prev = sample + derivative * (state.sigmas_down[i] - sigma) + noise * state.sigmas_up[i]
         return prev, state
+
+    add_noise = staticmethod(_add_noise_sigma)
 
 
 # ================================================================================================
@@ -682,6 +852,8 @@ class DPMSolverMultistepScheduler:
         prev = A * sample + P * x0 + Q * state.prev_x0
         return prev, state.replace(prev_x0=x0)
 
+    add_noise = staticmethod(_add_noise_vp)
+
 
 # ================================================================================================
 # Registry and the sampling loop
@@ -693,10 +865,11 @@ SCHEDULERS: dict[str, type] = {
     "euler": EulerScheduler,
     "euler_ancestral": EulerAncestralScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
+    "ddpm": DDPMScheduler,
 }
 CONFIGS: dict[str, type[SchedulerConfig]] = {
     "ddim": DDIMConfig, "pndm": PNDMConfig, "euler": EulerConfig, "euler_ancestral": EulerAncestralConfig,
-    "dpmsolver++": DPMSolverConfig,
+    "dpmsolver++": DPMSolverConfig, "ddpm": DDPMConfig,
 }
 # diffusers' _class_name -> our name
 DIFFUSERS_CLASS_NAMES = {
@@ -705,18 +878,26 @@ DIFFUSERS_CLASS_NAMES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "DPMSolverMultistepScheduler": "dpmsolver++",
+    "DDPMScheduler": "ddpm",
 }
 
-Scheduler = DDIMScheduler | PNDMScheduler | EulerScheduler | EulerAncestralScheduler | DPMSolverMultistepScheduler
+Scheduler = (DDPMScheduler | DDIMScheduler | PNDMScheduler | EulerScheduler | EulerAncestralScheduler
+             | DPMSolverMultistepScheduler)
 
 
-def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | SchedulerConfig | None = None,
-                  **kwargs: Any) -> Scheduler:
-    """The scheduler ``name`` ("ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", or a diffusers
+def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | SchedulerConfig | None = None, *,
+                  schedule: Schedule | None = None, prediction: str | None = None, clip_sample: bool | None = None,
+                  variance: str | None = None, **kwargs: Any) -> Scheduler:
+    """The scheduler ``name`` ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", or a diffusers
     ``_class_name`` such as "EulerDiscreteScheduler"), configured from ``config``: a diffusers config dict, a
     ``scheduler_config.json`` or its folder, one of our config dataclasses, or None (diffusers' defaults).
-    ``name=None`` takes the config's ``_class_name``. ``kwargs`` go to the scheduler (``eta`` for DDIM,
-    ``s_churn``… for Euler).
+    ``name=None`` takes the config's ``_class_name``.
+
+    ``schedule``: a library :class:`~ddpm_jax.schedules.Schedule` whose ᾱ's to use (a model trained with
+    ``schedules.get_schedule``; see the module docstring). ``prediction`` ("eps", "x0", "v"), ``clip_sample``
+    and ``variance`` ("fixed_small", "fixed_large") override the config where the class has that option.
+    ``kwargs`` go to the scheduler (``eta``/``ddim_step_fn`` for DDIM, ``p_sample_fn``/``p_mean_variance_fn``
+    for DDPM, ``s_churn``… for Euler).
     """
     if isinstance(config, (str, Path)):
         config = read_scheduler_config(config)
@@ -728,51 +909,79 @@ def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | Sch
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)} "
                          f"(or diffusers' {', '.join(DIFFUSERS_CLASS_NAMES)})")
-    config_cls = CONFIGS[key]
+    config_cls, scheduler_cls = CONFIGS[key], SCHEDULERS[key]
     if config is None:
         config = config_cls()
     elif isinstance(config, SchedulerConfig):
         if not isinstance(config, config_cls):
-            config = config_cls.from_config(dataclasses.asdict(config))
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            config = config_cls(**{k: v for k, v in config.fields().items() if k in names})
     else:
         config = config_cls.from_config(config)
-    return SCHEDULERS[key](config, **kwargs)
+    overrides: dict[str, Any] = {}
+    if schedule is not None:
+        overrides.update(num_train_timesteps=schedule.num_timesteps, trained_schedule=schedule)
+    if prediction is not None:
+        inverse = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
+        _check_choice(scheduler_cls.__name__, "prediction", prediction, tuple(inverse))
+        overrides["prediction_type"] = inverse[prediction]
+    if variance is not None:
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
+        overrides["variance_type"] = variance
+    if clip_sample is not None:
+        overrides["clip_sample"] = bool(clip_sample)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
+    allowed = {f.name for f in dataclasses.fields(scheduler_cls)} - {"config"}
+    if set(kwargs) - allowed:
+        raise ValueError(f"{scheduler_cls.__name__} has no option {', '.join(sorted(set(kwargs) - allowed))}; "
+                         f"its options: {', '.join(sorted(allowed)) or 'none'}")
+    return scheduler_cls(config, **kwargs)
 
 
-def sample_loop(scheduler: Scheduler, eps_fn: EpsFn, x_T: jax.Array, key: jax.Array | None,
-                num_steps: int) -> jax.Array:
-    """Run ``scheduler`` from the noise ``x_T`` ~ N(0, I) [B, ...] as ONE ``lax.scan``, as diffusers' pipelines do:
+class Trajectory(NamedTuple):
+    """A run of :func:`run`, step by step (S = the number of steps run, N − start)."""
 
-        x = x_T · init_noise_sigma
-        for i, t in enumerate(timesteps):
+    x: jax.Array            # [S+1, B, ...] the sample at the start grid point, then after each step (x[-1] = result)
+    model_input: jax.Array  # [S, B, ...]   scale_model_input(x_i): what the model saw at step i
+    t: jax.Array            # [S]           the model's timestep at step i (int32; float32 for the Euler schedulers)
+
+
+def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None, num_steps: int, *,
+        start: int = 0, x_is_noise: bool = True, on_step: Callable[[jax.Array], None] | None = None,
+        return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
+    """THE sampling loop: steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan``,
+    as diffusers' pipelines run them::
+
+        x = x_T · init_noise_sigma                                  (x_is_noise)
+        for i, t in enumerate(timesteps[start:], start):
             x = step(state, eps_fn(scale_model_input(x, i), t), i, x, fold_in(key, i))
 
-    ``eps_fn(x, t)`` gets x [B, ...] and t [B] (int32, or float32 for the Euler schedulers) and returns the
-    model output (ε̂, v̂ or x̂_0, per the config's ``prediction_type``); Stable Diffusion's pipeline passes a
-    classifier-free-guided model here. ``key`` (used by the stochastic steps only; may be None otherwise):
-    step i draws from ``jax.random.fold_in(key, i)``. ``num_steps`` is static. To compile once and vary the
-    model's inputs, jit a function that takes them as arguments::
+    Args:
+      x: [B, ...] the initial noise x_T ~ N(0, I) (``x_is_noise``, multiplied by init_noise_sigma here), or,
+        with ``x_is_noise=False``, already the sample at grid point ``start`` (img2img: ``scheduler.add_noise``).
+      key: the steps' key, ``key_steps`` of the noise-key rule (module docstring): step i draws from
+        ``jax.random.fold_in(key, i)``. None only for deterministic schedulers (a fixed key is used).
+      eps_fn: ``eps_fn(x, t)`` gets x [B, ...] and t [B] (int32, or float32 for the Euler schedulers) and returns
+        the model output (ε̂, v̂ or x̂_0, per the config's ``prediction_type``); e.g. a classifier-free-guided model.
+      num_steps: static (with ``start``); n = len(timesteps) is num_steps, or num_steps + 1 for PNDM.
+      on_step: ``on_step(i)`` runs on the host after step i (``jax.debug.callback``: a progress bar without
+        splitting the program).
 
-        run = jax.jit(lambda params, cond, g, x_T, key: sample_loop(
+    Returns x after the last step [B, ...]; with ``return_trajectory`` the pair (x, :class:`Trajectory`).
+    To compile once and vary the model's inputs, jit a function that takes them as arguments::
+
+        sample = jax.jit(lambda params, cond, g, x_T, key: run(
             scheduler, lambda x, t: guided_unet(params, x, t, cond, g), x_T, key, 50))
     """
-    x_T = jnp.asarray(x_T, jnp.float32)
-    sigma = scheduler.init_state(num_steps, x_T).init_noise_sigma
-    return denoise_loop(scheduler, eps_fn, x_T * sigma, key, num_steps)[0]
-
-
-def denoise_loop(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None, num_steps: int,
-                 start: int = 0, on_step: Callable[[jax.Array], None] | None = None,
-                 keep_trajectory: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan``; x is already at grid
-    point ``start`` (``sample_loop``: start 0 from scaled noise; img2img/SDEdit: a later point).
-
-    ``on_step(i)`` runs on the host after step i (``jax.debug.callback``: a progress bar without splitting the
-    program). Returns ``(x_final, trajectory)``; trajectory (with ``keep_trajectory``) = (the model's inputs
-    [S, B, ...] = scale_model_input(x_i), the samples after each step [S, B, ...]), else None.
-    """
+    x = jnp.asarray(x, jnp.float32)
     state = scheduler.init_state(num_steps, x)
     batch, n = x.shape[0], state.timesteps.shape[0]
+    if not 0 <= start < n:
+        raise ValueError(f"start must be in [0, {n - 1}] (the grid has {n} points), got {start}")
+    if x_is_noise:
+        x = x * state.init_noise_sigma
     if key is None:
         key = jax.random.key(0)  # unused by deterministic steps
 
@@ -780,10 +989,13 @@ def denoise_loop(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Arr
         x, state = carry
         t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)   # [B]
         x_in = scheduler.scale_model_input(state, x, i)                     # [B, ...]
-        x, state = scheduler.step(state, eps_fn(x_in, t), i, x, jax.random.fold_in(key, i))
+        x_next, state = scheduler.step(state, eps_fn(x_in, t), i, x, jax.random.fold_in(key, i))
         if on_step is not None:
             jax.debug.callback(on_step, i)
-        return (x, state), ((x_in, x) if keep_trajectory else None)
+        return (x_next, state), ((x_in, x_next) if return_trajectory else None)
 
-    (x, _), trajectory = jax.lax.scan(body, (x, state), jnp.arange(start, n, dtype=jnp.int32))
-    return x, trajectory
+    (x_end, _), steps = jax.lax.scan(body, (x, state), jnp.arange(start, n, dtype=jnp.int32))
+    if not return_trajectory:
+        return x_end
+    model_inputs, xs = steps                                                  # [S, B, ...] each
+    return x_end, Trajectory(jnp.concatenate([x[None], xs]), model_inputs, state.timesteps[start:])

@@ -116,8 +116,9 @@ def schedule_from_betas(betas: Sequence[float] | np.ndarray) -> Schedule:
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     # β̃_1 = 0, so its log is clipped to log β̃_2 (as in the original code; it is only used at t = 0,
-    # where no noise is added).
-    posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+    # where no noise is added). A one-step schedule (a respaced 1-step grid) has no β̃_2: β_1 stands in.
+    first = posterior_variance[1] if len(betas) > 1 else betas[0]
+    posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
     arrays = dict(
         betas=betas,
         alphas=alphas,
@@ -134,6 +135,26 @@ def schedule_from_betas(betas: Sequence[float] | np.ndarray) -> Schedule:
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
     )
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()})
+
+
+def respace(alphas_cumprod: Sequence[float] | np.ndarray, timesteps: Sequence[int] | np.ndarray) -> Schedule:
+    """The schedule of the chain that visits only ``timesteps`` (Nichol & Dhariwal 2021, Sec. 4: "improving
+    sampling speed"): with the kept timesteps τ_1 < … < τ_S (indices into ᾱ [T]),
+
+        ᾱ'_i = ᾱ_{τ_i},   β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}   (ᾱ_{τ_0} = 1),
+
+    so index i of the result is the original timestep τ_i, and every quantity of :class:`Schedule` (β̃', the
+    Eq. 7 coefficients, …) follows from β' as usual. Computed in float64 from the given ᾱ's (pass a
+    Schedule's ``alphas_cumprod`` to use exactly the ᾱ's a model was trained with). ``timesteps`` may come in
+    any order (diffusers' grids are descending); they must be distinct indices in [0, T−1].
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, np.float64)                      # [T]
+    tau = np.unique(np.asarray(timesteps, np.int64))                             # [S] ascending
+    T = alphas_cumprod.shape[0]
+    if tau.size != np.asarray(timesteps).size or tau.size == 0 or tau[0] < 0 or tau[-1] >= T:
+        raise ValueError(f"respace needs distinct timesteps in [0, {T - 1}], got {np.asarray(timesteps).tolist()}")
+    kept = alphas_cumprod[tau]                                                   # ᾱ_{τ_i}  [S]
+    return schedule_from_betas(1.0 - kept / np.append(1.0, kept[:-1]))           # β'_i     [S]
 
 
 def get_schedule(name: str, num_timesteps: int = 1000, **kw: Any) -> Schedule:

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from ddpm_jax import diffusion as D  # noqa: E402
-from ddpm_jax.samplers import ddim_sample, ddim_timesteps  # noqa: E402
+from ddpm_jax.samplers import ddim_sample  # noqa: E402
+from ddpm_jax.schedulers import spaced_timesteps  # noqa: E402
 from ddpm_jax.schedules import BETA_FUNCTIONS, extract, get_schedule  # noqa: E402
 
 T = 1000
@@ -139,7 +140,7 @@ def test_ddim_step_matches_ddim_scheduler_step(name, clip, eta, prediction):
 def test_ddim_timesteps_match_set_timesteps(num_train_timesteps, num_steps):
     ref = diffusers.DDIMScheduler(num_train_timesteps=num_train_timesteps)
     ref.set_timesteps(num_steps)
-    np.testing.assert_array_equal(ddim_timesteps(num_train_timesteps, num_steps), ref.timesteps.numpy())
+    np.testing.assert_array_equal(spaced_timesteps(num_train_timesteps, num_steps, "leading"), ref.timesteps.numpy())
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -163,3 +164,50 @@ def test_ddim_sample_chain_matches_diffusers_loop(name):
         ab = ref.alphas_cumprod[t]
         x = ref.step((1 - ab).sqrt() * x / (ab * sigma2 + 1 - ab), t, x).prev_sample
     assert np.abs(np.asarray(ours) - x.numpy()).max() <= ATOL
+
+
+# ------------------------------------------------------------------------------------------------
+# schedulers.DDPMScheduler (Algorithm 2, respaced for N < T) against diffusers' DDPMScheduler.step
+# ------------------------------------------------------------------------------------------------
+
+DDPM_GRIDS = {"all": (T, {}), "leading50": (50, {"steps_offset": 1}), "trailing50": (50, {"timestep_spacing": "trailing"})}
+
+
+@pytest.mark.parametrize("grid", list(DDPM_GRIDS))
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+@pytest.mark.parametrize("prediction", list(PREDICTION_TYPES))
+def test_ddpm_scheduler_step_matches_diffusers(grid, variance_type, prediction, monkeypatch):
+    """Every step of a grid, on random (x, model output) with the same injected noise, to ATOL = 1e-5 max abs
+    against diffusers' float64 step (ᾱ from the exact float64 β's, see the module docstring). Ours is built from
+    the library's own Schedule (get_schedule("linear")), so this also checks that those ᾱ's are the ones used.
+
+    The one expected difference (schedulers.DDPMScheduler's docstring): with "fixed_large" on a grid whose last
+    point τ > 0, diffusers' last step adds √β' z, β' = 1 − ᾱ_τ; Algorithm 2 adds no noise at its last step."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    from ddpm_jax import schedulers as S
+
+    num_steps, config = DDPM_GRIDS[grid]
+    ref = make_scheduler(diffusers.DDPMScheduler, "linear", variance_type=variance_type, clip_sample=True,
+                         prediction_type=PREDICTION_TYPES[prediction], **config)
+    ref.set_timesteps(num_steps)
+    ours = S.get_scheduler("ddpm", {**config, "variance_type": variance_type}, schedule=get_schedule("linear", T),
+                           prediction=prediction, clip_sample=True)
+    np.testing.assert_array_equal(ours.set_timesteps(num_steps), ref.timesteps.numpy())
+    state = ours.init_state(num_steps, jnp.zeros((1, 4, 4, 3)))
+    t = ref.timesteps.numpy()
+    _, _, _, x_t, model_output, _ = inputs("linear", t, seed=3, prediction=prediction)
+    key = jax.random.key(5)
+    noise = np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x_t.shape[1:]))(
+        jnp.arange(len(t))), np.float64)[:, None]                                   # [N, 1, 4, 4, 3]
+    fed = iter(noise)
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: f64(next(fed)))
+    step = jax.jit(lambda mo, i, x: ours.step(state, mo, i, x, jax.random.fold_in(key, i))[0])
+    worst = 0.0
+    for i, ti in enumerate(t):
+        expected = ref.step(f64(model_output[i:i + 1]), int(ti), f64(x_t[i:i + 1])).prev_sample.numpy()
+        got = np.asarray(step(f32(model_output[i:i + 1]), i, f32(x_t[i:i + 1])), np.float64)
+        if i == len(t) - 1 and ti > 0 and variance_type == "fixed_large":  # diffusers' extra last-step noise
+            expected = expected - np.sqrt(1 - ref.alphas_cumprod[int(ti)].item()) * noise[i]
+        worst = max(worst, np.abs(got - expected).max())
+    assert worst <= ATOL, worst

@@ -114,8 +114,8 @@ def test_changing_the_scale_does_not_recompile_and_samplers_use_it():
 
 
 def test_schedulers_use_it_with_float_timesteps():
-    """schedulers.sample_loop (same eps_fn convention; Euler passes float t) with a traced scale."""
-    from ddpm_jax.schedulers import get_scheduler, sample_loop
+    """schedulers.run (same eps_fn convention; Euler passes float t) with a traced scale."""
+    from ddpm_jax.schedulers import get_scheduler, run
 
     traces = []
 
@@ -126,10 +126,10 @@ def test_schedulers_use_it_with_float_timesteps():
     cond, uncond = _conditions()
     scheduler = get_scheduler("euler")
     x_T = jax.random.normal(jax.random.key(2), (B, H, W, C))
-    run = jax.jit(lambda w: sample_loop(scheduler, guided_eps_fn(traced_model_fn, cond, uncond, w), x_T, None, 3))
-    first, second = run(jnp.float32(1.0)), run(jnp.float32(5.0))
+    guided = jax.jit(lambda w: run(scheduler, guided_eps_fn(traced_model_fn, cond, uncond, w), x_T, None, 3))
+    first, second = guided(jnp.float32(1.0)), guided(jnp.float32(5.0))
     assert traces == [jnp.float32]  # one trace, float timesteps passed through
-    conditional = sample_loop(scheduler, lambda x, t: toy_model_fn(x, t, cond), x_T, None, 3)
+    conditional = run(scheduler, lambda x, t: toy_model_fn(x, t, cond), x_T, None, 3)
     np.testing.assert_allclose(first, conditional, atol=1e-4)
     assert np.all(np.isfinite(second)) and np.abs(second - first).mean() > 1e-3
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion as D
-from ddpm_jax.samplers import ddim_sample, ddim_timesteps, ddpm_sample
-from ddpm_jax.schedules import BETA_FUNCTIONS, extract, get_schedule
+from ddpm_jax import schedulers
+from ddpm_jax.samplers import SAMPLERS, ddim_sample, ddpm_sample, make_scheduler, sample
+from ddpm_jax.schedulers import spaced_timesteps
+from ddpm_jax.schedules import BETA_FUNCTIONS, extract, get_schedule, respace
 
 SIGMA = 0.5  # data x0 ~ N(0, SIGMA² I)
 
@@ -160,9 +162,9 @@ def test_swapping_the_posterior_variance_changes_samples_and_default_restores_th
 
 
 def test_ddim_timesteps_leading_spacing():
-    np.testing.assert_array_equal(ddim_timesteps(1000, 4), [750, 500, 250, 0])
-    np.testing.assert_array_equal(ddim_timesteps(10, 3), [6, 3, 0])
-    assert ddim_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
+    np.testing.assert_array_equal(spaced_timesteps(1000, 4, "leading"), [750, 500, 250, 0])
+    np.testing.assert_array_equal(spaced_timesteps(10, 3, "leading"), [6, 3, 0])
+    assert spaced_timesteps(1000, 1000, "leading").tolist() == list(range(999, -1, -1))
 
 
 def test_bad_input_raises_one_clear_error():
@@ -181,3 +183,106 @@ def test_bad_input_raises_one_clear_error():
         ddpm_sample(eps_fn, s, (2, 3), key, x_T=jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="unknown variance 'fixed'"):
         ddpm_sample(eps_fn, s, (2, 3), key, variance="fixed")
+
+
+# ------------------------------------------------------------------------------------------------
+# samplers.sample: the six solvers by name; the runner's trajectory, callback and noise-key rule
+# ------------------------------------------------------------------------------------------------
+
+def interpolated_optimal_eps_fn(schedule, sigma=SIGMA):
+    """ε* of optimal_eps_fn at fractional t too (the Euler samplers call the model at float timesteps):
+    σ(t)² = (1 − ᾱ_t)/ᾱ_t interpolated linearly, ε* = σ√(1 + σ²) x/(s² + σ²)."""
+    ab = np.asarray(schedule.alphas_cumprod, np.float64)
+    table = jnp.asarray(np.sqrt((1 - ab) / ab), jnp.float32)
+    grid = jnp.arange(table.shape[0], dtype=jnp.float32)
+
+    def eps_fn(x_t, t):
+        sig = jnp.interp(t.astype(jnp.float32), grid, table).reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return sig * jnp.sqrt(1 + sig**2) * x_t / (sigma**2 + sig**2)
+    return eps_fn
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_by_name_samples_the_data_variance(name):
+    """Each of the six through samplers.sample on the optimal ε-model for N(0, s²) data (cosine, T = 1000, 100
+    steps, 20k samples): mean 0 within 5 SE and Var(x_0) within 10% of s² (first-order solvers are a few % off
+    at 100 steps, the Monte-Carlo SE of the variance is 1%)."""
+    s, n = get_schedule("cosine", 1000), 20_000
+    run = jax.jit(lambda key: sample(interpolated_optimal_eps_fn(s), s, (n, 1), key, sampler=name, num_steps=100,
+                                     clip_denoised=False))
+    x0 = np.asarray(run(jax.random.key(0)), np.float64)
+    assert np.all(np.isfinite(x0))
+    assert abs(x0.mean()) < 5 * SIGMA / math.sqrt(n)
+    assert abs(x0.var() / SIGMA**2 - 1) < 0.10, x0.var()
+
+
+def test_ddpm_and_ddim_sample_are_sample_by_name():
+    s = get_schedule("linear", 100)
+    eps_fn, key, shape = optimal_eps_fn(s), jax.random.key(4), (3, 4, 4, 1)
+    np.testing.assert_array_equal(ddpm_sample(eps_fn, s, shape, key), sample(eps_fn, s, shape, key, sampler="ddpm"))
+    np.testing.assert_array_equal(ddim_sample(eps_fn, s, shape, key, num_steps=10, eta=0.5),
+                                  sample(eps_fn, s, shape, key, sampler="ddim", num_steps=10, eta=0.5))
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', 'pndm', 'euler', 'euler_ancestral', "
+                                         r"'dpmsolver\+\+'\), got 'heun'"):
+        sample(eps_fn, s, shape, key, sampler="heun")
+
+
+def test_sample_ddpm_passes_a_swapped_posterior_variance_through():
+    """samplers.sample(sampler="ddpm", p_mean_variance_fn=…) reaches DDPMScheduler's p_sample (all T steps and a
+    respaced 10-step grid); the default restores the samples."""
+    s = get_schedule("linear", 50)
+    eps_fn, key = optimal_eps_fn(s), jax.random.key(1)
+
+    def posterior_times_4(schedule, x0, x_t, t):
+        mean, var, log_var = D.q_posterior_mean_variance(schedule, x0, x_t, t)
+        return mean, 4 * var, log_var + math.log(4.0)
+
+    wrong_pmv = lambda *a, **k: D.p_mean_variance(*a, **k, q_posterior_fn=posterior_times_4)  # noqa: E731
+    for num_steps in (None, 10):
+        default = sample(eps_fn, s, (8, 3), key, sampler="ddpm", num_steps=num_steps)
+        wrong = sample(eps_fn, s, (8, 3), key, sampler="ddpm", num_steps=num_steps, p_mean_variance_fn=wrong_pmv)
+        assert np.abs(np.asarray(wrong) - np.asarray(default)).max() > 1e-2
+        np.testing.assert_array_equal(sample(eps_fn, s, (8, 3), key, sampler="ddpm", num_steps=num_steps), default)
+
+
+def test_respaced_ddpm_is_algorithm_2_on_the_respaced_schedule():
+    """DDPM with N < T steps = Algorithm 2 (ddpm_sample) on schedules.respace(ᾱ, τ), the model called at τ."""
+    s = get_schedule("linear", 100)
+    eps_fn, key, shape = optimal_eps_fn(s), jax.random.key(2), (4, 3)
+    tau = spaced_timesteps(100, 10, "leading")                                   # [90, 80, …, 0]
+    respaced = respace(s.alphas_cumprod, tau)
+    np.testing.assert_allclose(respaced.alphas_cumprod, np.asarray(s.alphas_cumprod)[tau[::-1].astype(int)], rtol=1e-6)
+    tau_of = jnp.asarray(tau[::-1], jnp.int32)                                   # respaced index k -> τ_k
+    on_respaced = ddpm_sample(lambda x, k: eps_fn(x, tau_of[k]), respaced, shape, key)
+    np.testing.assert_allclose(sample(eps_fn, s, shape, key, sampler="ddpm", num_steps=10), on_respaced, atol=1e-6)
+
+
+def test_runner_trajectory_callback_and_noise_key_rule():
+    """schedulers.run: Trajectory(x [S+1], model_input [S], t [S]), on_step(i) once per step on the host, and
+    step i's noise = fold_in(split(key)[1], i) (checked by replaying DDPM's steps by hand)."""
+    s = get_schedule("cosine", 20)
+    eps_fn, key, shape = optimal_eps_fn(s), jax.random.key(9), (2, 3)
+    x0, traj = sample(eps_fn, s, shape, key, sampler="ddpm", num_steps=5, return_trajectory=True)
+    assert traj.x.shape == (6, 2, 3) and traj.model_input.shape == (5, 2, 3) and traj.t.shape == (5,)
+    np.testing.assert_array_equal(traj.t, spaced_timesteps(20, 5, "leading"))
+    np.testing.assert_array_equal(traj.x[-1], x0)
+    np.testing.assert_array_equal(traj.model_input, traj.x[:-1])                  # DDPM: the model sees x itself
+    key_x_T, key_steps = jax.random.split(key)
+    np.testing.assert_array_equal(traj.x[0], jax.random.normal(key_x_T, shape))
+    scheduler = make_scheduler(s, "ddpm")
+    state = scheduler.init_state(5, traj.x[0])
+    x = traj.x[0]
+    for i in range(5):
+        t = jnp.full((2,), state.timesteps[i], jnp.int32)
+        x, state = scheduler.step(state, eps_fn(x, t), i, x, jax.random.fold_in(key_steps, i))
+        np.testing.assert_allclose(x, traj.x[i + 1], atol=1e-6)
+
+    seen, x_mid = [], jnp.ones(shape)
+    x_end, traj = schedulers.run(make_scheduler(s, "euler"), interpolated_optimal_eps_fn(s), x_mid, key_steps, 4,
+                                 start=1, x_is_noise=False, on_step=seen.append, return_trajectory=True)
+    jax.block_until_ready(x_end)
+    assert [int(i) for i in seen] == [1, 2, 3]                                   # steps start … N−1
+    assert traj.x.shape == (4, 2, 3) and traj.t.shape == (3,)
+    np.testing.assert_array_equal(traj.x[0], x_mid)                               # x is the sample at grid point 1
+    sigmas = make_scheduler(s, "euler").init_state(4, x_mid).sigmas
+    np.testing.assert_allclose(traj.model_input[0], x_mid / np.sqrt(sigmas[1] ** 2 + 1), rtol=1e-6)

@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_euler_discrete  # noqa: E402
+from diffusers.schedulers import (scheduling_ddpm, scheduling_euler_ancestral_discrete,  # noqa: E402
+                                  scheduling_euler_discrete)
 
 from ddpm_jax import schedulers as S  # noqa: E402
 
@@ -32,7 +33,7 @@ SD_CONFIG = {
 }
 DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "euler": diffusers.EulerDiscreteScheduler,
              "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-             "dpmsolver++": diffusers.DPMSolverMultistepScheduler}
+             "dpmsolver++": diffusers.DPMSolverMultistepScheduler, "ddpm": diffusers.DDPMScheduler}
 SIGMA_SPACE = ("euler", "euler_ancestral")  # σ-space samplers: float32 σ grid, large |x|
 NAMES = tuple(DIFFUSERS)
 S_DATA = 1.0  # data x0 ~ N(0, S_DATA² I) for the analytic model
@@ -51,7 +52,9 @@ def reference(name, config, num_steps, float64=True, **step_kw):
         np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=1e-6)  # the same β's
         ab = np.cumprod(1 - betas)
         ref.alphas_cumprod = f64(ab)
-        if name in ("ddim", "pndm"):
+        if name == "ddpm":
+            ref.one = f64(1.0)
+        elif name in ("ddim", "pndm"):
             ref.final_alpha_cumprod = f64(1.0 if config.get("set_alpha_to_one", name == "ddim") else ab[0])
         else:  # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
             sig = np.sqrt((1 - ab) / ab)
@@ -89,12 +92,12 @@ def optimal_eps_torch(config, s=S_DATA):
 
 
 class FeedNoise:
-    """Replaces diffusers' randn_tensor (Euler, Euler-ancestral) so that it returns our noise for step ``i``
+    """Replaces diffusers' randn_tensor (Euler, Euler-ancestral, DDPM) so that it returns our noise for step ``i``
     (the test sets ``i`` before each step; Euler draws only at steps with churn)."""
 
     def __init__(self, monkeypatch, noise_of):
         self.noise_of, self.i, self.calls = noise_of, None, 0
-        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete):
+        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_ddpm):
             monkeypatch.setattr(module, "randn_tensor", self)
 
     def __call__(self, shape, **kw):
@@ -201,7 +204,7 @@ def test_sample_loop_matches_diffusers_loop(name, monkeypatch):
     sched = S.get_scheduler(name, SD_CONFIG)
     x_T = np.asarray(jax.random.normal(jax.random.key(7), shape), np.float64)
     key = jax.random.key(3)
-    ours = jax.jit(lambda x_T, key: S.sample_loop(sched, optimal_eps_jax(sched.config), x_T, key, num_steps))(f32(x_T), key)
+    ours = jax.jit(lambda x_T, key: S.run(sched, optimal_eps_jax(sched.config), x_T, key, num_steps))(f32(x_T), key)
 
     ref = reference(name, SD_CONFIG, num_steps)
     feed = FeedNoise(monkeypatch, lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64))
@@ -226,7 +229,7 @@ def test_deterministic_solvers_sample_the_data_variance(name):
     and 100 steps come closer."""
     sched = S.get_scheduler(name, SD_CONFIG)
     eps_fn = optimal_eps_jax(sched.config)
-    error = {n: abs(float(S.sample_loop(sched, eps_fn, jnp.ones((1, 1, 1, 1)), None, n).squeeze()) ** 2 / S_DATA**2 - 1)
+    error = {n: abs(float(S.run(sched, eps_fn, jnp.ones((1, 1, 1, 1)), None, n).squeeze()) ** 2 / S_DATA**2 - 1)
              for n in (50, 100)}
     assert error[50] < VARIANCE_BOUNDS_50[name], error
     assert error[100] < error[50], error
@@ -239,7 +242,7 @@ def test_euler_ancestral_samples_the_data_variance():
     x_T = jax.random.normal(jax.random.key(0), (40_000, 1, 1, 1))
     error = {}
     for n in (50, 100):
-        x0 = np.asarray(S.sample_loop(sched, optimal_eps_jax(sched.config), x_T, jax.random.key(1), n), np.float64)
+        x0 = np.asarray(S.run(sched, optimal_eps_jax(sched.config), x_T, jax.random.key(1), n), np.float64)
         error[n] = abs(x0.var() / S_DATA**2 - 1)
         assert abs(x0.mean()) < 5 * S_DATA / np.sqrt(len(x0))
     assert error[50] < 0.13 and error[100] < error[50] - 0.02, error
@@ -261,7 +264,7 @@ def test_new_conditioning_or_guidance_scale_does_not_retrace(name):
 
     def run(cond, g, x_T, key):
         traces["loop"] += 1
-        return S.sample_loop(sched, lambda x, t: model(x, t, cond, g), x_T, key, 8)
+        return S.run(sched, lambda x, t: model(x, t, cond, g), x_T, key, 8)
 
     run = jax.jit(run)
     x_T, key = jnp.ones((2, 2, 2, 1)), jax.random.key(0)
@@ -292,7 +295,7 @@ def test_registry_names_and_diffusers_class_names(tmp_path):
 
 
 def test_unknown_scheduler_lists_the_known_ones():
-    known = r"unknown scheduler 'heun'; known: ddim, pndm, euler, euler_ancestral, dpmsolver\+\+ \(or diffusers' DDIMSch"
+    known = r"unknown scheduler 'heun'; known: ddim, pndm, euler, euler_ancestral, dpmsolver\+\+, ddpm \(or diffusers' DDIMSch"
     with pytest.raises(ValueError, match=known):
         S.get_scheduler("heun")
     with pytest.raises(ValueError, match="no name given"):

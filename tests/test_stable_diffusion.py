@@ -124,6 +124,26 @@ def test_txt2img_equals_diffusers_pipeline(by_scheduler, pipe, name):
     np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
 
 
+def test_txt2img_ddpm_equals_diffusers_pipeline(by_scheduler, pipe, monkeypatch):
+    """scheduler="ddpm" (respaced Algorithm 2): diffusers' StableDiffusionPipeline with DDPMScheduler, the same
+    latents and our per-step noise (step i: fold_in(split(key(seed))[1], i)) fed to its randn_tensor in order."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    latents, seed, steps = _latents(), 3, 6
+    key_steps = jax.random.split(jax.random.key(seed))[1]
+    noise = iter(np.asarray(jax.random.normal(jax.random.fold_in(key_steps, i), latents.shape)).transpose(0, 3, 1, 2)
+                 for i in range(steps))
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
+    with torch.no_grad():
+        expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                        num_inference_steps=steps, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np").images
+    ours = by_scheduler("ddpm").txt2img(PROMPTS, NEGATIVE, guidance_scale=5.0, num_steps=steps, height=SIZE,
+                                        width=SIZE, latents=latents, seed=seed)
+    assert expected.std() > 0.05
+    np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["euler"])
 def test_img2img_equals_diffusers_pipeline(by_scheduler, folder, name):
     """SDEdit from given latents and noise: diffusers' StableDiffusionImg2ImgPipeline (latents as `image`)."""

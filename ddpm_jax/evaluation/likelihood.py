@@ -31,10 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax.diffusion import prior_bpd, q_sample, vlb_term_bpd
+from ddpm_jax.diffusion import EpsFn, prior_bpd, q_sample, vlb_term_bpd
 from ddpm_jax.schedules import Schedule
-
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class VLBResult(NamedTuple):

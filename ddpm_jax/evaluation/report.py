@@ -31,7 +31,7 @@ from ddpm_jax.evaluation import conditional, likelihood
 from ddpm_jax.evaluation import fid as fid_lib
 from ddpm_jax.evaluation import inception as inception_lib
 from ddpm_jax.evaluation import judge as judge_lib
-from ddpm_jax.pipelines.generate import resolve_sampler, sample_images
+from ddpm_jax.pipelines.generate import model_calls, resolve_sampler, sample_images
 
 Say = Callable[[str], None]
 # The MNIST demo's evaluation: a few tens of seconds on 2 CPU cores.
@@ -149,7 +149,7 @@ def evaluate(model: DiffusionModel, out: str | pathlib.Path, *, num_samples: int
     start = time.perf_counter()                                                          # 1. samples
     samples, _ = sample_images(model, num_samples, sampler=name, steps=num_steps, eta=eta, seed=seed,
                                batch_size=batch_size, progress=progress)
-    result["samples"] = {"num": num_samples, "sampler": name, "steps": num_steps,
+    result["samples"] = {"num": num_samples, "sampler": name, "steps": model_calls(model, name, num_steps),
                          "eta": eta if name == "ddim" else None, "seed": seed,
                          "seconds": round(time.perf_counter() - start, 2)}
     say(f"samples: {num_samples} from {model.description}, sampler {name} ({num_steps} steps), seed {seed}")

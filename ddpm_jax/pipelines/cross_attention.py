@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from ddpm_jax import plotting, samplers
+from ddpm_jax import plotting
 from ddpm_jax.diffusion_model import DiffusionModel, TextEncoder
 from ddpm_jax.models.unet import apply_with_attention_maps
-from ddpm_jax.pipelines.generate import generate, resolve_sampler
+from ddpm_jax.pipelines.generate import generate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -103,10 +103,8 @@ def txt2img_to_files(model: DiffusionModel, prompts: Sequence[str], out: str | o
     out_path = pathlib.Path(out)
     written = [plotting.save_image_grid(result["images"], out_path)]
     if attention_maps:
-        name, num_steps, _ = resolve_sampler(model, sampler, steps, eta)
-        timesteps = samplers.timesteps(name, model.schedule, num_steps)          # [S] what the model was called with
-        trajectory = result["trajectory"][:-1]                       # x_t fed to step k is at timesteps[k]
-        maps = token_attention_maps(model, trajectory, prompts, np.asarray(timesteps))    # [B, h, w, L]
+        # the U-Net's input at step k is model_inputs[k], at timesteps[k] (the runner's Trajectory)
+        maps = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"])  # [B, h, w, L]
         for i, prompt in enumerate(prompts):
             tokens = prompt_tokens(model.text_encoder, prompt)
             path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")

@@ -50,6 +50,11 @@ def resolve_sampler(model: DiffusionModel, sampler: str | None = None, steps: in
     return name, int(steps), float(model.eta if eta is None else eta)
 
 
+def model_calls(model: DiffusionModel, sampler: str, steps: int) -> int:
+    """How many times ``sampler`` calls the model for ``steps`` grid points (PNDM: steps + 1)."""
+    return len(samplers.make_scheduler(model.schedule, sampler).set_timesteps(steps))
+
+
 def make_sample_fn(model: DiffusionModel, shape: tuple[int, ...], *, sampler: str | None = None,
                    steps: int | None = None, eta: float | None = None, return_trajectory: bool = False
                    ) -> Callable[..., Any]:
@@ -97,8 +102,9 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
 
     Classifier-free guidance with scale ``guidance_scale`` (default the model's) in one batched U-Net call
     per step; ``sampler``/``steps``/``eta`` default to the model's. Returns {"images": [B, H, W, C] in
-    [-1, 1], "x0": the sampled latents (or images), "trajectory": x_t along the chain (with
-    ``return_latents``)}.
+    [-1, 1], "x0": the sampled latents (or images)} and, with ``return_latents``, the run's
+    ``schedulers.Trajectory`` as "trajectory" (x_t along the chain [S+1, B, ...]), "model_inputs" [S, B, ...]
+    and "timesteps" [S].
     """
     w = float(model.guidance_scale if guidance_scale is None else guidance_scale)
     guidance.check_guidance_scale(w)
@@ -112,8 +118,9 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
     out = run(model.params, jax.random.key(seed), cond or None, uncond or None, jnp.float32(w))
     x0, trajectory = out if return_latents else (out, None)
     result = {"images": np.asarray(model.decode(x0)), "x0": np.asarray(x0)}
-    if trajectory is not None:
-        result["trajectory"] = np.asarray(trajectory)
+    if trajectory is not None:  # the runner's schedulers.Trajectory
+        result["trajectory"] = np.asarray(trajectory.x)                                # [S+1, B, h, w, c]
+        result["model_inputs"], result["timesteps"] = np.asarray(trajectory.model_input), np.asarray(trajectory.t)
     return result
 
 
@@ -151,8 +158,8 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     images, traj = [], None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
-        chunks = tqdm.tqdm(chunks, desc=f"sampling {num} images ({name}, {num_steps} steps)", unit="batch",
-                           dynamic_ncols=True)
+        chunks = tqdm.tqdm(chunks, desc=f"sampling {num} images ({name}, {model_calls(model, name, num_steps)} steps)",
+                           unit="batch", dynamic_ncols=True)
     key = jax.random.key(seed)
     for i in chunks:
         want_traj = trajectory and i == 0
@@ -160,7 +167,7 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
         out = sharded(k) if sharded is not None and not want_traj else jitted(k, want_traj)
         if want_traj:
             out, traj = out
-            traj = np.asarray(traj)
+            traj = np.asarray(traj.x)  # the Trajectory's x [S+1, b, h, w, c]
         images.append(np.asarray(model.decode(out)))
     return np.concatenate(images)[:num], traj
 

@@ -7,7 +7,7 @@ The block diagram, with the shapes for one 512×512 image (B prompts; SD v1: D =
     "" or a negative prompt ──────────── same ──────────────────────────────────────► ∅ [B, 77, D]
 
     z_T ~ N(0, I)                                                       [B, 64, 64, 4]   (H/f, W/f)
-    for i = 0 … N−1  (a scheduler from schedulers.py: DDIM, PNDM, Euler, …):
+    for i = 0 … N−1  (a scheduler from schedulers.py: DDPM, DDIM, PNDM, Euler, …; schedulers.run):
         ε̂ = ε_θ(z, t_i, ∅) + w (ε_θ(z, t_i, c) − ε_θ(z, t_i, ∅))         U-Net on [2B, 64, 64, 4] (guidance.py)
         z = step(z, ε̂, i)                                               [B, 64, 64, 4]
     x = VAE decoder(z / 0.18215)  (models/vae.py)                       [B, 512, 512, 3] in [−1, 1]
@@ -19,8 +19,12 @@ new prompts or a new w do not recompile. The batch is split over every device (`
 
 img2img is SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations"): encode the image, z_0 = s·E(x); noise it to the point s·N of the grid,
-z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, ``diffusion.q_sample``; in σ-space z_0 + σ_t ε); then run
-the remaining steps of the same loop.
+z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, ``diffusion.q_sample``; in σ-space z_0 + σ_t ε: the
+scheduler's ``add_noise``); then run the remaining steps of the same loop.
+
+Randomness follows the library's noise-key rule (``schedulers.py``): ``key_x_T, key_steps =
+jax.random.split(jax.random.key(seed))``; txt2img draws z_T from ``key_x_T``, img2img splits ``key_x_T`` into
+the VAE's sampling key and the SDEdit noise; step i draws from ``fold_in(key_steps, i)``.
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
@@ -43,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import diffusion, guidance, parallel, plotting, schedulers
+from ddpm_jax import guidance, parallel, plotting, schedulers
 from ddpm_jax.diffusion_model import TextEncoder
 from ddpm_jax.models.clip import CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
@@ -65,7 +69,7 @@ SD_V1_SCHEDULER_CONFIG = {
 }
 # Schedulers whose step depends only on the grid index, so that img2img can start mid-grid exactly as
 # diffusers does (PNDM's and DPM-Solver's warm-up counters would need a restart at the first step).
-IMG2IMG_SCHEDULERS = ("ddim", "euler", "euler_ancestral")
+IMG2IMG_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_ancestral")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -140,19 +144,6 @@ def _cast(params: Params, dtype: Any) -> Params:
 
 
 # ================================================================================================
-# The denoising loop
-# ================================================================================================
-
-def add_noise(scheduler: schedulers.Scheduler, state: Any, z0: Array, noise: Array, i: int) -> Array:
-    """z at grid point i from a clean z_0 (SDEdit): DDPM Eq. 4 (``diffusion.q_sample``) at t_i, or, for the
-    σ-space schedulers, z_0 + σ_i ε (diffusers' ``scheduler.add_noise``)."""
-    if isinstance(scheduler, (schedulers.EulerScheduler, schedulers.EulerAncestralScheduler)):
-        return z0 + noise * state.sigmas[i]
-    t = jnp.full((z0.shape[0],), state.timesteps[i], jnp.int32)
-    return diffusion.q_sample(state.schedule, z0, t, noise)
-
-
-# ================================================================================================
 # The pipeline
 # ================================================================================================
 
@@ -192,7 +183,7 @@ class StableDiffusion:
         Args:
           dtype: the weights' and the computation's dtype: "float32", "bf16" (halves the memory; fine on
             CPU) or "fp16" (GPU only). Schedulers and guidance always run in float32.
-          scheduler: a name ("ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++"), a diffusers class
+          scheduler: a name ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++"), a diffusers class
             name, or a scheduler object; None = the folder's own (PNDM for SD v1). Configured from the
             folder's scheduler_config.json either way.
           variant: diffusers' file variant of the diffusers folder ("fp16", "non_ema", …).
@@ -308,10 +299,10 @@ class StableDiffusion:
             self.trace_count += 1                                                     # Python: runs at trace time only
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
                                             {"context": cond}, {"context": uncond}, guidance_scale)
-            if scale_init:                                                            # txt2img: z_T · init_noise_sigma
-                z = z * self.scheduler.init_state(num_steps, z).init_noise_sigma
-            z0, trajectory = schedulers.denoise_loop(self.scheduler, eps_fn, z, rng, num_steps, start, self._on_step,
-                                          keep_trajectory)                           # [B, h, w, 4]
+            # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
+            out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, x_is_noise=scale_init,
+                                 on_step=self._on_step, return_trajectory=keep_trajectory)
+            z0, trajectory = out if keep_trajectory else (out, None)                 # [B, h, w, 4], Trajectory
             images = self.vae.apply({"params": params["vae"]}, z0, method=AutoencoderKL.decode_latents)
             return jnp.clip(images, -1.0, 1.0), z0, trajectory                       # [B, H, W, 3]
 
@@ -343,9 +334,9 @@ class StableDiffusion:
                 self._bar.close()
             self._bar = None
         result: dict[str, Any] = {"images": images, "latents": np.asarray(z0)}
-        if keep:
-            result["model_inputs"], result["trajectory"] = np.asarray(trajectory[0]), np.asarray(trajectory[1])
-            result["timesteps"] = np.asarray(self.scheduler.init_state(num_steps, z).timesteps)[start:]
+        if keep:  # z after each step [S, B, h, w, 4] (Trajectory.x without its start point), what the U-Net saw, t
+            result["trajectory"] = np.asarray(trajectory.x[1:])
+            result["model_inputs"], result["timesteps"] = np.asarray(trajectory.model_input), np.asarray(trajectory.t)
         return result
 
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
@@ -390,7 +381,8 @@ class StableDiffusion:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo), got {strength}")
         prompts, cond, uncond = self._conditions(prompts, negative_prompts)
-        key_encode, key_noise, key_steps = jax.random.split(jax.random.key(seed), 3)
+        key_x_T, key_steps = jax.random.split(jax.random.key(seed))                    # the noise-key rule
+        key_encode, key_noise = jax.random.split(key_x_T)
         if init_latents is None:
             images = jnp.asarray(images, jnp.float32)
             if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(prompts):
@@ -407,7 +399,7 @@ class StableDiffusion:
         if noise is None:
             noise = jax.random.normal(key_noise, init_latents.shape, jnp.float32)
         state = self.scheduler.init_state(num_steps, init_latents)
-        z = add_noise(self.scheduler, state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
+        z = self.scheduler.add_noise(state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
         return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
                             return_latents, progress)
 
@@ -451,7 +443,8 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
     return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
 
 
-__all__ = ["StableDiffusion", "add_noise", "byte_tokenizer", "load_text_encoder", "resolve_dtype", "resolve_path"]
+__all__ = ["StableDiffusion", "byte_tokenizer", "img2img_to_files", "load_text_encoder", "read_image", "resolve_dtype",
+           "resolve_path", "txt2img_to_files"]
 
 
 # ================================================================================================

@@ -50,7 +50,7 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.train.sample_every   int    sample grid PNG every N steps (and at the end); 0 = never
     config.train.num_samples    int    images per grid
     config.train.parallel       str    "jit" | "pmap"
-    config.sample.sampler       str    "ddim" | "ddpm"
+    config.sample.sampler       str    one of samplers.SAMPLERS ("ddim", "ddpm", "pndm", "euler", …)
     config.sample.steps         int    DDIM steps
     config.sample.eta           float  DDIM η (0 = deterministic)
 
