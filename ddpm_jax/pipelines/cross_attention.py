@@ -51,7 +51,7 @@ def token_attention_maps(model: DiffusionModel, trajectory: np.ndarray, prompts:
             per_layer.append(jax.image.resize(m, (m.shape[0], h, w, m.shape[3]), "bilinear"))
         return jnp.mean(jnp.stack(per_layer), axis=0)                                    # [B, h, w, L]
 
-    total = sum(maps_at(jnp.asarray(x), jnp.int32(t)) for x, t in zip(trajectory, timesteps))
+    total = sum(maps_at(jnp.asarray(x), jnp.asarray(t)) for x, t in zip(trajectory, timesteps))
     return np.asarray(total / len(timesteps))
 
 
