@@ -311,7 +311,7 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
     ax.set_xlabel("image")
     if title:
         ax_images.set_title(title, fontsize=9)
-    return plotting._savefig(fig, path)
+    return plotting.save_figure(fig, path)
 
 
 # ================================================================================================

@@ -401,7 +401,7 @@ def save_attention_overlays(images: np.ndarray, maps: np.ndarray, tokens: Sequen
             axes[i, j + 1].set_title(token, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
-    return plotting._savefig(fig, path)
+    return plotting.save_figure(fig, path)
 
 
 def prompt_tokens(encoder: TextEncoder, prompt: str) -> list[str]:

@@ -82,7 +82,7 @@ def plot_guidance_sweep(sweep: dict[str, Any], path: str | os.PathLike) -> pathl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ddpm_jax.plotting import _savefig
+    from ddpm_jax.plotting import save_figure
 
     w = [r["guidance"] for r in sweep["rows"]]
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -98,7 +98,7 @@ def plot_guidance_sweep(sweep: dict[str, Any], path: str | os.PathLike) -> pathl
         ax2.axhline(sweep["classifier_fid_real_baseline"], color="tab:red", ls=":", lw=0.8)
     ax.set_title(f"{sweep['kind']}-conditional: {sweep['per_class']} samples per digit", fontsize=9)
     fig.tight_layout()
-    return _savefig(fig, path)
+    return save_figure(fig, path)
 
 
 def save_sweep(sweep: dict[str, Any], workdir: str | os.PathLike, name: str = "guidance_sweep"
