@@ -206,58 +206,25 @@ def sample_images(
 # Official checkpoints: a diffusers UNet2DModel folder + DDPMScheduler config
 # ---------------------------------------------------------------------------------------------
 
-# diffusers DDPMScheduler variance_type -> ours. "fixed_small_log" is the same variance taken through a log.
-_PRETRAINED_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
-
-
-def find_pretrained_folders(folder: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-    """(U-Net folder, scheduler folder) of a google/ddpm-* style folder.
-
-    Either everything at the root (config.json + diffusion_pytorch_model.safetensors +
-    scheduler_config.json, as google/ddpm-cifar10-32 ships) or a pipeline saved by
-    ``DDPMPipeline.save_pretrained`` (unet/ and scheduler/ subfolders).
-    """
-    root = pathlib.Path(folder).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"pretrained folder {str(root)!r} does not exist")
-    unet = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    scheduler = root / "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else root
-    if not (unet / "config.json").is_file():
-        raise FileNotFoundError(f"{root} has no config.json (nor unet/config.json): not a diffusers UNet2DModel folder")
-    if not (scheduler / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"{root} has no scheduler_config.json (nor scheduler/scheduler_config.json); "
-                                "download it with the model (e.g. google/ddpm-cifar10-32)")
-    return unet, scheduler
-
-
 def load_pretrained_model(folder: str | os.PathLike) -> LoadedModel:
-    """A diffusers UNet2DModel (``pretrained.load_unet``) with the schedule of its ``scheduler_config.json``.
+    """A diffusers UNet2DModel with the schedule of its ``scheduler_config.json`` (``pretrained.diffusers.load_ddpm_folder``).
 
     From the DDPMScheduler config: β's (``beta_schedule``, ``beta_start``/``beta_end``,
     ``num_train_timesteps``, ``trained_betas``; diffusers' "linear" is not rescaled with T),
     ``prediction_type``, ``variance_type`` (fixed_small/fixed_large) and ``clip_sample``. The default
     sampler is the paper's: 1000-step ancestral sampling (Algorithm 2).
     """
-    from ddpm_jax import pretrained, schedulers
+    from ddpm_jax import schedulers
+    from ddpm_jax.pretrained import diffusers as diffusers_weights
 
-    unet_dir, scheduler_dir = find_pretrained_folders(folder)
-    sched = schedulers.read_scheduler_config(scheduler_dir)
-    variance = sched.get("variance_type", "fixed_small")  # DDPMScheduler's default
-    if variance not in _PRETRAINED_VARIANCES:
-        raise ValueError(f"scheduler_config.json has variance_type={variance!r}; supported: "
-                         f"{', '.join(_PRETRAINED_VARIANCES)} (learned variances are not implemented)")
-    if sched.get("thresholding", False):
-        raise ValueError("scheduler_config.json sets thresholding=true (dynamic thresholding): not implemented")
-    if float(sched.get("clip_sample_range", 1.0)) != 1.0:
-        raise ValueError(f"scheduler_config.json sets clip_sample_range={sched['clip_sample_range']}; only 1.0 "
-                         "(clip x̂_0 to [-1, 1]) is implemented")
+    module, params, sched = diffusers_weights.load_ddpm_folder(folder)
     config = schedulers.SchedulerConfig.from_config(sched)
-    module, params = pretrained.load_unet(unet_dir)
+    variance = diffusers_weights.DDPM_VARIANCES[sched.get("variance_type", "fixed_small")]
     unet_config = module.config
     return LoadedModel(
         eps_fn=lambda x_t, t: module.apply({"params": params}, x_t, t),
         schedule=config.schedule(), image_size=int(unet_config.sample_size), channels=int(unet_config.in_channels),
-        prediction=config.prediction, variance=_PRETRAINED_VARIANCES[variance],
+        prediction=config.prediction, variance=variance,
         clip_denoised=bool(sched.get("clip_sample", True)), sampler="ddpm",
         steps=int(config.num_train_timesteps), eta=1.0, description=f"pretrained {folder}")
 
