@@ -193,7 +193,8 @@ _LEGACY_ATTENTION_KEY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_at
 
 
 def unet_key(key: str) -> str:
-    """The U-Net's (and VAE's) key rename: ``mid_block.attentions.0.proj_attn.weight`` → ``mid_block.attentions.0.to_out.0.weight``; others unchanged."""
+    """The U-Net's (and VAE's) key rename, legacy attention names → current ones:
+    ``mid_block.attentions.0.proj_attn.weight`` → ``mid_block.attentions.0.to_out.0.weight``; others unchanged."""
     return _LEGACY_ATTENTION_KEY.sub(lambda m: f"{m[1]}.{_LEGACY_ATTENTION_NAMES[m[2]]}.", key)
 
 
@@ -266,7 +267,8 @@ def autoencoder_kl_config_from_diffusers(diffusers_config: Mapping[str, Any]) ->
 
 
 def vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A VAE state dict (diffusers or, renamed, CompVis names) with its Attention projections stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]."""
+    """The VAE's state-dict fix (diffusers names, or CompVis names renamed to them): attention projections
+    stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]; other keys unchanged."""
     out = {}
     for key, array in state_dict.items():
         if _LEGACY_OR_NEW_ATTENTION_WEIGHT.search(key) and array.ndim == 4 and array.shape[2:] == (1, 1):

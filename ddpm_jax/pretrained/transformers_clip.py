@@ -5,9 +5,8 @@ A transformers model folder holds ``config.json`` and ``model[.variant].safetens
 ``text_encoder/model.fp16.safetensors``) — e.g. the ``text_encoder/`` folder of every Stable
 Diffusion checkpoint (a ``CLIPTextModel``), or ``openai/clip-vit-large-patch14`` (a ``CLIPModel``).
 Tensors are read by ``state_dict.read_state_dict`` (NumPy; no torch at run time) and converted by
-``convert.convert_state_dict``, which lists
-every missing, unexpected or mis-shaped key in one ValueError. Our modules use transformers'
-names except in attention, which is the U-Net's (``q_proj`` → ``to_q``, …, ``out_proj`` →
+``convert.convert_state_dict``, which lists every missing, unexpected or mis-shaped key in one
+ValueError. Our modules use transformers' names except in attention, which is the U-Net's (``q_proj`` → ``to_q``, …, ``out_proj`` →
 ``to_out.0``); ``position_ids`` buffers (saved by older transformers versions) are ignored.
 
 transformers v5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix that older
@@ -96,7 +95,8 @@ _ATTENTION_KEY = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.")
 
 
 def clip_key(key: str) -> str:
-    """CLIP's key rename: ``…self_attn.q_proj.weight`` → ``…self_attn.to_q.weight`` (our attention is the U-Net's)."""
+    """CLIP's key rename: ``…self_attn.q_proj.weight`` → ``…self_attn.to_q.weight`` (our attention is the
+    U-Net's); other keys unchanged."""
     return _ATTENTION_KEY.sub(lambda m: f".self_attn.{_ATTENTION_NAMES[m[1]]}.", key)
 
 
@@ -181,5 +181,5 @@ def load_clip(path: str | Path, variant: str | None = None) -> tuple[CLIPModel, 
     return module, convert_state_dict(_state_dict(folder, variant), target, rename=clip_key)
 
 
-__all__ = ["clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision", "text_config_from_transformers",
-           "vision_config_from_transformers"]
+__all__ = ["clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
+           "text_config_from_transformers", "vision_config_from_transformers"]
