@@ -26,6 +26,7 @@ __all__ = [
     "plot_loss_curve",
     "plot_forward_process",
     "save_trajectory_strip",
+    "save_figure",
 ]
 
 PathLike = str | pathlib.Path
@@ -148,10 +149,11 @@ def plot_loss_curve(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _savefig(fig, png_path)
+    return save_figure(fig, png_path)
 
 
-def _savefig(fig: Any, path: PathLike) -> pathlib.Path:
+def save_figure(fig: Any, path: PathLike) -> pathlib.Path:
+    """Write a matplotlib figure to ``path`` (PNG at 120 dpi, parent folders created), close it, return the path."""
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)
@@ -235,4 +237,4 @@ def plot_forward_process(
         ax.grid(alpha=0.3)
         for t in timesteps:
             ax.axvline(t + 1, color="gray", lw=0.5, alpha=0.5)
-    return _savefig(fig, path)
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""CLIP (models/clip.py, pretrained_clip.py) against transformers' PyTorch CLIP, the reference.
+"""CLIP (models/clip.py, pretrained/transformers_clip.py) against transformers' PyTorch CLIP, the reference.
 
 Tiny random transformers models (seeded, every weight perturbed so no LayerNorm is trivially 1/0)
 are saved to tmp_path and loaded with our loaders; outputs must match to ≤ 1e-4.
@@ -24,7 +24,7 @@ from ddpm_jax.models.clip import (  # noqa: E402
     pooled_token_index,
 )
 from ddpm_jax.objectives import clip_loss, contrastive_logits  # noqa: E402
-from ddpm_jax.pretrained_clip import load_clip, load_clip_text, load_clip_vision  # noqa: E402
+from ddpm_jax.pretrained.transformers_clip import load_clip, load_clip_text, load_clip_vision  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 99
@@ -115,6 +115,28 @@ def test_text_model_old_layout_and_projection(tmp_path):
     out = module.apply({"params": params}, jnp.asarray(ids))
     _close(out.embeds, expected.text_embeds)
     _close(out.last_hidden_state, expected.last_hidden_state)
+
+
+def test_text_model_variant_file(tmp_path):
+    """variant="fp16" reads model.fp16.safetensors (diffusers' variant names, as SD's text_encoder/ ships);
+    the plain model.safetensors next to it is not read, and a missing variant file is named."""
+    config = transformers.CLIPTextConfig(**TEXT, eos_token_id=60)
+    folder = _save(_perturb(transformers.CLIPTextModel(config), seed=4), tmp_path / "text")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.astype(np.float16) for k, v in state.items()}, folder / "model.fp16.safetensors")
+    plain_module, plain = load_clip_text(folder)
+    module, half = load_clip_text(folder, variant="fp16")
+    assert module == plain_module
+    assert jax.tree.structure(half) == jax.tree.structure(plain)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(half))  # converted to the model's dtype
+    fp16_rounding = jax.tree.map(lambda a: a.astype(jnp.float16).astype(jnp.float32), plain)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(half), jax.tree.leaves(fp16_rounding)))
+    assert any(not bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(half), jax.tree.leaves(plain)))
+    ids = jnp.asarray(_ids(60))
+    np.testing.assert_allclose(module.apply({"params": half}, ids).last_hidden_state,
+                               plain_module.apply({"params": plain}, ids).last_hidden_state, atol=2e-2)
+    with pytest.raises(FileNotFoundError, match=r"no model\.non_ema\.safetensors \(or \.bin\)"):
+        load_clip_text(folder, variant="non_ema")
 
 
 def test_vision_model_matches_transformers(tmp_path):

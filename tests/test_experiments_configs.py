@@ -14,7 +14,7 @@ import pytest
 
 from ddpm_jax import config as config_lib
 from ddpm_jax.models.unet import UNet, UNetConfig
-from ddpm_jax.pretrained import unet_config_from_diffusers
+from ddpm_jax.pretrained.diffusers import unet_config_from_diffusers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CELEBAHQ = ROOT / "experiments" / "ddpm_celebahq256.py"

@@ -1,4 +1,4 @@
-"""Tests for evaluation/inception.py and torch_pickle.py: parity with pytorch-fid's FID Inception on random
+"""Tests for evaluation/inception.py and pretrained/torch_pickle.py: parity with pytorch-fid's FID Inception on random
 weights (loaded from both torch.save formats and safetensors), the bilinear resize, the weights errors."""
 
 import pickle
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ddpm_jax import torch_pickle
+from ddpm_jax.pretrained import torch_pickle
 from ddpm_jax.evaluation import inception as inc
 
 pfi = pytest.importorskip("pytorch_fid.inception")

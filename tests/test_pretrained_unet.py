@@ -18,7 +18,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from ddpm_jax.models.unet import UNetConfig  # noqa: E402
-from ddpm_jax.pretrained import _UNET2D_DEFAULTS, load_unet, unet_config_from_diffusers  # noqa: E402
+from ddpm_jax.pretrained.diffusers import (  # noqa: E402
+    UNET2D_DEFAULTS,
+    find_ddpm_folders,
+    load_ddpm_folder,
+    load_unet,
+    unet_config_from_diffusers,
+)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -165,7 +171,7 @@ def test_config_errors(tmp_path):
 def test_defaults_are_diffusers_defaults():
     """Keys an old config.json leaves out take UNet2DModel's own default values."""
     signature = inspect.signature(diffusers.UNet2DModel.__init__).parameters
-    for key, value in _UNET2D_DEFAULTS.items():
+    for key, value in UNET2D_DEFAULTS.items():
         assert signature[key].default == value, key
 
 
@@ -192,3 +198,44 @@ def test_ddpm_cifar10_config_json():
         "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     }
     assert unet_config_from_diffusers(config) == dataclasses.replace(UNetConfig.ddpm_cifar10(), dropout=0.0)
+
+
+# ---- google/ddpm-* folders: UNet2DModel + DDPMScheduler config (load_ddpm_folder) ------------------------
+
+
+@pytest.mark.parametrize("layout", ["root", "pipeline"])
+def test_load_ddpm_folder_reads_both_layouts(tmp_path, layout):
+    """google/ddpm-cifar10-32 keeps everything at the root; DDPMPipeline.save_pretrained writes unet/ + scheduler/."""
+    config = CONFIGS["attn-multihead-sd-embedding"]
+    unet_dir = tmp_path if layout == "root" else tmp_path / "unet"
+    scheduler_dir = tmp_path if layout == "root" else tmp_path / "scheduler"
+    model = _save_random_diffusers_unet(unet_dir, config)
+    diffusers.DDPMScheduler(num_train_timesteps=20, variance_type="fixed_small_log").save_pretrained(scheduler_dir)
+    assert find_ddpm_folders(tmp_path) == (unet_dir, scheduler_dir)
+    module, params, scheduler_config = load_ddpm_folder(tmp_path)
+    assert scheduler_config["num_train_timesteps"] == 20 and scheduler_config["variance_type"] == "fixed_small_log"
+    _, expected = load_unet(unet_dir)
+    assert module.config == unet_config_from_diffusers(model.config)
+    np.testing.assert_array_equal(params["conv_in"]["kernel"], expected["conv_in"]["kernel"])
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"variance_type": "learned_range"}, ValueError, "variance_type='learned_range'; supported: fixed_small"),
+    ({"thresholding": True}, ValueError, "thresholding=true"),
+    ({"clip_sample_range": 2.0}, ValueError, r"clip_sample_range=2.0; only 1.0"),
+    (None, FileNotFoundError, "has no scheduler_config.json"),
+])
+def test_load_ddpm_folder_names_what_it_cannot_load(tmp_path, change, error, message):
+    """The scheduler is checked before any weights are read: a config.json alone is enough here."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    if change is not None:
+        (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", **change}))
+    with pytest.raises(error, match=message):
+        load_ddpm_folder(tmp_path)
+
+
+def test_load_ddpm_folder_missing_folder_or_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_ddpm_folder(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json \(nor unet/config.json\)"):
+        load_ddpm_folder(tmp_path)

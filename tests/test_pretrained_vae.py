@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from ddpm_jax.models.vae import AutoencoderKL  # noqa: E402
-from ddpm_jax.pretrained import load_vae  # noqa: E402
+from ddpm_jax.pretrained.diffusers import load_vae  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TOL = 1e-4

@@ -1,4 +1,4 @@
-"""Stable Diffusion (stable_diffusion.py, pretrained_compvis.py) against diffusers' pipelines.
+"""Stable Diffusion (stable_diffusion.py, pretrained/compvis.py) against diffusers' pipelines.
 
 Tiny random components (U-Net with cross-attention, AutoencoderKL, CLIP text model, a CLIP BPE
 tokenizer written to disk) are saved as a diffusers StableDiffusionPipeline folder; our txt2img from
@@ -309,7 +309,7 @@ def test_bin_weights_are_read_without_torch(folder, tmp_path):
 
     from safetensors.numpy import load_file
 
-    from ddpm_jax.pretrained import load_unet
+    from ddpm_jax.pretrained.diffusers import load_unet
 
     shutil.copytree(folder / "unet", tmp_path / "unet")
     state = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")

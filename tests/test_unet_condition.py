@@ -25,7 +25,7 @@ from ddpm_jax.models.unet import (  # noqa: E402
     apply_with_attention_maps,
     check_condition,
 )
-from ddpm_jax.pretrained import _UNET2D_CONDITION_DEFAULTS, load_unet, unet_config_from_diffusers  # noqa: E402
+from ddpm_jax.pretrained.diffusers import UNET2D_CONDITION_DEFAULTS, load_unet, unet_config_from_diffusers  # noqa: E402
 
 CROSS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY = dict(
@@ -235,7 +235,7 @@ def test_num_attention_heads_and_per_level_heads():
 def test_defaults_are_diffusers_defaults():
     """Keys an old config.json leaves out take UNet2DConditionModel's own default values."""
     signature = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
-    for key, value in _UNET2D_CONDITION_DEFAULTS.items():
+    for key, value in UNET2D_CONDITION_DEFAULTS.items():
         assert signature[key].default == value, key
     assert signature["attention_head_dim"].default == 8 and signature["num_attention_heads"].default is None
     assert unet_config_from_diffusers({"_class_name": "UNet2DConditionModel"}).level_heads == (8,) * 4

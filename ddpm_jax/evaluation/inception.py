@@ -24,12 +24,12 @@ Weights: :func:`load_inception` reads a file the user supplies (nothing is downl
 
 * the original ``pt_inception-2015-12-05-6726825d.pth`` from
   https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth ,
-  read without torch by :mod:`ddpm_jax.torch_pickle` (its SHA-256 is checked against the 6726825d in
+  read without torch by :mod:`ddpm_jax.pretrained.torch_pickle` (its SHA-256 is checked against the 6726825d in
   the name, as torch.hub does), put at ``~/.cache/ddpm_jax/pt_inception-2015-12-05-6726825d.pth`` or
   wherever ``$DDPM_JAX_INCEPTION`` points;
 * or a ``.safetensors`` with the same keys, made with our converter (no torch needed)::
 
-      python -m ddpm_jax.torch_pickle pt_inception-2015-12-05-6726825d.pth pt_inception.safetensors
+      python -m ddpm_jax.pretrained.torch_pickle pt_inception-2015-12-05-6726825d.pth pt_inception.safetensors
 
   or with torch::
 
@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import torch_pickle
-from ddpm_jax.pretrained import convert_state_dict
+from ddpm_jax.pretrained import torch_pickle
+from ddpm_jax.pretrained.convert import convert_state_dict
 
 INCEPTION_SIZE = 299  # the network's input resolution
 NUM_FEATURES = 2048  # pool3
@@ -408,7 +408,7 @@ def load_inception(path: str | Path | None = None) -> Inception:
         raise FileNotFoundError(
             f"Inception weights not found at {path}: download {WEIGHTS_URL} (pytorch-fid's FID Inception) and "
             f"put it at {default_weights_path()}, or set {WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE} (or a .safetensors "
-            "made with `python -m ddpm_jax.torch_pickle IN.pth OUT.safetensors`), or pass path=")
+            "made with `python -m ddpm_jax.pretrained.torch_pickle IN.pth OUT.safetensors`), or pass path=")
     sha256 = _sha256(path)
     expected = re.search(r"-([0-9a-f]{8,64})\.pth$", path.name)
     if expected and not sha256.startswith(expected[1]):

@@ -22,7 +22,7 @@ CLIPModel                   CLIPModel                                  Figure 3 
 ==========================  =========================================  ==========================
 
 Parameters carry transformers' names (``embeddings/token_embedding``, ``encoder/layers_0/mlp/fc1``,
-``pre_layrnorm`` — sic) so that ``ddpm_jax.pretrained_clip`` loads transformers checkpoints with a
+``pre_layrnorm`` — sic) so that ``ddpm_jax.pretrained.transformers_clip`` loads transformers checkpoints with a
 plain key mapping. The one exception is attention, which reuses the U-Net's
 ``layers.Attention`` (``to_q``/``to_k``/``to_v``/``to_out_0`` for transformers'
 ``q_proj``/``k_proj``/``v_proj``/``out_proj``).

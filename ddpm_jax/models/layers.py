@@ -6,7 +6,7 @@ sinusoidal (Transformer) embedding, and self-attention at the 16×16 resolution.
 U-Net (Rombach et al. 2022) reuses the same blocks and adds cross-attention to text.
 
 Every module here mirrors one diffusers module, and its parameters carry the same names
-(``conv1``, ``time_emb_proj``, ``to_q``, …) so that ``ddpm_jax.pretrained`` can load diffusers
+(``conv1``, ``time_emb_proj``, ``to_q``, …) so that ``ddpm_jax.pretrained.diffusers`` can load diffusers
 checkpoints with a plain key mapping:
 
 =====================  ==========================================

@@ -16,7 +16,7 @@ down path is kept, and the up path consumes them in reverse order: that is why e
 ``layers_per_block + 1`` ResNet blocks.
 
 Parameter names follow diffusers with ``.N`` written ``_N`` (``down_blocks.0.resnets.1.conv1`` ↔
-``down_blocks_0/resnets_1/conv1``), so ``ddpm_jax.pretrained.load_unet`` is a key mapping.
+``down_blocks_0/resnets_1/conv1``), so ``ddpm_jax.pretrained.diffusers.load_unet`` is a key mapping.
 
 Which blocks a level holds is the diffusers block type (``"AttnDownBlock2D"``, …); the tables
 ``DOWN_BLOCK_ATTENTION``/``UP_BLOCK_ATTENTION``/``MID_BLOCK_ATTENTION`` say what attention each type
@@ -86,7 +86,7 @@ class UNetConfig:
     (UNet2DModel's meaning), ``num_attention_heads`` the number of heads of the "cross" levels'
     transformers. diffusers' UNet2DConditionModel config calls the latter ``attention_head_dim``
     (a naming bug kept for compatibility: SD 1.x's "attention_head_dim": 8 means 8 heads of
-    320/8 = 40 channels); ``ddpm_jax.pretrained.load_unet`` translates it.
+    320/8 = 40 channels); ``ddpm_jax.pretrained.diffusers.load_unet`` translates it.
     """
 
     sample_size: int | tuple[int, int] = 32  # training resolution; any multiple of 2^(levels-1) works

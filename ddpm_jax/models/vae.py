@@ -16,7 +16,7 @@ autoencoder in whose latent space Stable Diffusion diffuses. An image [B, H, W, 
 latent [B, H/f, W/f, latent_channels] with f = 2^(levels − 1) (f = 8 and 4 latent channels for SD),
 and a small KL weight keeps the latent close to N(0, I) ("KL-reg."). Module structure and
 parameter names follow diffusers' ``AutoencoderKL`` (``.N`` written ``_N``), so
-``ddpm_jax.pretrained.load_vae`` reads the real SD VAE with a key mapping:
+``ddpm_jax.pretrained.diffusers.load_vae`` reads the real SD VAE with a key mapping:
 
     encoder.conv_in                                   x → [B, H, W, C0]
     encoder.down_blocks_i: resnets_0..L−1, downsamplers_0 (stride-2 conv padded bottom/right;

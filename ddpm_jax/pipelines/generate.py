@@ -26,7 +26,7 @@ import tqdm
 from ddpm_jax import guidance, parallel, plotting, samplers
 from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.models.unet import check_condition
-from ddpm_jax.pretrained.diffusers import load_ddpm_folder
+from ddpm_jax.pretrained.diffusers import DDPM_VARIANCES, load_ddpm_folder
 from ddpm_jax.schedulers import SchedulerConfig
 
 PyTree = Any
@@ -176,10 +176,6 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
 # Official checkpoints: a diffusers UNet2DModel folder + DDPMScheduler config
 # ================================================================================================
 
-# diffusers DDPMScheduler variance_type -> ours. "fixed_small_log" is the same variance taken through a log.
-PRETRAINED_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
-
-
 def load_pretrained_ddpm(folder: str | os.PathLike) -> DiffusionModel:
     """A diffusers UNet2DModel with the schedule of its ``scheduler_config.json`` (google/ddpm-* folders).
 
@@ -192,7 +188,7 @@ def load_pretrained_ddpm(folder: str | os.PathLike) -> DiffusionModel:
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     return DiffusionModel(
         unet=unet, params=params, schedule=config.schedule(), x0_shape=(size, size, channels),
-        prediction=config.prediction, variance=PRETRAINED_VARIANCES[sched.get("variance_type", "fixed_small")],
+        prediction=config.prediction, variance=DDPM_VARIANCES[sched.get("variance_type", "fixed_small")],
         clip_denoised=bool(sched.get("clip_sample", True)), sampler="ddpm", steps=int(config.num_train_timesteps),
         eta=1.0, description=f"pretrained {folder}")
 

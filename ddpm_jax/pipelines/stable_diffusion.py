@@ -28,7 +28,7 @@ the VAE's sampling key and the SDEdit noise; step i draws from ``fold_in(key_ste
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
-CompVis checkpoint (``pretrained_compvis.py``). Everything is checked against diffusers'
+CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
 ``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
 """
 
@@ -52,8 +52,11 @@ from ddpm_jax.diffusion_model import TextEncoder
 from ddpm_jax.models.clip import CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
-from ddpm_jax.pretrained import Params, convert_state_dict, load_unet, load_vae, read_state_dict
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
+from ddpm_jax.pretrained import compvis
+from ddpm_jax.pretrained.convert import Params
+from ddpm_jax.pretrained.diffusers import load_unet, load_vae
+from ddpm_jax.pretrained.transformers_clip import load_clip_text
 from ddpm_jax.tokenizer import Tokenizer, load_tokenizer
 
 Array = jax.Array
@@ -129,14 +132,12 @@ def check_folder(folder: Path) -> None:
 
 
 def load_text_encoder(folder: Path, variant: str | None = None) -> tuple[CLIPTextTransformer, Params]:
-    """SD's ``text_encoder/``: a transformers CLIPTextModel (``model[.variant].safetensors``)."""
-    from ddpm_jax import pretrained_clip as pc
-
-    _, config = pc._read_config(folder, "load_text_encoder", ("CLIPTextModel",))
-    module = CLIPTextTransformer(pc.text_config_from_transformers(config))
-    state = {k.removeprefix("text_model."): v for k, v in read_state_dict(folder, "model", variant).items()
-             if not k.endswith("position_ids")}
-    return module, convert_state_dict(state, pc._target(module, pc._example_ids(module.config)), rename=pc._clip_key)
+    """SD's ``text_encoder/``: a transformers CLIPTextModel (config.json + ``model[.variant].safetensors``)."""
+    module, params = load_clip_text(folder, variant=variant)
+    if not isinstance(module, CLIPTextTransformer):
+        raise ValueError(f"{folder} holds a CLIPTextModelWithProjection; Stable Diffusion v1's text encoder is a "
+                         f"CLIPTextModel")
+    return module, params
 
 
 def _cast(params: Params, dtype: Any) -> Params:
@@ -422,24 +423,16 @@ def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
 
 
 def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool):
-    from ddpm_jax.models.clip import CLIPTextConfig
-    from ddpm_jax.pretrained import autoencoder_kl_config_from_diffusers, read_config_json, unet_config_from_diffusers
-    from ddpm_jax.pretrained_clip import text_config_from_transformers
-    from ddpm_jax.pretrained_compvis import load_compvis
-
-    unet_config = vae_config = text_config = None
+    """A CompVis single file's networks (``compvis.load_single_file``) with a tokenizer and a scheduler config:
+    ``config_folder``'s (a diffusers SD folder), or ``tokenizer`` and SD v1's PNDM config."""
     scheduler_config: Any = SD_V1_SCHEDULER_CONFIG
     if config_folder is not None:
-        folder = Path(config_folder)
-        unet_config = unet_config_from_diffusers(read_config_json(folder / "unet"))
-        vae_config = autoencoder_kl_config_from_diffusers(read_config_json(folder / "vae"))
-        text_config = text_config_from_transformers(read_config_json(folder / "text_encoder"))
-        scheduler_config = schedulers.read_scheduler_config(folder / "scheduler")
-        tokenizer = tokenizer or folder / "tokenizer"
+        scheduler_config = schedulers.read_scheduler_config(Path(config_folder) / "scheduler")
+        tokenizer = tokenizer or Path(config_folder) / "tokenizer"
     if tokenizer is None:
         raise ValueError(f"{path} is a single-file checkpoint without a tokenizer: pass tokenizer=<folder with "
                          f"vocab.json and merges.txt> (e.g. the tokenizer/ of any SD v1 diffusers folder)")
-    models = load_compvis(path, unet_config, vae_config, text_config or CLIPTextConfig(), use_ema=use_ema)
+    models = compvis.load_single_file(path, config_folder, use_ema=use_ema)
     return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
 
 

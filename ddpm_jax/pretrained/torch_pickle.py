@@ -22,7 +22,7 @@ else with an error that names it. Nothing from torch is imported or executed.
 
 As a command, it converts a file to safetensors (no torch needed):
 
-    python -m ddpm_jax.torch_pickle pt_inception-2015-12-05-6726825d.pth pt_inception.safetensors
+    python -m ddpm_jax.pretrained.torch_pickle pt_inception-2015-12-05-6726825d.pth pt_inception.safetensors
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm_jax.torch_pickle",
+        prog="python -m ddpm_jax.pretrained.torch_pickle",
         description="Convert a torch.save state dict (.pth/.pt/.bin/.ckpt) to .safetensors without torch.",
     )
     parser.add_argument("source", type=Path)

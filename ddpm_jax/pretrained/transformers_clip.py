@@ -1,11 +1,12 @@
 """Load transformers CLIP checkpoints (text tower, vision tower, or both) into ``models.clip``.
 
-A transformers model folder holds ``config.json`` and ``model.safetensors`` — e.g. the
-``text_encoder/`` folder of every Stable Diffusion checkpoint (a ``CLIPTextModel``), or
-``openai/clip-vit-large-patch14`` (a ``CLIPModel``). Tensors are read with safetensors' NumPy
-loader (no torch at run time) and converted by ``pretrained.convert_state_dict``, which lists
-every missing, unexpected or mis-shaped key in one ValueError. Our modules use transformers'
-names except in attention, which is the U-Net's (``q_proj`` → ``to_q``, …, ``out_proj`` →
+A transformers model folder holds ``config.json`` and ``model[.variant].safetensors`` (or
+``model[.variant].bin``, a torch pickle; ``variant`` e.g. "fp16", as in Stable Diffusion's
+``text_encoder/model.fp16.safetensors``) — e.g. the ``text_encoder/`` folder of every Stable
+Diffusion checkpoint (a ``CLIPTextModel``), or ``openai/clip-vit-large-patch14`` (a ``CLIPModel``).
+Tensors are read by ``state_dict.read_state_dict`` (NumPy; no torch at run time) and converted by
+``convert.convert_state_dict``, which lists every missing, unexpected or mis-shaped key in one
+ValueError. Our modules use transformers' names except in attention, which is the U-Net's (``q_proj`` → ``to_q``, …, ``out_proj`` →
 ``to_out.0``); ``position_ids`` buffers (saved by older transformers versions) are ignored.
 
 transformers v5 saves a bare ``CLIPTextModel`` without the ``text_model.`` prefix that older
@@ -33,7 +34,8 @@ from ddpm_jax.models.clip import (
     CLIPVisionModelWithProjection,
     CLIPVisionTransformer,
 )
-from ddpm_jax.pretrained import Params, convert_state_dict, read_config_json, read_state_dict
+from ddpm_jax.pretrained.convert import Params, convert_state_dict, param_shapes
+from ddpm_jax.pretrained.state_dict import TRANSFORMERS_STEM, read_config_json, read_state_dict
 
 # transformers' config defaults, for keys that a config.json leaves out.
 _TEXT_DEFAULTS = {
@@ -92,25 +94,24 @@ _ATTENTION_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_p
 _ATTENTION_KEY = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.")
 
 
-def _clip_key(key: str) -> str:
-    """``…self_attn.q_proj.weight`` → ``…self_attn.to_q.weight`` (our attention is the U-Net's)."""
+def clip_key(key: str) -> str:
+    """CLIP's key rename: ``…self_attn.q_proj.weight`` → ``…self_attn.to_q.weight`` (our attention is the
+    U-Net's); other keys unchanged."""
     return _ATTENTION_KEY.sub(lambda m: f".self_attn.{_ATTENTION_NAMES[m[1]]}.", key)
 
 
-def _state_dict(folder: Path, strip: str | None = None) -> dict[str, np.ndarray]:
-    """Read model.safetensors, drop ``position_ids`` buffers, and strip a leading ``strip`` prefix."""
-    state = {k: v for k, v in read_state_dict(folder, "model").items() if not k.endswith("position_ids")}
+def _state_dict(folder: Path, variant: str | None, strip: str | None = None) -> dict[str, np.ndarray]:
+    """Read model[.variant].safetensors (or .bin), drop ``position_ids`` buffers, and strip a leading
+    ``strip`` prefix."""
+    state = {k: v for k, v in read_state_dict(folder, TRANSFORMERS_STEM, variant).items()
+             if not k.endswith("position_ids")}
     if strip is not None:
         state = {k.removeprefix(strip): v for k, v in state.items()}
     return state
 
 
-def _target(module, *example_inputs) -> Params:
-    """The params' shapes and dtypes, without running or allocating anything."""
-    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
-
-
-def _example_ids(config: CLIPTextConfig) -> jax.ShapeDtypeStruct:
+def example_ids(config: CLIPTextConfig) -> jax.ShapeDtypeStruct:
+    """The smallest input of a text tower for :func:`convert.param_shapes`: [1, max_position_embeddings] int32."""
     return jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
 
 
@@ -118,8 +119,8 @@ def _example_images(config: CLIPVisionConfig) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
 
 
-def _load_tower(folder: Path, loader: str, bare: str, config_fn, bare_module, projected_module, prefix: str,
-                example_fn) -> tuple[Any, Params]:
+def _load_tower(folder: Path, variant: str | None, loader: str, bare: str, config_fn, bare_module, projected_module,
+                prefix: str, example_fn) -> tuple[Any, Params]:
     """One tower (text or vision): ``bare`` (e.g. CLIPTextModel) or ``bare + "WithProjection"``.
 
     transformers v5 saves a bare tower's keys without its ``prefix`` (``text_model.``); v4 and the
@@ -128,35 +129,40 @@ def _load_tower(folder: Path, loader: str, bare: str, config_fn, bare_module, pr
     architecture, config_dict = _read_config(folder, loader, (bare, bare + "WithProjection"))
     config = config_fn(config_dict)
     if architecture == bare:
-        module, state = bare_module(config), _state_dict(folder, strip=prefix)
+        module, state = bare_module(config), _state_dict(folder, variant, strip=prefix)
     else:
-        module, state = projected_module(config), _state_dict(folder)
-    return module, convert_state_dict(state, _target(module, example_fn(config)), rename=_clip_key)
+        module, state = projected_module(config), _state_dict(folder, variant)
+    return module, convert_state_dict(state, param_shapes(module, example_fn(config)), rename=clip_key)
 
 
-def load_clip_text(path: str | Path) -> tuple[CLIPTextTransformer | CLIPTextModelWithProjection, Params]:
-    """Load a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` folder.
+def load_clip_text(path: str | Path, variant: str | None = None
+                   ) -> tuple[CLIPTextTransformer | CLIPTextModelWithProjection, Params]:
+    """Load a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` folder: config.json +
+    ``model[.variant].safetensors`` (or ``.bin``); ``variant`` e.g. "fp16" reads ``model.fp16.safetensors``.
 
     Returns ``(module, params)``: a ``CLIPTextTransformer`` for a CLIPTextModel (e.g. Stable
     Diffusion's ``text_encoder/``), a ``CLIPTextModelWithProjection`` otherwise. Run it with
     ``module.apply({"params": params}, input_ids)`` → ``CLIPEncoderOutput``.
     """
-    return _load_tower(Path(path), "load_clip_text", "CLIPTextModel", text_config_from_transformers,
-                       CLIPTextTransformer, CLIPTextModelWithProjection, "text_model.", _example_ids)
+    return _load_tower(Path(path), variant, "load_clip_text", "CLIPTextModel", text_config_from_transformers,
+                       CLIPTextTransformer, CLIPTextModelWithProjection, "text_model.", example_ids)
 
 
-def load_clip_vision(path: str | Path) -> tuple[CLIPVisionTransformer | CLIPVisionModelWithProjection, Params]:
-    """Load a transformers ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` folder.
+def load_clip_vision(path: str | Path, variant: str | None = None
+                     ) -> tuple[CLIPVisionTransformer | CLIPVisionModelWithProjection, Params]:
+    """Load a transformers ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection`` folder: config.json +
+    ``model[.variant].safetensors`` (or ``.bin``).
 
     Returns ``(module, params)``; run it with ``module.apply({"params": params}, images)``, images
     NHWC ``[B, image_size, image_size, 3]`` (transformers takes NCHW: transpose with (0, 2, 3, 1)).
     """
-    return _load_tower(Path(path), "load_clip_vision", "CLIPVisionModel", vision_config_from_transformers,
+    return _load_tower(Path(path), variant, "load_clip_vision", "CLIPVisionModel", vision_config_from_transformers,
                        CLIPVisionTransformer, CLIPVisionModelWithProjection, "vision_model.", _example_images)
 
 
-def load_clip(path: str | Path) -> tuple[CLIPModel, Params]:
-    """Load a full transformers ``CLIPModel`` folder (both towers, projections, logit_scale).
+def load_clip(path: str | Path, variant: str | None = None) -> tuple[CLIPModel, Params]:
+    """Load a full transformers ``CLIPModel`` folder (both towers, projections, logit_scale): config.json +
+    ``model[.variant].safetensors`` (or ``.bin``).
 
     Returns ``(module, params)``; ``module.apply({"params": params}, input_ids, images)`` →
     ``CLIPOutput`` (``logits_per_image`` etc.); ``method=CLIPModel.encode_text`` /
@@ -171,5 +177,9 @@ def load_clip(path: str | Path) -> tuple[CLIPModel, Params]:
         logit_scale_init_value=config_dict.get("logit_scale_init_value", 2.6592),
     )
     module = CLIPModel(config)
-    target = _target(module, _example_ids(config.text), _example_images(config.vision))
-    return module, convert_state_dict(_state_dict(folder), target, rename=_clip_key)
+    target = param_shapes(module, example_ids(config.text), _example_images(config.vision))
+    return module, convert_state_dict(_state_dict(folder, variant), target, rename=clip_key)
+
+
+__all__ = ["clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
+           "text_config_from_transformers", "vision_config_from_transformers"]

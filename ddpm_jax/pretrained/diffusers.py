@@ -1,142 +1,43 @@
-"""Load pretrained PyTorch (diffusers) weights into our Flax modules, with nothing but NumPy.
+"""diffusers model folders → our Flax modules and params (no torch, no diffusers at run time).
 
-A diffusers model folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``. We
-read the tensors with ``safetensors.numpy`` (no torch at run time), then convert the flat PyTorch
-state dict into our nested params in two steps:
+A diffusers model folder holds ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors``
+(or ``.bin``, a torch pickle), read by ``state_dict.read_state_dict`` and converted by
+``convert.convert_state_dict``. What is diffusers-specific lives here:
 
-1. names: ``down_blocks.0.resnets.1.conv1.weight`` → ``("down_blocks_0", "resnets_1", "conv1", "kernel")``
-   (our modules are named like diffusers' with ``.N`` written ``_N``; PyTorch's ``weight`` is a
-   Flax ``kernel`` (Dense, Conv), ``scale`` (GroupNorm, LayerNorm) or ``embedding`` (Embed));
-2. layouts: conv weights are OIHW in PyTorch and HWIO in Flax; linear weights are [out, in] in
-   PyTorch and [in, out] in Flax.
-
-``convert_state_dict`` does both for any model given a key-renaming function, so the VAE and
-CLIP loaders reuse it. Every missing, unexpected or mis-shaped key is reported in one ValueError.
+* the config converters (``unet_config_from_diffusers`` for UNet2DModel and UNet2DConditionModel,
+  ``autoencoder_kl_config_from_diffusers``), which refuse every option this library does not implement;
+* the key renames: ``unet_key`` (the legacy attention names ``query``/``key``/``value``/``proj_attn``
+  of the google/ddpm-* checkpoints → ``to_q``/``to_k``/``to_v``/``to_out.0``) and ``vae_state_dict``
+  (attention projections stored as 1×1 convs → linear);
+* the loaders ``load_unet`` and ``load_vae``;
+* the google/ddpm-* DDPM folders (a UNet2DModel + a DDPMScheduler ``scheduler_config.json``):
+  ``find_ddpm_folders`` and ``load_ddpm_folder``, which checks the scheduler options we implement.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from ddpm_jax import schedulers
 from ddpm_jax.models.unet import UNet, UNetConfig
-
-Params = dict[str, Any]
-
-# --------------------------------------------------------------------------------------------
-# Generic: a PyTorch state dict → Flax params
-# --------------------------------------------------------------------------------------------
-
-
-def flax_path(torch_key: str) -> tuple[str, ...]:
-    """``"down_blocks.0.resnets.1.conv1.weight"`` → ``("down_blocks_0", "resnets_1", "conv1", "weight")``."""
-    path: list[str] = []
-    for part in torch_key.split("."):
-        if part.isdigit() and path:
-            path[-1] += f"_{part}"  # a PyTorch ModuleList index becomes a name suffix
-        else:
-            path.append(part)
-    return tuple(path)
-
-
-def _to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)  # conv: [O, I, kh, kw] → [kh, kw, I, O]
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T  # linear: [out, in] → [in, out]
-    return array
-
-
-def convert_state_dict(
-    state_dict: Mapping[str, np.ndarray],
-    target: Params,
-    rename: Callable[[str], str] = lambda key: key,
-) -> Params:
-    """Convert a flat PyTorch state dict into Flax params shaped like ``target``.
-
-    Args:
-      state_dict: PyTorch names → NumPy arrays (e.g. ``safetensors.numpy.load_file(...)``).
-      target: the model's params, or their shapes (``jax.eval_shape(module.init, ...)["params"]``).
-      rename: maps a checkpoint key to the PyTorch key our module naming mirrors (e.g. an old
-        attention name to its current diffusers name); applied before ``flax_path``.
-    Returns:
-      nested params with target's structure, as float32 (target's dtype) jax arrays.
-    Raises:
-      ValueError listing every key missing from the checkpoint, unexpected in it, or mis-shaped.
-    """
-    wanted = traverse_util.flatten_dict(target)  # {("down_blocks_0", ..., "kernel"): ShapeDtypeStruct}
-    params, unexpected, misshaped = {}, [], {}  # misshaped: Flax path → message
-    for key, array in state_dict.items():
-        *parent, leaf = flax_path(rename(key))
-        parent = tuple(parent)
-        if leaf == "weight":  # which kind of layer decides the Flax name
-            leaf = next((n for n in ("kernel", "scale", "embedding") if parent + (n,) in wanted), "weight")
-        path = parent + (leaf,)
-        if path not in wanted:
-            unexpected.append(key)
-            continue
-        value = _to_flax_layout(np.asarray(array), leaf)
-        if value.shape != tuple(wanted[path].shape):
-            misshaped[path] = (
-                f"{key}: checkpoint {tuple(array.shape)} -> {value.shape}, model {'/'.join(path)} expects "
-                f"{tuple(wanted[path].shape)}"
-            )
-            continue
-        params[path] = jnp.asarray(value, dtype=wanted[path].dtype)
-    missing = ["/".join(path) for path in wanted if path not in params and path not in misshaped]
-    if missing or unexpected or misshaped:
-        lines = ["checkpoint does not match the model:"]
-        if missing:
-            lines.append(f"  missing from the checkpoint ({len(missing)}): {', '.join(sorted(missing))}")
-        if unexpected:
-            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {', '.join(sorted(unexpected))}")
-        if misshaped:
-            lines.append(f"  wrong shape ({len(misshaped)}): {'; '.join(sorted(misshaped.values()))}")
-        raise ValueError("\n".join(lines))
-    return traverse_util.unflatten_dict(params)
-
-
-def read_config_json(folder: Path) -> dict[str, Any]:
-    """``folder/config.json`` as a dict; FileNotFoundError naming the folder when it is missing."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    return json.loads(config_file.read_text())
-
-
-def read_state_dict(folder: Path, stem: str = "diffusion_pytorch_model", variant: str | None = None
-                    ) -> dict[str, np.ndarray]:
-    """Read ``{stem}[.{variant}].safetensors`` with NumPy; fall back to ``.bin`` (read by ``torch_pickle``,
-    no torch). ``variant`` is diffusers' file variant, e.g. "fp16" (``…fp16.safetensors``) or "non_ema"."""
-    folder = Path(folder)
-    if variant:
-        stem = f"{stem}.{variant}"
-    safetensors_file, bin_file = folder / f"{stem}.safetensors", folder / f"{stem}.bin"
-    if safetensors_file.exists():
-        from safetensors.numpy import load_file
-
-        return load_file(safetensors_file)
-    if bin_file.exists():
-        from ddpm_jax import torch_pickle
-
-        return torch_pickle.load_state_dict(bin_file)
-    raise FileNotFoundError(f"no {stem}.safetensors (or .bin) in {folder}")
-
+from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from ddpm_jax.pretrained.convert import Params, convert_state_dict, param_shapes
+from ddpm_jax.pretrained.state_dict import read_config_json, read_state_dict
 
 # --------------------------------------------------------------------------------------------
 # The DDPM U-Net (diffusers UNet2DModel)
 # --------------------------------------------------------------------------------------------
 
 # UNet2DModel's defaults, for keys that an older config.json leaves out.
-_UNET2D_DEFAULTS = {
+UNET2D_DEFAULTS = {
     "sample_size": None,
     "in_channels": 3,
     "out_channels": 3,
@@ -158,7 +59,7 @@ _UNET2D_DEFAULTS = {
 }
 
 # Options of UNet2DModel that this U-Net implements only with these values.
-_UNET2D_REQUIRED = {
+UNET2D_REQUIRED = {
     "center_input_sample": (False,),
     "time_embedding_type": ("positional",),
     "act_fn": ("silu", "swish"),
@@ -172,7 +73,7 @@ _UNET2D_REQUIRED = {
 # UNet2DConditionModel's defaults (Stable Diffusion 1.x's values, but cross_attention_dim 1280).
 # Its "attention_head_dim" is, despite the name, the NUMBER of heads (diffusers issue #2011):
 # it becomes our num_attention_heads.
-_UNET2D_CONDITION_DEFAULTS = {
+UNET2D_CONDITION_DEFAULTS = {
     "sample_size": None,
     "in_channels": 4,
     "out_channels": 4,
@@ -199,7 +100,7 @@ _UNET2D_CONDITION_DEFAULTS = {
 
 # Options of UNet2DConditionModel that this U-Net implements only with these values (the defaults;
 # "upcast_attention" is irrelevant: our attention softmax always runs in float32).
-_UNET2D_CONDITION_REQUIRED = {
+UNET2D_CONDITION_REQUIRED = {
     "center_input_sample": (False,),
     "only_cross_attention": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -247,11 +148,11 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
             f"load_unet reads diffusers UNet2DModel or UNet2DConditionModel folders, but config.json has "
             f"_class_name={class_name!r}"
         )
-    _check_required(diffusers_config, _UNET2D_REQUIRED)
+    _check_required(diffusers_config, UNET2D_REQUIRED)
     if diffusers_config.get("attn_norm_num_groups") not in (None, diffusers_config.get("norm_num_groups", 32)):
         raise ValueError("config.json sets attn_norm_num_groups different from norm_num_groups: not implemented")
 
-    fields = {key: diffusers_config.get(key, default) for key, default in _UNET2D_DEFAULTS.items()}
+    fields = {key: diffusers_config.get(key, default) for key, default in UNET2D_DEFAULTS.items()}
     if "attention_head_dim" not in diffusers_config and "attn_num_head_channels" in diffusers_config:
         fields["attention_head_dim"] = diffusers_config["attn_num_head_channels"]  # its name before diffusers 0.15
     if fields["sample_size"] is None:
@@ -261,8 +162,8 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
 
 def _unet2d_condition_config(diffusers_config: Mapping[str, Any]) -> UNetConfig:
     """A diffusers UNet2DConditionModel ``config.json`` → ``UNetConfig`` (Stable Diffusion's U-Net)."""
-    _check_required(diffusers_config, _UNET2D_CONDITION_REQUIRED)
-    fields = {key: diffusers_config.get(key, default) for key, default in _UNET2D_CONDITION_DEFAULTS.items()}
+    _check_required(diffusers_config, UNET2D_CONDITION_REQUIRED)
+    fields = {key: diffusers_config.get(key, default) for key, default in UNET2D_CONDITION_DEFAULTS.items()}
     for key in ("down_block_types", "up_block_types"):
         unsupported = sorted(set(fields[key]) - _CONDITION_BLOCK_TYPES)
         if unsupported:
@@ -291,13 +192,15 @@ _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "pro
 _LEGACY_ATTENTION_KEY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.")
 
 
-def _unet_key(key: str) -> str:
-    """``mid_block.attentions.0.proj_attn.weight`` → ``mid_block.attentions.0.to_out.0.weight``; others unchanged."""
+def unet_key(key: str) -> str:
+    """The U-Net's (and VAE's) key rename, legacy attention names → current ones:
+    ``mid_block.attentions.0.proj_attn.weight`` → ``mid_block.attentions.0.to_out.0.weight``; others unchanged."""
     return _LEGACY_ATTENTION_KEY.sub(lambda m: f"{m[1]}.{_LEGACY_ATTENTION_NAMES[m[2]]}.", key)
 
 
 def load_unet(path: str | Path, variant: str | None = None) -> tuple[UNet, Params]:
-    """Load a diffusers UNet2DModel or UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors).
+    """Load a diffusers UNet2DModel or UNet2DConditionModel folder: config.json +
+    ``diffusion_pytorch_model[.variant].safetensors`` (or ``.bin``, a torch pickle).
 
     The folder's config.json ``_class_name`` decides which. Returns ``(module, params)``; run it with
     ``module.apply({"params": params}, x, t)`` (x NHWC), plus ``context`` ([B, L, cross_attention_dim],
@@ -311,8 +214,8 @@ def load_unet(path: str | Path, variant: str | None = None) -> tuple[UNet, Param
     config = unet_config_from_diffusers(read_config_json(folder))
     module = UNet(config)
     # The smallest valid inputs: the params do not depend on the image size or the context length.
-    target = jax.eval_shape(module.init, jax.random.key(0), *config.input_specs())["params"]
-    params = convert_state_dict(read_state_dict(folder, variant=variant), target, rename=_unet_key)
+    target = param_shapes(module, *config.input_specs())
+    params = convert_state_dict(read_state_dict(folder, variant=variant), target, rename=unet_key)
     return module, params
 
 
@@ -320,10 +223,8 @@ def load_unet(path: str | Path, variant: str | None = None) -> tuple[UNet, Param
 # The LDM / Stable Diffusion VAE (diffusers AutoencoderKL)
 # --------------------------------------------------------------------------------------------
 
-from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-
 # AutoencoderKL's defaults, for keys that an older config.json leaves out.
-_AUTOENCODER_KL_DEFAULTS = {
+AUTOENCODER_KL_DEFAULTS = {
     "in_channels": 3,
     "out_channels": 3,
     "block_out_channels": (64,),
@@ -348,7 +249,7 @@ def autoencoder_kl_config_from_diffusers(diffusers_config: Mapping[str, Any]) ->
         raise ValueError(
             f"load_vae reads diffusers AutoencoderKL folders, but config.json has _class_name={class_name!r}"
         )
-    fields = {key: diffusers_config.get(key, default) for key, default in _AUTOENCODER_KL_DEFAULTS.items()}
+    fields = {key: diffusers_config.get(key, default) for key, default in AUTOENCODER_KL_DEFAULTS.items()}
     fields["block_out_channels"] = tuple(fields["block_out_channels"])
     levels = len(fields["block_out_channels"])
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
@@ -365,8 +266,9 @@ def autoencoder_kl_config_from_diffusers(diffusers_config: Mapping[str, Any]) ->
     return AutoencoderKLConfig(**fields)
 
 
-def _vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Attention projections stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]."""
+def vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The VAE's state-dict fix (diffusers names, or CompVis names renamed to them): attention projections
+    stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]; other keys unchanged."""
     out = {}
     for key, array in state_dict.items():
         if _LEGACY_OR_NEW_ATTENTION_WEIGHT.search(key) and array.ndim == 4 and array.shape[2:] == (1, 1):
@@ -376,7 +278,8 @@ def _vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
 
 
 def load_vae(path: str | Path, variant: str | None = None) -> tuple[AutoencoderKL, Params]:
-    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).
+    """Load a diffusers AutoencoderKL folder: config.json + ``diffusion_pytorch_model[.variant].safetensors``
+    (or ``.bin``, a torch pickle).
 
     Returns ``(module, params)``; e.g. ``module.apply({"params": params}, x, method=AutoencoderKL.encode)``
     with x NHWC in [−1, 1]. Both the current (``to_q``/``to_k``/``to_v``/``to_out.0``) and the legacy
@@ -386,8 +289,69 @@ def load_vae(path: str | Path, variant: str | None = None) -> tuple[AutoencoderK
     config = autoencoder_kl_config_from_diffusers(read_config_json(folder))
     module = AutoencoderKL(config)
     size = config.downsampling_factor  # the smallest valid input: params do not depend on it
-    target = jax.eval_shape(
-        module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
-    )["params"]
-    params = convert_state_dict(_vae_state_dict(read_state_dict(folder, variant=variant)), target, rename=_unet_key)
+    target = param_shapes(module, jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32))
+    params = convert_state_dict(vae_state_dict(read_state_dict(folder, variant=variant)), target, rename=unet_key)
     return module, params
+
+
+# --------------------------------------------------------------------------------------------
+# google/ddpm-* folders: a UNet2DModel + a DDPMScheduler config
+# --------------------------------------------------------------------------------------------
+
+# diffusers DDPMScheduler variance_type -> ours. "fixed_small_log" is the same variance taken through a log.
+DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+
+
+def find_ddpm_folders(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """(U-Net folder, scheduler folder) of a google/ddpm-* style folder.
+
+    Either everything at the root (config.json + diffusion_pytorch_model.safetensors +
+    scheduler_config.json, as google/ddpm-cifar10-32 ships) or a pipeline saved by
+    ``DDPMPipeline.save_pretrained`` (unet/ and scheduler/ subfolders).
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"pretrained folder {str(root)!r} does not exist")
+    unet = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    scheduler = root / "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else root
+    if not (unet / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no config.json (nor unet/config.json): not a diffusers UNet2DModel folder")
+    if not (scheduler / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"{root} has no scheduler_config.json (nor scheduler/scheduler_config.json); "
+                                "download it with the model (e.g. google/ddpm-cifar10-32)")
+    return unet, scheduler
+
+
+def check_ddpm_scheduler_config(scheduler_config: Mapping[str, Any]) -> None:
+    """ValueError for a DDPMScheduler option we do not implement: a learned ``variance_type`` (only
+    those of ``DDPM_VARIANCES``), ``thresholding``, a ``clip_sample_range`` other than 1."""
+    variance = scheduler_config.get("variance_type", "fixed_small")  # DDPMScheduler's default
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"scheduler_config.json has variance_type={variance!r}; supported: "
+                         f"{', '.join(DDPM_VARIANCES)} (learned variances are not implemented)")
+    if scheduler_config.get("thresholding", False):
+        raise ValueError("scheduler_config.json sets thresholding=true (dynamic thresholding): not implemented")
+    if float(scheduler_config.get("clip_sample_range", 1.0)) != 1.0:
+        raise ValueError(f"scheduler_config.json sets clip_sample_range={scheduler_config['clip_sample_range']}; "
+                         "only 1.0 (clip x̂_0 to [-1, 1]) is implemented")
+
+
+def load_ddpm_folder(folder: str | os.PathLike, variant: str | None = None) -> tuple[UNet, Params, dict[str, Any]]:
+    """A google/ddpm-* folder (:func:`find_ddpm_folders`) → ``(U-Net module, params, scheduler_config)``.
+
+    Reads the UNet2DModel (:func:`load_unet`) and the DDPMScheduler ``scheduler_config.json`` (as a
+    dict, ``schedulers.read_scheduler_config``), checked by :func:`check_ddpm_scheduler_config`; its
+    ``variance_type`` maps to ours through ``DDPM_VARIANCES``. The scheduler is checked before the
+    weights are read.
+    """
+    unet_dir, scheduler_dir = find_ddpm_folders(folder)
+    scheduler_config = schedulers.read_scheduler_config(scheduler_dir)
+    check_ddpm_scheduler_config(scheduler_config)
+    module, params = load_unet(unet_dir, variant=variant)
+    return module, params, scheduler_config
+
+
+__all__ = ["AUTOENCODER_KL_DEFAULTS", "DDPM_VARIANCES", "UNET2D_CONDITION_DEFAULTS", "UNET2D_CONDITION_REQUIRED",
+           "UNET2D_DEFAULTS", "UNET2D_REQUIRED", "autoencoder_kl_config_from_diffusers", "check_ddpm_scheduler_config",
+           "find_ddpm_folders", "load_ddpm_folder", "load_unet", "load_vae", "unet_config_from_diffusers", "unet_key",
+           "vae_state_dict"]

@@ -18,11 +18,14 @@ cond_stage_model.transformer.text_model.encoder…     encoder…  (transformers
 ==================================  ============================  ==================================
 
 So loading is: rename each CompVis key to its diffusers key (the tables below, built from the
-configs), then the same ``pretrained.convert_state_dict`` as for a diffusers folder. The configs are
+configs), then the same ``convert.convert_state_dict`` as for a diffusers folder. The configs are
 not in the file: Stable Diffusion v1's are implied (``UNetConfig.stable_diffusion_v1()``,
 ``AutoencoderKLConfig.sd_v1()``, CLIP ViT-L/14's text tower), or given. LDM's schedule buffers
 (``betas``, ``alphas_cumprod``, …) are ignored; ``model_ema.*`` holds the EMA copy of the U-Net
 (in the "full" checkpoints; ``use_ema=True`` picks it). Any other key is reported as unexpected.
+
+The file is a ``.safetensors`` (safetensors' NumPy loader) or a ``.ckpt``/``.pt``/``.pth``/``.bin``
+torch pickle (``torch_pickle``, no torch), read by ``state_dict.read_state_dict``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ import numpy as np
 from ddpm_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
 from ddpm_jax.models.unet import DOWN_BLOCK_ATTENTION, UP_BLOCK_ATTENTION, UNet, UNetConfig
 from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from ddpm_jax.pretrained import Params, _unet_key, _vae_state_dict, convert_state_dict
+from ddpm_jax.pretrained.convert import Params, convert_state_dict, param_shapes
+from ddpm_jax.pretrained.diffusers import (
+    autoencoder_kl_config_from_diffusers,
+    unet_config_from_diffusers,
+    unet_key,
+    vae_state_dict,
+)
+from ddpm_jax.pretrained.state_dict import read_config_json, read_state_dict
+from ddpm_jax.pretrained.transformers_clip import clip_key, example_ids, text_config_from_transformers
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -164,27 +175,13 @@ def compvis_to_diffusers(parts: Mapping[str, Mapping[str, np.ndarray]], unet_con
     unet_table, vae_table = unet_prefixes(unet_config), vae_prefixes(vae_config)
     unet = {_rename(k, unet_table, _UNET_RESNET, ".resnets."): v for k, v in parts["unet"].items()}
     vae = {_rename(k, vae_table, _VAE_INNER, ""): v for k, v in parts["vae"].items()}
-    return {"unet": unet, "vae": _vae_state_dict(vae), "text_encoder": dict(parts["text_encoder"])}
-
-
-def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-    """A .safetensors file (safetensors' NumPy loader) or a .ckpt/.pt/.pth (``torch_pickle``, no torch)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        from ddpm_jax import torch_pickle
-
-        return torch_pickle.load_state_dict(path)
-    raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors or .ckpt")
+    return {"unet": unet, "vae": vae_state_dict(vae), "text_encoder": dict(parts["text_encoder"])}
 
 
 @dataclasses.dataclass(frozen=True)
 class CompVisModels:
+    """The three networks of a CompVis checkpoint and their params."""
+
     unet: UNet
     vae: AutoencoderKL
     text_encoder: CLIPTextTransformer
@@ -194,14 +191,14 @@ class CompVisModels:
 def _targets(unet: UNet, vae: AutoencoderKL, text: CLIPTextTransformer) -> dict[str, Params]:
     size = vae.config.downsampling_factor
     image = jax.ShapeDtypeStruct((1, size, size, vae.config.in_channels), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, text.config.max_position_embeddings), jnp.int32)
-    init = lambda module, *inputs: jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]  # noqa: E731
-    return {"unet": init(unet, *unet.config.input_specs()), "vae": init(vae, image), "text_encoder": init(text, ids)}
+    return {"unet": param_shapes(unet, *unet.config.input_specs()), "vae": param_shapes(vae, image),
+            "text_encoder": param_shapes(text, example_ids(text.config))}
 
 
 def load_compvis(path: str | Path, unet_config: UNetConfig | None = None, vae_config: AutoencoderKLConfig | None = None,
                  text_config: CLIPTextConfig | None = None, use_ema: bool = False) -> CompVisModels:
-    """Load a single-file SD v1 checkpoint; the configs default to Stable Diffusion v1's.
+    """Load a single-file SD v1 checkpoint (.safetensors, or a .ckpt/.pt/.pth/.bin torch pickle); the configs
+    default to Stable Diffusion v1's.
 
     Raises a ValueError listing, per network, every key missing from the file, unexpected in it or
     mis-shaped (``convert_state_dict``), plus any key outside the three networks' prefixes.
@@ -209,13 +206,13 @@ def load_compvis(path: str | Path, unet_config: UNetConfig | None = None, vae_co
     unet = UNet(unet_config or UNetConfig.stable_diffusion_v1())
     vae = AutoencoderKL(vae_config or AutoencoderKLConfig.sd_v1())
     text = CLIPTextTransformer(text_config or CLIPTextConfig())
-    parts = split_compvis(read_checkpoint(path), use_ema=use_ema)
+    parts = split_compvis(read_state_dict(path), use_ema=use_ema)
     renamed = compvis_to_diffusers(parts, unet.config, vae.config)
     targets = _targets(unet, vae, text)
     params, errors = {}, []
     if parts["unexpected"]:
         errors.append(f"unexpected top-level keys ({len(parts['unexpected'])}): {', '.join(sorted(parts['unexpected']))}")
-    renames = {"unet": _unet_key, "vae": _unet_key, "text_encoder": _clip_key}
+    renames = {"unet": unet_key, "vae": unet_key, "text_encoder": clip_key}
     for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
         try:
             params[name] = convert_state_dict(renamed[name], targets[name], rename=renames[name])
@@ -226,11 +223,22 @@ def load_compvis(path: str | Path, unet_config: UNetConfig | None = None, vae_co
     return CompVisModels(unet, vae, text, params)
 
 
-def _clip_key(key: str) -> str:
-    from ddpm_jax.pretrained_clip import _clip_key as clip_key
+def load_single_file(path: str | Path, config_folder: str | Path | None = None, use_ema: bool = False) -> CompVisModels:
+    """A single-file SD v1 checkpoint with the configs of a diffusers Stable Diffusion folder, if given.
 
-    return clip_key(key)
+    ``config_folder``'s ``unet/config.json`` (UNet2DConditionModel), ``vae/config.json`` (AutoencoderKL)
+    and ``text_encoder/config.json`` (transformers CLIPTextConfig) give the three networks' shapes (for
+    a fine-tune of another size); without it, Stable Diffusion v1's configs are implied. The weights
+    are read from ``path`` only (:func:`load_compvis`).
+    """
+    unet_config = vae_config = text_config = None
+    if config_folder is not None:
+        folder = Path(config_folder)
+        unet_config = unet_config_from_diffusers(read_config_json(folder / "unet"))
+        vae_config = autoencoder_kl_config_from_diffusers(read_config_json(folder / "vae"))
+        text_config = text_config_from_transformers(read_config_json(folder / "text_encoder"))
+    return load_compvis(path, unet_config, vae_config, text_config, use_ema=use_ema)
 
 
-__all__ = ["CompVisModels", "compvis_to_diffusers", "load_compvis", "read_checkpoint", "split_compvis",
+__all__ = ["CompVisModels", "compvis_to_diffusers", "load_compvis", "load_single_file", "split_compvis",
            "unet_prefixes", "vae_prefixes"]
