@@ -54,7 +54,7 @@ from ddpm_jax.workdir import load_diffusion_model
 
 PROG = "ddpm-jax"
 DEFAULT_CONFIG = "experiments/mnist.py"
-TRAINERS = {"train": diffusion_training.train, "train-vae": autoencoder_training.train, "train-clip": clip_training.train}
+TRAINERS = {"train": diffusion_training, "train-vae": autoencoder_training, "train-clip": clip_training}  # .train
 
 
 def load_config_with_overrides(config_path: str, overrides: Sequence[str] = ()) -> Any:
@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ddpm-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog=PROG, description="DDPM and Stable Diffusion in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in TRAINERS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], description=fn.__doc__)
+    for name, trainer in TRAINERS.items():
+        p = sub.add_parser(name, help=(trainer.train.__doc__ or "").splitlines()[0], description=trainer.train.__doc__)
         p.add_argument("--config", required=True, help="experiment file with get_config(), e.g. experiments/mnist.py")
         p.add_argument("--workdir", required=True, help="where checkpoints, metrics and figures go")
         p.add_argument("overrides", nargs="*", metavar="group.field=value", help="e.g. train.num_steps=100")
@@ -236,7 +236,7 @@ def load_stable_diffusion(args: argparse.Namespace) -> sd.StableDiffusion:
 def dispatch(args: argparse.Namespace) -> list[Any]:
     """Runs the command; returns the paths it wrote (printed by :func:`main`)."""
     if args.command in TRAINERS:
-        TRAINERS[args.command](load_config_with_overrides(args.config, args.overrides), args.workdir)
+        TRAINERS[args.command].train(load_config_with_overrides(args.config, args.overrides), args.workdir)
         return [f"Trained. Outputs in {args.workdir}"]
     if args.command == "demo":
         run_demo(args.workdir, args.config, args.overrides)

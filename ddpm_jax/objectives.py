@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-Array = Array
+Array = jax.Array
 PyTree = Any
 LIKELIHOODS = ("bernoulli", "gaussian")
 RECONSTRUCTION_LOSSES = ("l1", "l2")

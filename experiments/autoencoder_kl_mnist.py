@@ -11,7 +11,7 @@ Then, in Python (what the latent-diffusion code does)::
     latents = model.apply({"params": params}, images, method="encode_latents")  # [N, 8, 8, 4], std ≈ 1
 
 Digits are padded 28 → 32 (black border) and encoded to 8×8×4 latents (f = 2^(3−1) = 4; 1,024 → 256
-numbers). Loss as LDM (vae_training.py): L1 + 1e-6·KL (+ the LPIPS-style perceptual term with
+numbers). Loss as LDM (training/autoencoder.py): L1 + 1e-6·KL (+ the LPIPS-style perceptual term with
 ``loss.perceptual_weight=1.0``, off here for speed), then from ``loss.disc_start`` a PatchGAN hinge loss with
 the adaptive weight.
 After training, eval.json holds the held-out reconstruction PSNR and the latent scaling factor.

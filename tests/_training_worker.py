@@ -56,7 +56,6 @@ def run_steps(config, mesh, num_steps: int, process_index: int = 0, process_coun
 
     from ddpm_jax import data, parallel
     from ddpm_jax.training import diffusion as diffusion_trainer
-    from ddpm_jax.training import loop
 
     model, schedule, state = _setup(config, mesh)
     step_fn = diffusion_trainer.compile_train_step(model, schedule, config, mesh)
@@ -87,7 +86,6 @@ def run_devices8(out_path: str) -> None:
 
     from ddpm_jax import parallel
     from ddpm_jax.training import diffusion as diffusion_trainer
-    from ddpm_jax.training import loop
 
     assert jax.device_count() == 8, jax.devices()
     single = run_steps(tiny_config(), parallel.make_mesh(jax.devices()[:1]), 2)

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from _cli import run_cli
-from ddpm_jax import cli
 from ddpm_jax.pipelines import generate
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.workdir import load_diffusion_model
@@ -89,7 +88,7 @@ def test_workdir_config_round_trip_restores_tuples(tmp_path):
 
 def test_train_applies_overrides_and_calls_training(monkeypatch, tmp_path, capsys):
     seen = {}
-    monkeypatch.setattr(training, "train", lambda config, workdir, images=None: seen.update(c=config, w=workdir))
+    monkeypatch.setattr(diffusion_trainer, "train", lambda config, workdir, images=None: seen.update(c=config, w=workdir))
     status, out, _ = run_cli(["train", "--config", MNIST, "--workdir", str(tmp_path), "train.num_steps=7"], capsys)
     assert status == 0 and seen["w"] == str(tmp_path) and seen["c"].train.num_steps == 7
     assert "ddpm-jax sample --workdir" in out
@@ -116,7 +115,7 @@ def test_train_missing_config_file_and_non_finite_loss(monkeypatch, tmp_path, ca
     def diverge(config, workdir, images=None):
         raise FloatingPointError("loss is nan at step 3 (...); stopping")
 
-    monkeypatch.setattr(training, "train", diverge)
+    monkeypatch.setattr(diffusion_trainer, "train", diverge)
     status, _, err = run_cli(["train", "--config", MNIST, "--workdir", str(tmp_path)], capsys)
     assert status == 1 and err == "ddpm-jax: error: loss is nan at step 3 (...); stopping\n"
 
@@ -131,7 +130,7 @@ def trained_workdir(tmp_path, monkeypatch):
         "data.image_size=8", "model.sample_size=8", "diffusion.num_timesteps=40", "sample.steps=4"])
     config_lib.save_config(c, tmp_path / config_lib.CONFIG_FILENAME)
     monkeypatch.setattr(checkpoints, "load_params", lambda workdir, ema=True, step=None: {})
-    monkeypatch.setattr(training, "make_eps_fn", lambda model, params: lambda x_t, t: 0.0 * x_t)
+    monkeypatch.setattr(diffusion_trainer, "make_eps_fn", lambda model, params: lambda x_t, t: 0.0 * x_t)
     return tmp_path
 
 
@@ -181,7 +180,7 @@ def test_demo_writes_and_prints_every_figure(trained_workdir, monkeypatch, capsy
         (pathlib.Path(workdir) / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
 
-    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(diffusion_trainer, "train", fake_train)
     workdir = trained_workdir / "demo"
     status, out, _ = run_cli(["demo", "--workdir", str(workdir), "data.image_size=8", "model.sample_size=8",
                               "data.num_examples=8", "diffusion.num_timesteps=40", "sample.steps=2"], capsys)

@@ -22,7 +22,6 @@ import pytest
 from _training_fixtures import in_process_compilation_cache, subprocess_env
 from ddpm_jax import checkpoints, cli, workdir
 from ddpm_jax.training import clip as clip_trainer
-from ddpm_jax.training import loop
 from ddpm_jax.data import DIGIT_NAMES
 
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ddpm_jax.models.layers import Conv3x3, Downsample, ResnetBlock, SpatialSelfAttention, Upsample
-from ddpm_jax.objectives import LIKELIHOODS, reparameterize
+from ddpm_jax.objectives import LIKELIHOODS, gaussian_kl, reparameterize, sum_flat
 
 Array = jax.Array
 
@@ -167,7 +167,7 @@ class DiagonalGaussian:
 
     def nll(self, z: Array) -> Array:
         """−log q(z) per example, [B]."""
-        return 0.5 * _sum_except_batch(jnp.log(2.0 * jnp.pi) + self.logvar + (z - self.mean) ** 2 / self.var)
+        return 0.5 * sum_flat(jnp.log(2.0 * jnp.pi) + self.logvar + (z - self.mean) ** 2 / self.var)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,6 @@ Config (``experiments/vae_mnist.py``, ``experiments/autoencoder_kl_mnist.py``)::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -95,13 +94,10 @@ from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size
 from ddpm_jax.models.vae import (
     AutoencoderKL,
-    AutoencoderKLConfig,
     GaussianVAE,
-    GaussianVAEConfig,
     decoder_mean_image,
 )
 from ddpm_jax.objectives import (
-    RECONSTRUCTION_LOSSES,
     adaptive_weight,
     elbo,
     hinge_d_loss,
@@ -112,7 +108,7 @@ from ddpm_jax.objectives import (
 )
 from ddpm_jax.training import loop
 from ddpm_jax.training.loop import ema_decay_at, ema_update, make_optimizer, split_held_out
-from ddpm_jax.workdir import AUTOENCODER_KINDS, EVAL_FILENAME, autoencoder_kind, autoencoder_kl_config, gaussian_vae_config
+from ddpm_jax.workdir import EVAL_FILENAME, autoencoder_kind, autoencoder_kl_config, gaussian_vae_config
 
 PyTree = Any
 Metrics = dict[str, jax.Array]

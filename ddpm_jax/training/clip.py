@@ -73,11 +73,7 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import parallel, plotting
 from ddpm_jax.data import DIGIT_NAMES
 from ddpm_jax.models.clip import (
-    CLIPConfig,
     CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPVisionConfig,
 )
 from ddpm_jax.objectives import clip_loss, contrastive_logits
 from ddpm_jax.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
