@@ -54,7 +54,12 @@ from ddpm_jax.workdir import load_diffusion_model
 
 PROG = "ddpm-jax"
 DEFAULT_CONFIG = "experiments/mnist.py"
-TRAINERS = {"train": diffusion_training, "train-vae": autoencoder_training, "train-clip": clip_training}  # .train
+# command -> (trainer module with .train(config, workdir), help, what it leaves in the workdir)
+TRAINERS = {
+    "train": (diffusion_training, "train (or resume) a diffusion model", f"sample with: {PROG} sample --workdir {{}}"),
+    "train-vae": (autoencoder_training, "train (or resume) a Gaussian VAE or an AutoencoderKL", "eval.json, reconstructions/"),
+    "train-clip": (clip_training, "train (or resume) a CLIP on captioned digits", "eval.json: zero-shot accuracy, recall@k"),
+}
 
 
 def load_config_with_overrides(config_path: str, overrides: Sequence[str] = ()) -> Any:
@@ -151,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ddpm-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog=PROG, description="DDPM and Stable Diffusion in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, trainer in TRAINERS.items():
-        p = sub.add_parser(name, help=(trainer.train.__doc__ or "").splitlines()[0], description=trainer.train.__doc__)
+    for name, (trainer, help_text, _) in TRAINERS.items():
+        p = sub.add_parser(name, help=help_text, description=trainer.__doc__.split("\n\n")[0])
         p.add_argument("--config", required=True, help="experiment file with get_config(), e.g. experiments/mnist.py")
         p.add_argument("--workdir", required=True, help="where checkpoints, metrics and figures go")
         p.add_argument("overrides", nargs="*", metavar="group.field=value", help="e.g. train.num_steps=100")
@@ -236,8 +241,9 @@ def load_stable_diffusion(args: argparse.Namespace) -> sd.StableDiffusion:
 def dispatch(args: argparse.Namespace) -> list[Any]:
     """Runs the command; returns the paths it wrote (printed by :func:`main`)."""
     if args.command in TRAINERS:
-        TRAINERS[args.command].train(load_config_with_overrides(args.config, args.overrides), args.workdir)
-        return [f"Trained. Outputs in {args.workdir}"]
+        trainer, _, outputs = TRAINERS[args.command]
+        trainer.train(load_config_with_overrides(args.config, args.overrides), args.workdir)
+        return [f"Trained. Outputs in {args.workdir} ({outputs.format(args.workdir)})"]
     if args.command == "demo":
         run_demo(args.workdir, args.config, args.overrides)
         return []

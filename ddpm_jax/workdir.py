@@ -131,7 +131,7 @@ class TrainedRun:
     path: pathlib.Path
     kind: str                                   # one of RUN_KINDS
     config: ml_collections.ConfigDict
-    step: int
+    step: int | None                            # the checkpoint's step (None: params given otherwise)
     model: Any                                  # UNet | GaussianVAE | AutoencoderKL | CLIPModel
     params: PyTree                              # EMA parameters unless read with ema=False
     tokenizer: Tokenizer | None = None          # clip
@@ -182,7 +182,7 @@ def load_run(workdir: str | os.PathLike, ema: bool = True) -> TrainedRun:
         model = CLIPModel(clip_config(config))
     params = checkpoints.load_params(path, ema=ema)
     step = checkpoints.latest_step(path)
-    return TrainedRun(path, kind, config, int(step), model, params, tokenizer, scaling_factor, evaluation)
+    return TrainedRun(path, kind, config, step, model, params, tokenizer, scaling_factor, evaluation)
 
 
 # ================================================================================================

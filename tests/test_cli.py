@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from _cli import run_cli
+from ddpm_jax import diffusion_model
 from ddpm_jax.pipelines import generate
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.workdir import load_diffusion_model
@@ -130,7 +131,8 @@ def trained_workdir(tmp_path, monkeypatch):
         "data.image_size=8", "model.sample_size=8", "diffusion.num_timesteps=40", "sample.steps=4"])
     config_lib.save_config(c, tmp_path / config_lib.CONFIG_FILENAME)
     monkeypatch.setattr(checkpoints, "load_params", lambda workdir, ema=True, step=None: {})
-    monkeypatch.setattr(diffusion_trainer, "make_eps_fn", lambda model, params: lambda x_t, t: 0.0 * x_t)
+    monkeypatch.setattr(diffusion_model.DiffusionModel, "unconditional_eps_fn",
+                        lambda self, params=None: lambda x_t, t: 0.0 * x_t)
     return tmp_path
 
 
