@@ -138,12 +138,12 @@ class TrainedRun:
     scaling_factor: float | None = None         # autoencoder_kl: the measured latent scale s
     evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)  # eval.json, when written
 
-    def expect(self, *kinds: str) -> TrainedRun:
-        """self, or a one-line ValueError when the run is of another kind."""
-        if self.kind not in kinds:
-            raise ValueError(f"workdir {os.fspath(self.path)!r} holds a {self.kind!r} run, not "
-                             f"{' or '.join(repr(k) for k in kinds)}")
-        return self
+
+def check_kind(workdir: str | os.PathLike, kind: str, expected: tuple[str, ...]) -> None:
+    """A one-line ValueError when a run of ``kind`` is read where one of ``expected`` is needed."""
+    if kind not in expected:
+        wanted = " or ".join(f"{'an' if k[0] in 'aeiou' else 'a'} {k}" for k in expected)
+        raise ValueError(f"workdir {os.fspath(workdir)!r} holds a model.kind={kind!r} run, not {wanted} one")
 
 
 def read_evaluation(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -152,8 +152,10 @@ def read_evaluation(workdir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_run(workdir: str | os.PathLike, ema: bool = True) -> TrainedRun:
+def load_run(workdir: str | os.PathLike, ema: bool = True, kinds: tuple[str, ...] = RUN_KINDS) -> TrainedRun:
     """Any trained workdir (latest checkpoint; EMA parameters by default, = the raw ones without EMA).
+
+    ``kinds``: the kinds of run the caller can use; another kind is a one-line ValueError before anything is read.
 
     Raises FileNotFoundError naming what is missing (the workdir, config.json, a checkpoint, tokenizer/,
     an AutoencoderKL's eval.json with its scaling factor).
@@ -161,6 +163,7 @@ def load_run(workdir: str | os.PathLike, ema: bool = True) -> TrainedRun:
     path = pathlib.Path(workdir)
     config = config_lib.load_workdir_config(path)
     kind = run_kind(config)
+    check_kind(workdir, kind, kinds)
     tokenizer, scaling_factor = None, None
     evaluation = read_evaluation(path)
     if kind == "diffusion":
@@ -196,20 +199,20 @@ def load_autoencoder(workdir: str | os.PathLike, ema: bool = True) -> tuple[Auto
     ``model.apply({"params": params}, x, method=AutoencoderKL.encode_latents)`` gives unit-variance
     latents and ``decode_latents`` inverts it.
     """
-    run = load_run(workdir, ema).expect("autoencoder_kl")
+    run = load_run(workdir, ema, ("autoencoder_kl",))
     return run.model, run.params, run.scaling_factor
 
 
 def load_gaussian_vae(workdir: str | os.PathLike, ema: bool = True) -> tuple[GaussianVAE, PyTree]:
     """The Gaussian VAE trained in ``workdir``: (module, params)."""
-    run = load_run(workdir, ema).expect("gaussian_vae")
+    run = load_run(workdir, ema, ("gaussian_vae",))
     return run.model, run.params
 
 
 def load_clip_model(workdir: str | os.PathLike, ema: bool = True
                     ) -> tuple[CLIPModel, PyTree, Tokenizer, ml_collections.ConfigDict]:
     """(CLIPModel, params, tokenizer, config) of a `ddpm-jax train-clip` workdir."""
-    run = load_run(workdir, ema).expect("clip")
+    run = load_run(workdir, ema, ("clip",))
     return run.model, run.params, run.tokenizer, run.config
 
 
@@ -247,7 +250,7 @@ def clip_denoised(config: ml_collections.ConfigDict) -> bool:
 def load_diffusion_model(workdir: str | os.PathLike, ema: bool = True) -> DiffusionModel:
     """A `ddpm-jax train` workdir (pixel or latent; unconditional, class- or text-conditional) as a
     :class:`DiffusionModel`, with its frozen autoencoder and text encoder read from their workdirs."""
-    run = load_run(workdir, ema).expect("diffusion")
+    run = load_run(workdir, ema, ("diffusion",))
     config = run.config
     autoencoder = config.get("latent", {}).get("autoencoder", None)
     kind = condition_kind(config)

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from _training_fixtures import in_process_compilation_cache, subprocess_env
-from ddpm_jax import checkpoints, cli, workdir
+from ddpm_jax import checkpoints, cli
 from ddpm_jax.training import clip as clip_trainer
 from ddpm_jax.data import DIGIT_NAMES
+from ddpm_jax.workdir import load_clip_model, load_clip_text
 
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 
@@ -106,8 +107,8 @@ def test_loss_decreases_resumes_exactly_and_the_workdir_is_self_contained(tmp_pa
     assert record == json.loads((tmp_path / "split" / "eval.json").read_text())
 
     # The text side, as the text-to-image pipeline will load it, equals the full model's text tower.
-    text_model, text_params, tokenizer = workdir.load_clip_text(workdir)
-    model, params, tokenizer2, config = workdir.load_clip_model(workdir)
+    text_model, text_params, tokenizer = load_clip_text(workdir)
+    model, params, tokenizer2, config = load_clip_model(workdir)
     assert config.model.text.vocab_size == tokenizer.vocab_size and tokenizer.context_length == 12
     ids = tokenizer(["a handwritten digit two", "the number 3, bottom right"])
     out = text_model.apply({"params": text_params}, ids)
@@ -140,7 +141,7 @@ def test_bad_configs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer/ folder"):
         (tmp_path / "d").mkdir()
         (tmp_path / "d" / "config.json").write_text(tiny_config().to_json())
-        workdir.load_clip_text(tmp_path / "d")
+        load_clip_text(tmp_path / "d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,12 +204,14 @@ SHARDED = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_clip_training import tiny_config, tiny_dataset
     from ddpm_jax import parallel, tokenizer
+    from ddpm_jax.training import clip as clip_trainer, loop
+    from ddpm_jax.workdir import clip_config
     assert jax.device_count() == 8, jax.devices()
     dataset = tiny_dataset()
     tok = tokenizer.train_tokenizer(dataset.captions, {folder!r}, vocab_size=600)
     tok = tokenizer.load_tokenizer({folder!r}, context_length=12)
     config = clip_trainer.resolve_config(tiny_config(), tok)
-    model = clip_trainer.CLIPModel(workdir.clip_config(config))
+    model = clip_trainer.CLIPModel(clip_config(config))
     # Plain SGD: Adam divides by sqrt(v), which turns the ~1e-9 float noise in gradients that are exactly
     # zero in exact arithmetic (the attention key biases: softmax ignores a constant per row) into
     # lr-sized steps of either sign; with SGD the comparison sees the step's gradients themselves.

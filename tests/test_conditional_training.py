@@ -8,12 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoints, workdir
+from ddpm_jax import checkpoints
 from ddpm_jax.pipelines import generate, training_data
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.training import loop
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.schedules import get_schedule
+from ddpm_jax.workdir import load_diffusion_model
 from _training_fixtures import in_process_compilation_cache, tiny_config, tiny_images
 
 NUM_CLASSES = 10
@@ -129,7 +130,7 @@ def test_generation_guidance_sweep_and_its_errors(tmp_path):
     from ddpm_jax.evaluation import conditional, judge as judge_lib
 
     diffusion_trainer.train(class_config(num_steps=2, ckpt_every=2), tmp_path / "run", data=class_data())
-    model = workdir.load_diffusion_model(tmp_path / "run")
+    model = load_diffusion_model(tmp_path / "run")
     assert model.kind == "class" and int(model.null_condition["label"]) == NUM_CLASSES
     a = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
     b = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]

@@ -31,12 +31,13 @@ import pytest
 from _training_fixtures import tiny_images
 from _cli import run_cli
 from ddpm_jax import checkpoints
-from ddpm_jax import objectives, workdir
+from ddpm_jax import objectives
 from ddpm_jax.training import autoencoder as vt
 from ddpm_jax.training import loop
 from ddpm_jax.models.discriminator import NLayerDiscriminator, output_size, receptive_field
 from ddpm_jax.models.vae import AutoencoderKL, DiagonalGaussian
 from ddpm_jax.training.loop import make_optimizer
+from ddpm_jax.workdir import autoencoder_kl_config, gaussian_vae_config, load_autoencoder, load_gaussian_vae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 O0 = {"xla_backend_optimization_level": 0}  # the tests' programs run a few times: compile them fast
@@ -307,11 +308,11 @@ def test_gaussian_vae_trains_writes_figures_and_resumes_exactly(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.opt_state), jax.device_get(full.opt_state))
     assert [l["step"] for l in _metrics(tmp_path / "split")] == [5, 10, 15, 20, 25, 30]
 
-    module, params = workdir.load_gaussian_vae(tmp_path / "full")
+    module, params = load_gaussian_vae(tmp_path / "full")
     assert module.config.image_shape == (8, 8, 1) and module.config.latent_dim == 2
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(full.params))
     with pytest.raises(ValueError, match="not an autoencoder_kl one"):
-        workdir.load_autoencoder(tmp_path / "full")
+        load_autoencoder(tmp_path / "full")
 
 
 def test_non_finite_loss_stops_training(tmp_path):
@@ -375,7 +376,7 @@ def test_autoencoder_kl_trains_and_measures_its_latents(tmp_path):
                      jax.device_get(getattr(full, field)))
 
     # load_autoencoder: the EMA params and the measured scaling factor; eval.json's PSNR is the held-out one.
-    model, params, scaling_factor = workdir.load_autoencoder(tmp_path / "full")
+    model, params, scaling_factor = load_autoencoder(tmp_path / "full")
     assert scaling_factor == record["scaling_factor"] == model.config.scaling_factor
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(full.ema_params))
     _, held = loop.split_held_out(40, 8, 0)
@@ -389,9 +390,9 @@ def test_autoencoder_kl_trains_and_measures_its_latents(tmp_path):
 
     (tmp_path / "full" / "eval.json").unlink()
     with pytest.raises(FileNotFoundError, match="eval.json does not exist"):
-        workdir.load_autoencoder(tmp_path / "full")
+        load_autoencoder(tmp_path / "full")
     with pytest.raises(ValueError, match="not a gaussian_vae one"):
-        workdir.load_gaussian_vae(tmp_path / "full")
+        load_gaussian_vae(tmp_path / "full")
 
 
 # ================================================================================================
@@ -404,10 +405,10 @@ def test_experiment_configs_validate():
 
     vae = config_lib.load_config(ROOT / "experiments" / "vae_mnist.py")
     assert vt.validate_config(vae) == "gaussian_vae"
-    assert workdir.gaussian_vae_config(config_lib.apply_overrides(vae, ["model.latent_dim=2"])).latent_dim == 2
+    assert gaussian_vae_config(config_lib.apply_overrides(vae, ["model.latent_dim=2"])).latent_dim == 2
     kl = config_lib.load_config(ROOT / "experiments" / "autoencoder_kl_mnist.py")
     assert vt.validate_config(kl) == "autoencoder_kl"
-    assert workdir.autoencoder_kl_config(kl).downsampling_factor == 4 and kl.data.image_size == 32  # 8×8 latents
+    assert autoencoder_kl_config(kl).downsampling_factor == 4 and kl.data.image_size == 32  # 8×8 latents
 
 
 def _run_cli(argv, capsys):
