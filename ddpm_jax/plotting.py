@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import diffusion, schedules
+
 __all__ = [
     "to_uint8",
     "make_grid",
@@ -194,8 +196,6 @@ def plot_forward_process(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ddpm_jax import diffusion, schedules
 
     x0 = jnp.asarray(x0, jnp.float32)
     num_t = int(schedule.num_timesteps)

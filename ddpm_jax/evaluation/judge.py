@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddpm_jax import data
 from ddpm_jax.evaluation.frechet import feature_statistics, frechet_distance
 
 NUM_CLASSES = 10
@@ -167,8 +168,6 @@ def split_digits(image_size: int, seed: int = 0) -> tuple[tuple[np.ndarray, np.n
         raise ValueError(f"the judge needs images of at least 4x4, got image_size={image_size}")
     cache_key = (int(image_size), int(seed))
     if cache_key not in _SPLITS:
-        from ddpm_jax import data
-
         ds = data.load_dataset_with_labels({"name": "mnist_bundled", "image_size": int(image_size), "channels": 1})
         rng = np.random.default_rng(seed)
         test_idx = np.concatenate([rng.permutation(np.flatnonzero(ds.labels == c))[:TEST_PER_CLASS]

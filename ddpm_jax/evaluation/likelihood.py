@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ddpm_jax import parallel
 from ddpm_jax.diffusion import EpsFn, prior_bpd, q_sample, vlb_term_bpd
 from ddpm_jax.schedules import Schedule
 
@@ -126,8 +127,6 @@ def dataset_bpd(
     program: fine for small models). For large ones pass ``params`` and an ``eps_fn(params, x_t, t)``:
     the parameters are then an argument of the program, replicated over the mesh.
     """
-    from ddpm_jax import parallel
-
     images = np.asarray(images, dtype=np.float32)
     n = images.shape[0]
     if n == 0 or batch_size < 1:

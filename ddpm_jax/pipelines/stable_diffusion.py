@@ -57,7 +57,7 @@ from ddpm_jax.pretrained import compvis
 from ddpm_jax.pretrained.convert import Params
 from ddpm_jax.pretrained.diffusers import load_unet, load_vae
 from ddpm_jax.pretrained.transformers_clip import load_clip_text
-from ddpm_jax.tokenizer import Tokenizer, load_tokenizer
+from ddpm_jax.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer
 
 Array = jax.Array
 
@@ -415,8 +415,6 @@ class StableDiffusion:
 def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
     """A CLIP-format tokenizer over the 256 bytes (+ their '</w>' forms) and the two special tokens, no
     merges: every word is spelled byte by byte. For random weights (``from_configs``)."""
-    from ddpm_jax.tokenizer import bytes_to_unicode
-
     symbols = list(bytes_to_unicode().values())
     tokens = (symbols + [s + "</w>" for s in symbols])[: max(vocab_size, 4) - 2] + ["<|startoftext|>", "<|endoftext|>"]
     return Tokenizer({t: i for i, t in enumerate(tokens)}, [])
