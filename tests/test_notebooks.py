@@ -76,12 +76,16 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     nb = nbformat.read(path, as_version=4)
+    km = _kernel_manager(tmp_path)
     client = nbclient.NotebookClient(
         nb,
-        km=_kernel_manager(tmp_path),
+        km=km,
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(workdir)}},  # the kernel's working directory
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:  # nbclient shuts down only kernels it started itself: without this each notebook's kernel (its
+        km.shutdown_kernel(now=True)  # JAX threads and GBs of memory) lives until the test session ends
     errors = [out for cell in nb.cells for out in cell.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors, errors
