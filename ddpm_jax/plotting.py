@@ -1,8 +1,9 @@
 """Figures: image grids, loss curves, the forward process, and sampling trajectories.
 
 Image grids are written straight with PIL (pixels in, pixels out: no axes, no resampling blur);
-plots with axes use matplotlib's non-interactive "Agg" backend, so everything works on a headless
-machine. Every function takes images as NHWC float arrays in [-1, 1] (NumPy or JAX), writes one PNG,
+plots with axes use whatever matplotlib backend is active and are saved, never shown: on a headless
+machine that is "Agg" (matplotlib's own choice without a display); in a notebook the inline backend stays on,
+because the library never switches backends. Every function takes images as NHWC float arrays in [-1, 1] (NumPy or JAX), writes one PNG,
 and returns its path.
 """
 
@@ -131,9 +132,6 @@ def plot_loss_curve(
     metrics_jsonl_path: PathLike, png_path: PathLike, key: str = "loss", weight: float = 0.9
 ) -> pathlib.Path:
     """Plots ``key`` against ``step`` from a metrics.jsonl file: raw (faint) and smoothed, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [r for r in read_metrics(metrics_jsonl_path) if key in r]
@@ -192,9 +190,6 @@ def plot_forward_process(
     """
     import jax
     import jax.numpy as jnp
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x0 = jnp.asarray(x0, jnp.float32)

@@ -21,7 +21,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import tqdm
 
@@ -31,8 +31,6 @@ from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.pipelines.generate import generate
 from ddpm_jax.plotting import save_figure, save_image_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
 PROMPT_TEMPLATE = "a handwritten digit {name}"

@@ -421,9 +421,6 @@ def format_report(report: dict[str, Any]) -> str:
 def save_labelled_grid(images: np.ndarray, predicted: np.ndarray, path: str | os.PathLike,
                        max_images: int = 100) -> pathlib.Path:
     """A PNG grid of (up to ``max_images``) samples, each titled with the judge's predicted class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     images = np.asarray(images)[:max_images]

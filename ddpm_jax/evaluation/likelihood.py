@@ -172,9 +172,6 @@ def plot_vlb_terms(terms: np.ndarray | jax.Array, path: str, *, title: str | Non
 
     ``terms`` is [T] (e.g. ``DatasetBPD.terms``) or [T, B] (averaged over B). Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     terms = np.asarray(terms, np.float64)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
 from ddpm_jax import plotting
@@ -23,8 +23,6 @@ from ddpm_jax.diffusion_model import DiffusionModel, TextEncoder
 from ddpm_jax.models.unet import apply_with_attention_maps
 from ddpm_jax.pipelines.generate import generate
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def token_attention_maps(model: DiffusionModel, trajectory: np.ndarray, prompts: Sequence[str],

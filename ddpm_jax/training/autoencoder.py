@@ -483,9 +483,6 @@ def latent_map(module: GaussianVAE, params: PyTree, n: int = 15) -> np.ndarray:
 
 def save_latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: str | os.PathLike) -> pathlib.Path:
     """The held-out digits' posterior means μ (2-D), coloured by class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4.5))

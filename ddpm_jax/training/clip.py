@@ -263,9 +263,6 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
                            path: str | os.PathLike, title: str = "") -> pathlib.Path:
     """The contrastive matrix: cosine similarity of caption i (row) and image j (column), the images
     drawn above their columns; a trained CLIP has its largest entries on the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(captions)
