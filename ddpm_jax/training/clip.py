@@ -266,7 +266,7 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
     import matplotlib.pyplot as plt
 
     n = len(captions)
-    fig = plt.figure(figsize=(4.0 + 0.55 * n, 1.2 + 0.5 * n))
+    fig = plt.figure(figsize=(5.5 + 0.7 * n, 1.4 + 0.6 * n))
     grid = fig.add_gridspec(2, 1, height_ratios=[1, n], hspace=0.03, left=0.45, right=0.97, top=0.93, bottom=0.03)
     strip = plotting.make_grid(np.asarray(images), nrow=n, padding=1)  # [h, w, C] uint8
     ax_images = fig.add_subplot(grid[0])
@@ -274,14 +274,17 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
                      extent=(-0.5, n - 0.5, 0, 1))
     ax_images.axis("off")
     ax = fig.add_subplot(grid[1])
-    ax.imshow(similarity, cmap="viridis", aspect="auto", extent=(-0.5, n - 0.5, n - 0.5, -0.5))
+    # One fixed colour scale for every matrix (a cosine lies in [-1, 1]), centred at 0, with a colour bar.
+    shown = ax.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
+                      extent=(-0.5, n - 0.5, n - 0.5, -0.5))
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="black" if similarity[i, j] > np.median(similarity) else "white")
-    ax.set_yticks(range(n), [c if len(c) <= 48 else c[:46] + "…" for c in captions], fontsize=7)
-    ax.set_xticks(range(n), [str(j) for j in range(n)], fontsize=7)
+            ax.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(similarity[i, j]) > 0.6 else "black")
+    ax.set_yticks(range(n), [c if len(c) <= 48 else c[:46] + "…" for c in captions], fontsize=10)
+    ax.set_xticks(range(n), [str(j) for j in range(n)], fontsize=10)
     ax.set_xlabel("image")
+    fig.colorbar(shown, ax=ax, label="cosine similarity", fraction=0.04, pad=0.02)
     if title:
         ax_images.set_title(title, fontsize=9)
     return plotting.save_figure(fig, path)
