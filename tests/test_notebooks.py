@@ -70,6 +70,7 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
     # The kernel inherits this environment.
     monkeypatch.setenv("DDPM_JAX_FAST", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("DDPM_JAX_RUNS", str(tmp_path / "runs"))  # what a notebook writes stays in this test's folder
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                            "--xla_backend_optimization_level=0"])))
