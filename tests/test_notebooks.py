@@ -1,4 +1,5 @@
-"""The lecture notebooks in notebooks/: each runs top to bottom in fast mode, and none is stored with outputs.
+"""The lecture notebooks in notebooks/: each runs top to bottom in fast mode, shows every figure it draws, writes
+nothing into the current folder, and none is stored with outputs.
 
 Each notebook is executed with nbclient in a fresh temporary working directory, by an IPython kernel
 started with *this* interpreter (``sys.executable``, so the project's virtual environment, whatever
@@ -10,10 +11,13 @@ programs are tiny and run a handful of times, so compiling them fast is what mat
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pathlib
+import re
 import sys
+import time
 
 import pytest
 
@@ -24,6 +28,49 @@ pytest.importorskip("ipykernel")
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300  # per cell; the whole fast-mode notebook takes well under a minute on 2 cores
+
+
+# Drawing code: pyplot, imshow, a library plotting helper (plot_*), or a figure object passed to display().
+DRAWS = re.compile(r"\bplt\.|\.imshow\(|\bplot_\w+\(|\bdisplay\(\s*fig")
+
+
+def top_level_code(source: str) -> tuple[str, dict[str, str]]:
+    """A cell's statements outside function definitions, and the source of the functions it defines."""
+    source = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    body = ast.parse(source).body
+    functions = {node.name: ast.get_source_segment(source, node) for node in body
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    rest = "\n".join(ast.get_source_segment(source, node) for node in body
+                     if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)))
+    return rest, functions
+
+
+def drawing_cells(nb) -> list[int]:
+    """Indices of the code cells that draw: drawing code at top level, or a call of a notebook function that draws."""
+    parsed = {i: top_level_code(cell.source) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"}
+    drawers = {name for _, functions in parsed.values() for name, code in functions.items() if DRAWS.search(code)}
+    calls = re.compile(r"\b(" + "|".join(map(re.escape, sorted(drawers))) + r")\(") if drawers else None
+    return [i for i, (rest, _) in parsed.items()
+            if rest and (DRAWS.search(rest) or (calls is not None and calls.search(rest)))]
+
+
+def png_count(cell) -> int:
+    """How many ``image/png`` outputs an executed code cell shows."""
+    return sum("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+def figure_problems(nb) -> list[str]:
+    """What is wrong with an executed notebook's figures: a count other than ``metadata.ddpm_jax.figures``, or a
+    drawing cell that shows no image (e.g. a library helper switched the kernel off the inline backend)."""
+    expected = nb.metadata.get("ddpm_jax", {}).get("figures")
+    if expected is None:
+        return ["metadata.ddpm_jax.figures is missing: set it to the number of figures the notebook shows"]
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    shown = sum(png_count(cell) for cell in code)
+    problems = [] if shown == expected else [f"{shown} image/png outputs, metadata.ddpm_jax.figures says {expected}"]
+    problems += [f"cell {i} draws but shows no figure: {nb.cells[i].source.splitlines()[0][:60]!r}"
+                 for i in drawing_cells(nb) if png_count(nb.cells[i]) == 0]
+    return problems
 
 
 def _kernel_manager(kernel_dir: pathlib.Path):
@@ -84,9 +131,35 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(workdir)}},  # the kernel's working directory
     )
+    started = time.perf_counter()
     try:
         client.execute()
     finally:  # nbclient shuts down only kernels it started itself: without this each notebook's kernel (its
         km.shutdown_kernel(now=True)  # JAX threads and GBs of memory) lives until the test session ends
+    seconds = time.perf_counter() - started
+    print(f"{path.stem}: fast mode {seconds:.0f} s")  # reported with -s; the goal (≤ 60 s) is not a timed test
     errors = [out for cell in nb.cells for out in cell.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors, errors
+    problems = figure_problems(nb)
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+    left = sorted(p.name for p in workdir.iterdir())
+    assert not left, f"{path.name} wrote {left} into the current folder: write under RUNS / 'notebooks' instead"
+
+
+def test_figure_check_catches_a_vanished_figure_and_a_wrong_count():
+    """What the per-notebook check reports: a drawing cell without an image (the symptom of a library helper that
+    switched the kernel to Agg: 04 showed 0 of its 7 figures), a count that is off, a missing declaration."""
+    v4 = nbformat.v4
+    png = v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    helper = v4.new_code_cell("import matplotlib.pyplot as plt\ndef show(x):\n    plt.imshow(x)\n    plt.show()")
+    drawn = v4.new_code_cell("%matplotlib inline\nshow(x)", outputs=[png])
+    vanished = v4.new_code_cell("fig = plot_loss_curve(path)\nplt.show()")
+    silent = v4.new_code_cell("x = 1\nprint(x)")
+    nb = v4.new_notebook(cells=[helper, drawn, vanished, silent], metadata={"ddpm_jax": {"figures": 2}})
+    assert drawing_cells(nb) == [1, 2]
+    assert figure_problems(nb) == ["1 image/png outputs, metadata.ddpm_jax.figures says 2",
+                                   "cell 2 draws but shows no figure: 'fig = plot_loss_curve(path)'"]
+    vanished.outputs = [png]
+    assert figure_problems(nb) == []
+    del nb.metadata["ddpm_jax"]
+    assert "metadata.ddpm_jax.figures is missing" in figure_problems(nb)[0]
