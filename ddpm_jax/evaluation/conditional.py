@@ -23,13 +23,13 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import tqdm
 
 from ddpm_jax.data import DIGIT_NAMES
 from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.pipelines.generate import generate
 from ddpm_jax.plotting import save_figure, save_image_grid
+from ddpm_jax.progress import progress_bar
 
 
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
@@ -57,7 +57,7 @@ def guidance_sweep(model: DiffusionModel, scales: Sequence[float] = DEFAULT_SCAL
     rows, samples = [], {}
     iterator = scales
     if progress:
-        iterator = tqdm.tqdm(scales, desc=f"guidance sweep ({len(classes)} samples per scale)", unit="scale")
+        iterator = progress_bar(scales, desc=f"guidance sweep ({len(classes)} samples per scale)", unit="scale")
     for w in iterator:
         out = generate(model, prompts=prompts, labels=None if prompts else classes, guidance_scale=float(w),
                                  steps=steps, seed=seed, sampler=sampler)

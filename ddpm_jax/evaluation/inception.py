@@ -55,10 +55,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddpm_jax.pretrained import torch_pickle
 from ddpm_jax.pretrained.convert import convert_state_dict
+from ddpm_jax.progress import progress_bar
 
 INCEPTION_SIZE = 299  # the network's input resolution
 NUM_FEATURES = 2048  # pool3
@@ -375,7 +375,7 @@ class Inception:
         batch_size = min(batch_size, n)
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
         returned = tuple(sorted({*names, "pool3", "logits", "logits_unbiased"}))  # small: one compile serves all
-        for start in tqdm(range(0, n, batch_size), desc="Inception", unit="batch", disable=not progress,
+        for start in progress_bar(range(0, n, batch_size), desc="Inception", unit="batch", disable=not progress,
                           leave=False):
             batch = images[start : start + batch_size]
             count = batch.shape[0]

@@ -21,12 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from ddpm_jax import guidance, parallel, plotting, samplers
 from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.models.unet import check_condition
 from ddpm_jax.pretrained.diffusers import DDPM_VARIANCES, load_ddpm_folder
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.schedulers import SchedulerConfig
 
 PyTree = Any
@@ -158,7 +158,7 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     images, traj = [], None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
-        chunks = tqdm.tqdm(chunks, desc=f"sampling {num} images ({name}, {model_calls(model, name, num_steps)} steps)",
+        chunks = progress_bar(chunks, desc=f"sampling {num} images ({name}, {model_calls(model, name, num_steps)} steps)",
                            unit="batch", dynamic_ncols=True)
     key = jax.random.key(seed)
     for i in chunks:

@@ -57,6 +57,7 @@ from ddpm_jax.pretrained import compvis
 from ddpm_jax.pretrained.convert import Params
 from ddpm_jax.pretrained.diffusers import load_unet, load_vae
 from ddpm_jax.pretrained.transformers_clip import load_clip_text
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer
 
 Array = jax.Array
@@ -324,9 +325,7 @@ class StableDiffusion:
         program = self._program(int(num_steps), start, scale_init, keep, sharded)
         n = self.scheduler.init_state(num_steps, z).timesteps.shape[0]
         if progress:
-            from tqdm.auto import tqdm
-
-            self._bar, self._bar_start = tqdm(total=n - start, desc="denoising", unit="step"), start
+            self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
             images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale), z, key)
             images = np.asarray(images)

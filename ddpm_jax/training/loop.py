@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from ddpm_jax import checkpoints, parallel
+from ddpm_jax.progress import progress_bar
 
 PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
@@ -225,7 +225,7 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], PyTree], 
                 f"{checkpoints.checkpoint_dir(workdir)}. Lower train.lr or check the data.")
         window.append(host)
 
-    bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+    bar = progress_bar(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                     disable=not is_chief, desc=os.path.basename(os.path.abspath(workdir)))
     try:
         for step in range(start_step, num_steps):
