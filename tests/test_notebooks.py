@@ -27,7 +27,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # per cell; the whole fast-mode notebook takes well under a minute on 2 cores
+CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 17–130 s on 2 cores (notebooks/README.md)
 
 
 # Drawing code: pyplot, imshow, a library plotting helper (plot_*), or a figure object passed to display().
@@ -65,8 +65,7 @@ def figure_problems(nb) -> list[str]:
     expected = nb.metadata.get("ddpm_jax", {}).get("figures")
     if expected is None:
         return ["metadata.ddpm_jax.figures is missing: set it to the number of figures the notebook shows"]
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    shown = sum(png_count(cell) for cell in code)
+    shown = sum(png_count(cell) for cell in nb.cells)  # a markdown cell has no outputs
     problems = [] if shown == expected else [f"{shown} image/png outputs, metadata.ddpm_jax.figures says {expected}"]
     problems += [f"cell {i} draws but shows no figure: {nb.cells[i].source.splitlines()[0][:60]!r}"
                  for i in drawing_cells(nb) if png_count(nb.cells[i]) == 0]

@@ -376,7 +376,7 @@ class Inception:
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
         returned = tuple(sorted({*names, "pool3", "logits", "logits_unbiased"}))  # small: one compile serves all
         for start in progress_bar(range(0, n, batch_size), desc="Inception", unit="batch", disable=not progress,
-                          leave=False):
+                                  leave=False):
             batch = images[start : start + batch_size]
             count = batch.shape[0]
             if count < batch_size:

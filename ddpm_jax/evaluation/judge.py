@@ -201,7 +201,6 @@ def train_judge(
     digits (1,000 × 64 = 16 epochs), each step one jitted update. Augmentation: a random shift of up to
     one pixel (edge padding), so that slightly off-centre samples are still judged fairly.
     """
-
     (train_x, train_y), (test_x, test_y) = split_digits(image_size, seed)
     model = JudgeCNN()
     init_key, key = jax.random.split(jax.random.key(seed))
@@ -224,7 +223,7 @@ def train_judge(
     rng = np.random.default_rng([seed, 1])
     order = np.zeros(0, np.int64)
     bar = progress_bar(range(num_steps), desc=f"training the MNIST judge ({image_size}x{image_size})",
-                    unit="step", disable=not progress, dynamic_ncols=True)
+                       unit="step", disable=not progress, dynamic_ncols=True)
     for i in bar:
         if order.size < batch_size:
             order = np.concatenate([order, rng.permutation(train_x.shape[0])])

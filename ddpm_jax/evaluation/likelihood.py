@@ -32,8 +32,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import parallel
-from ddpm_jax.progress import progress_bar
 from ddpm_jax.diffusion import EpsFn, prior_bpd, q_sample, vlb_term_bpd
+from ddpm_jax.progress import progress_bar
 from ddpm_jax.schedules import Schedule
 
 
@@ -149,9 +149,8 @@ def dataset_bpd(
     terms_sum = np.zeros((schedule.num_timesteps,), np.float64)
     starts = range(0, n, batch_size)
     if progress:
-
         starts = progress_bar(starts, desc=f"bits/dim ({schedule.num_timesteps} terms per image)",
-                           unit="batch", dynamic_ncols=True)
+                              unit="batch", dynamic_ncols=True)
     for i, start in enumerate(starts):
         batch = images[start:start + batch_size]
         real = batch.shape[0]

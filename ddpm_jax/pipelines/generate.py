@@ -159,7 +159,7 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
         chunks = progress_bar(chunks, desc=f"sampling {num} images ({name}, {model_calls(model, name, num_steps)} steps)",
-                           unit="batch", dynamic_ncols=True)
+                              unit="batch", dynamic_ncols=True)
     key = jax.random.key(seed)
     for i in chunks:
         want_traj = trajectory and i == 0

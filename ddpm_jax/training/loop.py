@@ -226,7 +226,7 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], PyTree], 
         window.append(host)
 
     bar = progress_bar(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not is_chief, desc=os.path.basename(os.path.abspath(workdir)))
+                       disable=not is_chief, desc=os.path.basename(os.path.abspath(workdir)))
     try:
         for step in range(start_step, num_steps):
             state, metrics = train_step(state, put_batch(batch_fn(step)), key)
