@@ -37,7 +37,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -81,6 +82,18 @@ class _OrbaxErrorsRaisedHere(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that drops the "Event loop is closed" RuntimeErrors of the TensorStore writes a
+    failed save leaves behind (their loop is gone; the failure itself is raised as CheckpointWriteError)."""
+
+    def hook(unraisable: Any) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    return hook
 
 
 def _manager(workdir: str | os.PathLike, *, save_every: int = 1, keep: int | None = None,
@@ -216,6 +229,8 @@ class Checkpointer:
         self._unsealed: list[int] = []  # steps whose save was started but whose manifest is not written yet
         self._filter = _OrbaxErrorsRaisedHere()
         logging.getLogger("absl").addFilter(self._filter)
+        self._unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _drop_closed_loop_callbacks(self._unraisablehook)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -284,6 +299,7 @@ class Checkpointer:
         finally:
             self._mgr.close()
             logging.getLogger("absl").removeFilter(self._filter)
+            sys.unraisablehook = self._unraisablehook
 
 
 # ================================================================================================
