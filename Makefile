@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c requirements/constraints.txt
 WORKDIR ?= runs/mnist
+PYTEST_ARGS ?=
 
 .PHONY: demo test venv venv-test clean
 
@@ -27,7 +28,7 @@ demo: $(VENV)/.base
 
 ## make test: the whole test suite (what CI runs)
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
