@@ -19,6 +19,10 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(VENV)/.notebooks: $(VENV)/.base
+	$(PIP) -e '.[notebooks]'
+	touch $@
+
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
@@ -29,6 +33,11 @@ demo: $(VENV)/.base
 ## make test: the whole test suite (what CI runs)
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+## make notebooks: open the lecture notebooks in JupyterLab, with this project's .venv as the kernel
+.PHONY: notebooks
+notebooks: $(VENV)/.notebooks
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) runs
