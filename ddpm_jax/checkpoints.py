@@ -225,7 +225,11 @@ class Checkpointer:
             raise ValueError(f"train.ckpt_every must be >= 1, got {save_every}")
         self.workdir = workdir
         self.save_every = save_every
-        self._mgr = _manager(workdir, save_every=save_every, keep=keep)
+        try:
+            self._mgr = _manager(workdir, save_every=save_every, keep=keep)
+        except OSError as err:
+            raise CheckpointWriteError(f"cannot create {checkpoint_dir(workdir)} ({type(err).__name__}: {err}); "
+                                       f"give a writable --workdir") from None
         self._unsealed: list[int] = []  # steps whose save was started but whose manifest is not written yet
         self._filter = _OrbaxErrorsRaisedHere()
         logging.getLogger("absl").addFilter(self._filter)

@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for line in dispatch(args):
             print(line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # OSError: also an unwritable --workdir, a full disk
         if os.environ.get("DDPM_JAX_TRACEBACK"):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

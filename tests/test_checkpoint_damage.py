@@ -25,7 +25,7 @@ import pytest
 
 from _cli import run_cli
 from _training_fixtures import subprocess_env
-from ddpm_jax import checkpoints, diffusion_model, parallel
+from ddpm_jax import checkpoints, cli, diffusion_model, parallel
 from ddpm_jax import config as config_lib
 from ddpm_jax.training import loop
 
@@ -205,3 +205,15 @@ def test_a_failed_checkpoint_write_ends_train_with_one_line_and_keeps_the_earlie
     assert checkpoints.latest_step(workdir) == 10
     checkpoints.verify_step(workdir, 10)
     assert set(checkpoints.load_params(workdir)) == {"w"}
+
+
+def test_an_unwritable_workdir_ends_train_with_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")                                   # root ignores chmod; this blocks root too
+    with pytest.raises(checkpoints.CheckpointWriteError, match=r"cannot create .*a_file/run/checkpoints .*writable"):
+        checkpoints.Checkpointer(blocker / "run", save_every=1)
+    # The trainer's first write (training/diffusion.py makes <workdir>/samples) → OSError → one line, exit 2.
+    monkeypatch.setattr(cli.TRAINERS["train"][0], "train",
+                        lambda config, workdir: os.makedirs(os.path.join(workdir, "samples"), exist_ok=True))
+    status, _, err = run_cli(["train", "--config", MNIST, "--workdir", str(blocker / "run")], capsys)
+    assert status == 2 and err.count("\n") == 1 and "Not a directory" in err and str(blocker) in err, err
