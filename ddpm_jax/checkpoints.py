@@ -18,7 +18,8 @@ For sampling, :func:`load_params` reads just the parameters (EMA by default) wit
 
 **Damage.** Orbax's zstd-compressed arrays carry no checksum: a flipped byte restores silently and samples
 garbage. So once a step's folder is complete, ``sha256.json`` beside it records the SHA-256 and size of every
-file in it, and every restore first checks them (:func:`verify_step`; 8 ms for a demo checkpoint). A missing
+file in it, and every restore first checks them (:func:`verify_step`: 71 ms for the demo's 9.6 MB, 2.8 s for a
+CIFAR-10-sized 528 MB on a contended 2-core machine; writing the manifest after a save costs the same). A missing
 file, a truncated one, a changed byte, or a step folder without its metadata is a :class:`CheckpointDamaged`
 (a ValueError with one line: the folder, what is wrong, what to do); a step written before the manifests
 existed is checked for its metadata and guarded by turning TensorStore's read errors into the same error.
