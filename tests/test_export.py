@@ -1,0 +1,226 @@
+"""`ddpm-jax export` (pretrained/export.py): each exported folder loads back here into the same parameters,
+loads in diffusers / transformers with no missing or unexpected key, and computes what we compute.
+
+The workdirs are real ones written through ``checkpoints.Checkpointer`` (config.json + an orbax
+checkpoint with raw and EMA parameters), from random parameters with every leaf perturbed (so that no
+zero- or one-initialised norm or bias can hide a mapping bug), instead of a few training steps.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import struct, traverse_util
+
+from _cli import run_cli
+from _training_fixtures import tiny_config
+from ddpm_jax import checkpoints
+from ddpm_jax import config as config_lib
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.models.clip import CLIPModel
+from ddpm_jax.models.unet import UNet
+from ddpm_jax.models.vae import AutoencoderKL
+from ddpm_jax.pretrained.convert import export_state_dict, torch_key
+from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_vae
+from ddpm_jax.pretrained.export import export_run
+from ddpm_jax.pretrained.transformers_clip import load_clip
+from ddpm_jax.tokenizer import train_tokenizer
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+NUM_CLASSES = 3
+ATOL = 1e-4
+
+
+@struct.dataclass
+class SavedState:
+    """What a trainer's TrainState saves (step, params, EMA params), for Checkpointer.save."""
+
+    step: Any
+    params: Any
+    ema_params: Any
+
+
+def _perturbed(params: Any, seed: int) -> Any:
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> Any:
+    """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params."""
+    config_lib.save_config(config, path / config_lib.CONFIG_FILENAME)
+    module = _module(config, path)
+    params = module.init(jax.random.key(0), *example_inputs)["params"]
+    raw, ema = _perturbed(params, 1), _perturbed(params, 2)
+    ckpt = checkpoints.Checkpointer(path, save_every=1)
+    ckpt.save(SavedState(step=jnp.int32(1), params=raw, ema_params=ema), force=True)
+    ckpt.close()
+    return ema
+
+
+def _module(config, path):
+    kind = workdir_lib.run_kind(config)
+    if kind == "diffusion":
+        return UNet(workdir_lib.unet_config(config))
+    if kind == "autoencoder_kl":
+        (path / workdir_lib.EVAL_FILENAME).write_text(json.dumps({"scaling_factor": 0.7}))
+        return AutoencoderKL(workdir_lib.autoencoder_kl_config(config))
+    return CLIPModel(workdir_lib.clip_config(config))
+
+
+def _assert_same_params(got, expected):
+    got, expected = traverse_util.flatten_dict(got), traverse_util.flatten_dict(expected)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]), err_msg="/".join(key))
+
+
+def _diffusion_config(class_conditional: bool) -> ml_collections.ConfigDict:
+    config = tiny_config()
+    config.model.update(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), add_attention=True, attention_head_dim=4)
+    config.diffusion.num_timesteps = 40
+    config.sample.steps = 3
+    if class_conditional:
+        config.model.num_class_embeds = NUM_CLASSES + 1
+        config.condition = ml_collections.ConfigDict(dict(kind="class", num_classes=NUM_CLASSES, p_uncond=0.2))
+    return config
+
+
+@pytest.fixture(scope="module", params=["unconditional", "class"])
+def pixel_export(request, tmp_path_factory):
+    """(workdir, exported folder, EMA params, class-conditional?) of a tiny pixel DDPM."""
+    conditional = request.param == "class"
+    root = tmp_path_factory.mktemp(f"pixel_{request.param}")
+    work, out = root / "run", root / "export"
+    work.mkdir()
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    ema = _write_workdir(work, _diffusion_config(conditional), x, t, None, jnp.zeros((1,), jnp.int32) if conditional else None)
+    export_run(work, out)
+    return work, out, ema, conditional
+
+
+def test_pixel_ddpm_round_trip_and_diffusers_parity(pixel_export):
+    work, out, ema, conditional = pixel_export
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    module, params, scheduler_config = load_ddpm_folder(out)
+    _assert_same_params(params, ema)                                   # ours → export → our loader: identical
+
+    unet, info = diffusers.UNet2DModel.from_pretrained(out / "unet", output_loading_info=True)
+    assert not any(info.values()), info                                # no missing / unexpected / mismatched key
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)           # NCHW
+    t = np.array([3, 37])
+    labels = np.array([2, NUM_CLASSES]) if conditional else None
+    with torch.no_grad():
+        expected = unet(torch.from_numpy(x), torch.from_numpy(t),
+                        class_labels=None if labels is None else torch.from_numpy(labels)).sample.numpy()
+    got = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                       class_labels=None if labels is None else jnp.asarray(labels))
+    assert np.abs(expected).mean() > 0.1
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
+
+    scheduler = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
+    run_schedule = workdir_lib.load_diffusion_model(work).schedule
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), np.asarray(run_schedule.alphas_cumprod), rtol=1e-5)
+    assert scheduler_config["num_train_timesteps"] == 40 and scheduler.config.clip_sample
+
+
+def test_sample_pretrained_export_reproduces_the_workdir(pixel_export, tmp_path, capsys):
+    work, out, _, conditional = pixel_export
+    common = ["--num", "2", "--sampler", "ddim", "--steps", "3", "--eta", "0", "--seed", "5"]
+    if conditional:
+        common += ["--labels", "0,2", "--guidance", "2.0"]
+    images = []
+    for source, name in ((["--workdir", str(work)], "w.npz"), (["--pretrained", str(out)], "p.npz")):
+        status, _, err = run_cli(["sample", *source, *common, "--out", str(tmp_path / name)], capsys)
+        assert status == 0, err
+        images.append(np.load(tmp_path / name)["images"])
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_autoencoder_kl_export(tmp_path):
+    config = ml_collections.ConfigDict(dict(
+        data=dict(name="test_array", image_size=8, channels=1),
+        model=dict(kind="autoencoder_kl", in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                   layers_per_block=1, latent_channels=2, norm_num_groups=4, sample_size=8)))
+    work, out = tmp_path / "vae", tmp_path / "export"
+    work.mkdir()
+    ema = _write_workdir(work, config, jnp.zeros((1, 8, 8, 1)))
+    export_run(work, out)
+    module, params = load_vae(out)
+    _assert_same_params(params, ema)
+    assert module.config.scaling_factor == 0.7                        # the run's measured scaling factor
+
+    vae, info = diffusers.AutoencoderKL.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert vae.config.scaling_factor == 0.7
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        posterior = vae.encode(torch.from_numpy(x)).latent_dist
+        decoded = vae.decode(posterior.mean).sample.numpy()
+    ours = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), method=type(module).encode)
+    np.testing.assert_allclose(np.asarray(ours.mean).transpose(0, 3, 1, 2), posterior.mean.numpy(), atol=ATOL)
+    np.testing.assert_allclose(np.asarray(ours.logvar).transpose(0, 3, 1, 2), posterior.logvar.numpy(), atol=ATOL)
+    ours_decoded = module.apply({"params": params}, ours.mean, method=type(module).decode)
+    np.testing.assert_allclose(np.asarray(ours_decoded).transpose(0, 3, 1, 2), decoded, atol=ATOL)
+
+
+def test_clip_export(tmp_path):
+    tokenizer = train_tokenizer(["a digit one", "a digit two", "the number three"], tmp_path / "tok", vocab_size=520)
+    config = ml_collections.ConfigDict(dict(
+        data=dict(name="captioned_digits", image_size=8, channels=1),
+        tokenizer=dict(context_length=8),
+        model=dict(projection_dim=8, logit_scale_init_value=2.6592,
+                   text=dict(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=8, eos_token_id=tokenizer.eos_token_id),
+                   vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=8, patch_size=4, num_channels=1))))
+    work, out = tmp_path / "clip", tmp_path / "export"
+    work.mkdir()
+    tokenizer.save(work / workdir_lib.TOKENIZER_DIR)
+    ids = tokenizer(["a digit two", "three"]).astype(np.int32)[:, :8]          # [2, 8]
+    images = np.random.default_rng(2).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    ema = _write_workdir(work, config, jnp.asarray(ids), jnp.zeros((1, 8, 8, 1)))
+    export_run(work, out)
+    module, params = load_clip(out)
+    _assert_same_params(params, ema)
+
+    reference, info = transformers.CLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids).long(), pixel_values=torch.from_numpy(images))
+    got = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(images.transpose(0, 2, 3, 1)))
+    for name in ("text_embeds", "image_embeds", "logits_per_image"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), getattr(expected, name).numpy(), atol=ATOL)
+    hf_ids = transformers.CLIPTokenizer.from_pretrained(out)(["a digit two"], padding="max_length", max_length=8)
+    np.testing.assert_array_equal(np.asarray(hf_ids["input_ids"]), ids[:1])
+
+
+def test_torch_key_inverts_flax_path():
+    assert torch_key(("down_blocks_0", "resnets_1", "conv1", "kernel")) == "down_blocks.0.resnets.1.conv1.weight"
+    assert torch_key(("time_embedding", "linear_1", "kernel")) == "time_embedding.linear_1.weight"
+    assert torch_key(("mid_block", "attentions_0", "to_out_0", "bias")) == "mid_block.attentions.0.to_out.0.bias"
+    state = export_state_dict({"conv": {"kernel": np.zeros((3, 3, 2, 5))}, "fc": {"kernel": np.zeros((2, 7))}})
+    assert state["conv.weight"].shape == (5, 2, 3, 3) and state["fc.weight"].shape == (7, 2)
+
+
+def test_export_errors_are_one_line(pixel_export, tmp_path, capsys):
+    work, _, _, _ = pixel_export
+    status, _, err = run_cli(["export", "--workdir", str(work), "--out", str(work)], capsys)
+    assert status == 2 and err.startswith("ddpm-jax: error: --out") and err.count("\n") == 1
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    status, _, err = run_cli(["export", "--workdir", str(work), "--out", str(tmp_path / "busy")], capsys)
+    assert status == 2 and "not an export" in err
+    status, _, err = run_cli(["export", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert status == 2 and "does not exist" in err
