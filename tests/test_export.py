@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,14 +21,14 @@ import pytest
 from flax import struct, traverse_util
 
 from _cli import run_cli
-from _training_fixtures import tiny_config
+from _training_fixtures import in_process_compilation_cache, tiny_config
 from ddpm_jax import checkpoints
 from ddpm_jax import config as config_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models.clip import CLIPModel
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
-from ddpm_jax.pretrained.convert import export_state_dict, torch_key
+from ddpm_jax.pretrained.convert import export_state_dict, param_shapes, torch_key
 from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_vae
 from ddpm_jax.pretrained.export import export_run
 from ddpm_jax.pretrained.transformers_clip import load_clip
@@ -40,6 +42,18 @@ NUM_CLASSES = 3
 ATOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+    """The workdir and its export sample the same program: compiled once, then a cache hit."""
+    with in_process_compilation_cache():
+        yield
+
+
+def _apply(module, *args, method=None, **kwargs):
+    """``module.apply`` compiled as one program (on 2 busy cores much faster than op by op)."""
+    return jax.jit(functools.partial(module.apply, method=method))(*args, **kwargs)
+
+
 @struct.dataclass
 class SavedState:
     """What a trainer's TrainState saves (step, params, EMA params), for Checkpointer.save."""
@@ -49,20 +63,30 @@ class SavedState:
     ema_params: Any
 
 
-def _perturbed(params: Any, seed: int) -> Any:
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+def _random_params(module, example_inputs, seed: int) -> Any:
+    """Random params of ``module`` with every leaf drawn (kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.2²),
+    biases and the rest N(0, 0.2²)): no zero- or one-initialised leaf hides a mapping bug. Built from the
+    shapes alone (``param_shapes``: traced, not compiled), so nothing is compiled."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        noise = rng.standard_normal(shape.shape).astype(np.float32)
+        if path[-1] in ("kernel", "embedding") and len(shape.shape) > 1:
+            fan_in = np.prod(shape.shape[:-1]) if path[-1] == "kernel" else shape.shape[-1]
+            return (noise / np.sqrt(fan_in)).astype(np.float32)
+        return (noise * 0.2 + (1.0 if path[-1] == "scale" else 0.0)).astype(np.float32)
+
+    flat = traverse_util.flatten_dict(param_shapes(module, *example_inputs))
+    return traverse_util.unflatten_dict({path: draw(path, shape) for path, shape in flat.items()})
 
 
 def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> Any:
     """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params."""
     config_lib.save_config(config, path / config_lib.CONFIG_FILENAME)
     module = _module(config, path)
-    params = module.init(jax.random.key(0), *example_inputs)["params"]
-    raw, ema = _perturbed(params, 1), _perturbed(params, 2)
+    raw, ema = _random_params(module, example_inputs, 1), _random_params(module, example_inputs, 2)
     ckpt = checkpoints.Checkpointer(path, save_every=1)
-    ckpt.save(SavedState(step=jnp.int32(1), params=raw, ema_params=ema), force=True)
+    ckpt.save(SavedState(step=np.int32(1), params=raw, ema_params=ema), force=True)
     ckpt.close()
     return ema
 
@@ -124,7 +148,7 @@ def test_pixel_ddpm_round_trip_and_diffusers_parity(pixel_export):
     with torch.no_grad():
         expected = unet(torch.from_numpy(x), torch.from_numpy(t),
                         class_labels=None if labels is None else torch.from_numpy(labels)).sample.numpy()
-    got = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+    got = _apply(module, {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
                        class_labels=None if labels is None else jnp.asarray(labels))
     assert np.abs(expected).mean() > 0.1
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
@@ -168,10 +192,10 @@ def test_autoencoder_kl_export(tmp_path):
     with torch.no_grad():
         posterior = vae.encode(torch.from_numpy(x)).latent_dist
         decoded = vae.decode(posterior.mean).sample.numpy()
-    ours = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), method=type(module).encode)
+    ours = _apply(module, {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), method=type(module).encode)
     np.testing.assert_allclose(np.asarray(ours.mean).transpose(0, 3, 1, 2), posterior.mean.numpy(), atol=ATOL)
     np.testing.assert_allclose(np.asarray(ours.logvar).transpose(0, 3, 1, 2), posterior.logvar.numpy(), atol=ATOL)
-    ours_decoded = module.apply({"params": params}, ours.mean, method=type(module).decode)
+    ours_decoded = _apply(module, {"params": params}, ours.mean, method=type(module).decode)
     np.testing.assert_allclose(np.asarray(ours_decoded).transpose(0, 3, 1, 2), decoded, atol=ATOL)
 
 
@@ -199,7 +223,7 @@ def test_clip_export(tmp_path):
     assert not any(info.values()), info
     with torch.no_grad():
         expected = reference(input_ids=torch.from_numpy(ids).long(), pixel_values=torch.from_numpy(images))
-    got = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(images.transpose(0, 2, 3, 1)))
+    got = _apply(module, {"params": params}, jnp.asarray(ids), jnp.asarray(images.transpose(0, 2, 3, 1)))
     unit = lambda e: np.asarray(e) / np.linalg.norm(np.asarray(e), axis=-1, keepdims=True)  # transformers normalises
     for name in ("text_embeds", "image_embeds"):
         np.testing.assert_allclose(unit(getattr(got, name)), getattr(expected, name).numpy(), atol=ATOL)
