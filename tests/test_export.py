@@ -22,7 +22,7 @@ from flax import struct, traverse_util
 
 from _cli import run_cli
 from _training_fixtures import in_process_compilation_cache, tiny_config
-from ddpm_jax import checkpoints
+from ddpm_jax import checkpoints, cli
 from ddpm_jax import config as config_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models.clip import CLIPModel
@@ -32,6 +32,7 @@ from ddpm_jax.pretrained.convert import export_state_dict, param_shapes, torch_k
 from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_vae
 from ddpm_jax.pretrained.export import export_run
 from ddpm_jax.pretrained.transformers_clip import load_clip
+from ddpm_jax.pipelines.generate import load_pretrained_ddpm
 from ddpm_jax.tokenizer import train_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -109,14 +110,17 @@ def _assert_same_params(got, expected):
 
 
 def _diffusion_config(class_conditional: bool) -> ml_collections.ConfigDict:
+    """Two levels, multi-head attention; the unconditional run also changes schedule, prediction and variance."""
     config = tiny_config()
     config.model.update(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), add_attention=True, attention_head_dim=4)
-    config.diffusion.num_timesteps = 40
+    config.diffusion.num_timesteps = 40                       # linear: β's rescaled by 1000/T
     config.sample.steps = 3
     if class_conditional:
         config.model.num_class_embeds = NUM_CLASSES + 1
         config.condition = ml_collections.ConfigDict(dict(kind="class", num_classes=NUM_CLASSES, p_uncond=0.2))
+    else:
+        config.diffusion.update(schedule="cosine", prediction="v", variance="fixed_large")
     return config
 
 
@@ -128,42 +132,66 @@ def pixel_export(request, tmp_path_factory):
     work, out = root / "run", root / "export"
     work.mkdir()
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    ema = _write_workdir(work, _diffusion_config(conditional), x, t, None, jnp.zeros((1,), jnp.int32) if conditional else None)
-    export_run(work, out)
+    labels = jnp.zeros((1,), jnp.int32) if conditional else None
+    ema = _write_workdir(work, _diffusion_config(conditional), x, t, None, labels)
+    status = cli.main(["export", "--workdir", str(work), "--out", str(out)])
+    assert status == 0
     return work, out, ema, conditional
 
 
-def test_pixel_ddpm_round_trip_and_diffusers_parity(pixel_export):
+def test_pixel_ddpm_export_round_trips_and_loads_in_diffusers(pixel_export):
+    """ours → export → our loader: identical params, and the same DiffusionModel as the workdir's (schedule,
+    prediction, variance, clipping, condition and ∅), so any sampler gives the same samples; diffusers loads
+    the folder with no missing, unexpected or mis-shaped key and the same ᾱ's."""
     work, out, ema, conditional = pixel_export
-    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
-    module, params, scheduler_config = load_ddpm_folder(out)
-    _assert_same_params(params, ema)                                   # ours → export → our loader: identical
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+    _, params, _ = load_ddpm_folder(out)
+    _assert_same_params(params, ema)
+    trained, pretrained = workdir_lib.load_diffusion_model(work), load_pretrained_ddpm(out)
+    for name in ("x0_shape", "prediction", "variance", "clip_denoised", "kind"):
+        assert getattr(pretrained, name) == getattr(trained, name), name
+    assert pretrained.unet.config == trained.unet.config
+    for name in ("betas", "alphas_cumprod", "posterior_variance"):
+        np.testing.assert_array_equal(getattr(pretrained.schedule, name), getattr(trained.schedule, name))
+    assert pretrained.null_condition.keys() == trained.null_condition.keys()
+    for key, value in trained.null_condition.items():
+        np.testing.assert_array_equal(pretrained.null_condition[key], value)
 
     unet, info = diffusers.UNet2DModel.from_pretrained(out / "unet", output_loading_info=True)
-    assert not any(info.values()), info                                # no missing / unexpected / mismatched key
+    assert not any(info.values()), info
+    assert unet.config.num_class_embeds == (NUM_CLASSES + 1 if conditional else None)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), np.asarray(trained.schedule.alphas_cumprod),
+                               rtol=1e-5, atol=1e-9)  # diffusers: float32 cumprod
+    assert scheduler.config.prediction_type == ("epsilon" if conditional else "v_prediction")
+
+
+def test_class_conditional_export_computes_what_diffusers_computes(pixel_export):
+    work, out, _, conditional = pixel_export
+    if not conditional:
+        pytest.skip("the class-conditional U-Net holds every key of the unconditional one, plus the class table")
+    module, params, _ = load_ddpm_folder(out)
+    unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)           # NCHW
-    t = np.array([3, 37])
-    labels = np.array([2, NUM_CLASSES]) if conditional else None
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)            # NCHW
+    t, labels = np.array([3, 37]), np.array([2, NUM_CLASSES])           # a class and ∅
     with torch.no_grad():
-        expected = unet(torch.from_numpy(x), torch.from_numpy(t),
-                        class_labels=None if labels is None else torch.from_numpy(labels)).sample.numpy()
+        expected = unet(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(labels)).sample.numpy()
     got = _apply(module, {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
-                       class_labels=None if labels is None else jnp.asarray(labels))
+                 class_labels=jnp.asarray(labels))
     assert np.abs(expected).mean() > 0.1
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
 
-    scheduler = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
-    run_schedule = workdir_lib.load_diffusion_model(work).schedule
-    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), np.asarray(run_schedule.alphas_cumprod), rtol=1e-5)
-    assert scheduler_config["num_train_timesteps"] == 40 and scheduler.config.clip_sample
-
 
 def test_sample_pretrained_export_reproduces_the_workdir(pixel_export, tmp_path, capsys):
+    """``ddpm-jax sample --pretrained <export>`` = ``sample --workdir`` for the same seed and solver settings
+    (a folder keeps no sampler defaults, so they are given; guided, per label)."""
     work, out, _, conditional = pixel_export
-    common = ["--num", "2", "--sampler", "ddim", "--steps", "3", "--eta", "0", "--seed", "5"]
-    if conditional:
-        common += ["--labels", "0,2", "--guidance", "2.0"]
+    if not conditional:
+        pytest.skip("the unconditional model's equality is the DiffusionModel's, tested above")
+    common = ["--num", "2", "--sampler", "ddim", "--steps", "2", "--eta", "0", "--seed", "5",
+              "--labels", "0,2", "--guidance", "2.0"]
     images = []
     for source, name in ((["--workdir", str(work)], "w.npz"), (["--pretrained", str(out)], "p.npz")):
         status, _, err = run_cli(["sample", *source, *common, "--out", str(tmp_path / name)], capsys)
