@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ transformers = pytest.importorskip("transformers")
 
 NUM_CLASSES = 3
 ATOL = 1e-4
+RAW_PARAMS: dict[str, Any] = {}  # workdir → its raw (non-EMA) params
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,13 +84,15 @@ def _random_params(module, example_inputs, seed: int) -> Any:
 
 
 def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> Any:
-    """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params."""
+    """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params (and
+    writes the raw ones as ``path.raw_params`` for the ``--raw`` test)."""
     config_lib.save_config(config, path / config_lib.CONFIG_FILENAME)
     module = _module(config, path)
     raw, ema = _random_params(module, example_inputs, 1), _random_params(module, example_inputs, 2)
     ckpt = checkpoints.Checkpointer(path, save_every=1)
     ckpt.save(SavedState(step=np.int32(1), params=raw, ema_params=ema), force=True)
     ckpt.close()
+    RAW_PARAMS[str(path)] = raw
     return ema
 
 
@@ -128,26 +132,34 @@ def _diffusion_config(class_conditional: bool) -> ml_collections.ConfigDict:
     return config
 
 
-@pytest.fixture(scope="module", params=["unconditional", "class"])
-def pixel_export(request, tmp_path_factory):
+def _pixel_export(tmp_path_factory, conditional: bool) -> tuple[Any, Any, Any, bool]:
     """(workdir, exported folder, EMA params, class-conditional?) of a tiny pixel DDPM."""
-    conditional = request.param == "class"
-    root = tmp_path_factory.mktemp(f"pixel_{request.param}")
+    root = tmp_path_factory.mktemp("class" if conditional else "unconditional")
     work, out = root / "run", root / "export"
     work.mkdir()
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
     labels = jnp.zeros((1,), jnp.int32) if conditional else None
     ema = _write_workdir(work, _diffusion_config(conditional), x, t, None, labels)
-    status = cli.main(["export", "--workdir", str(work), "--out", str(out)])
-    assert status == 0
+    assert cli.main(["export", "--workdir", str(work), "--out", str(out)]) == 0
     return work, out, ema, conditional
 
 
-def test_pixel_ddpm_export_round_trips_and_loads_in_diffusers(pixel_export):
+@pytest.fixture(scope="module")
+def unconditional_export(tmp_path_factory):
+    return _pixel_export(tmp_path_factory, conditional=False)
+
+
+@pytest.fixture(scope="module")
+def class_export(tmp_path_factory):
+    return _pixel_export(tmp_path_factory, conditional=True)
+
+
+@pytest.mark.parametrize("run", ["unconditional_export", "class_export"])
+def test_pixel_ddpm_export_round_trips_and_loads_in_diffusers(run, request):
     """ours → export → our loader: identical params, and the same DiffusionModel as the workdir's (schedule,
     prediction, variance, clipping, condition and ∅), so any sampler gives the same samples; diffusers loads
     the folder with no missing, unexpected or mis-shaped key and the same ᾱ's."""
-    work, out, ema, conditional = pixel_export
+    work, out, ema, conditional = request.getfixturevalue(run)
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
     _, params, _ = load_ddpm_folder(out)
@@ -165,17 +177,18 @@ def test_pixel_ddpm_export_round_trips_and_loads_in_diffusers(pixel_export):
     unet, info = diffusers.UNet2DModel.from_pretrained(out / "unet", output_loading_info=True)
     assert not any(info.values()), info
     assert unet.config.num_class_embeds == (NUM_CLASSES + 1 if conditional else None)
-    scheduler = diffusers.DDPMScheduler.from_pretrained(out / "scheduler")
+    pipeline = diffusers.DDPMPipeline.from_pretrained(out)                       # the folder as a whole
+    assert isinstance(pipeline.unet, diffusers.UNet2DModel)
+    scheduler = pipeline.scheduler
     np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), np.asarray(trained.schedule.alphas_cumprod),
                                rtol=1e-5, atol=1e-9)  # diffusers: float32 cumprod
     assert scheduler.config.prediction_type == ("epsilon" if conditional else "v_prediction")
 
 
-def test_class_conditional_export_computes_what_diffusers_computes(pixel_export):
-    work, out, _, conditional = pixel_export
-    if not conditional:
-        pytest.skip("the unconditional U-Net: its exact round trip + diffusers' key check + the loader's parity "
-                    "(test_pretrained_unet) imply it; one forward comparison, on the cheaper model, suffices")
+def test_class_conditional_export_computes_what_diffusers_computes(class_export):
+    """One forward comparison, on the cheaper model (for the other, its exact round trip, diffusers' key check and
+    the loader's parity in test_pretrained_unet imply it)."""
+    _, out, _, _ = class_export
     module, params, _ = load_ddpm_folder(out)
     unet = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
     rng = np.random.default_rng(0)
@@ -189,12 +202,10 @@ def test_class_conditional_export_computes_what_diffusers_computes(pixel_export)
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
 
 
-def test_sample_pretrained_export_reproduces_the_workdir(pixel_export, tmp_path, capsys):
+def test_sample_pretrained_export_reproduces_the_workdir(class_export, tmp_path, capsys):
     """``ddpm-jax sample --pretrained <export>`` = ``sample --workdir`` for the same seed and solver settings
     (a folder keeps no sampler defaults, so they are given; guided, per label)."""
-    work, out, _, conditional = pixel_export
-    if not conditional:
-        pytest.skip("the unconditional model's equality is the DiffusionModel's, tested above")
+    work, out, _, _ = class_export
     common = ["--num", "2", "--sampler", "ddim", "--steps", "2", "--eta", "0", "--seed", "5",
               "--labels", "0,2", "--guidance", "2.0"]
     images = []
@@ -273,8 +284,16 @@ def test_torch_key_inverts_flax_path():
     assert state["conv.weight"].shape == (5, 2, 3, 3) and state["fc.weight"].shape == (7, 2)
 
 
-def test_export_errors_are_one_line(pixel_export, tmp_path, capsys):
-    work, _, _, _ = pixel_export
+def test_export_raw_parameters(unconditional_export, tmp_path, capsys):
+    work = unconditional_export[0]
+    status, out_text, err = run_cli(["export", "--workdir", str(work), "--out", str(tmp_path / "raw"), "--raw"], capsys)
+    assert status == 0, err
+    assert "diffusion_pytorch_model.safetensors" in out_text                    # the files written are printed
+    _assert_same_params(load_ddpm_folder(tmp_path / "raw")[1], RAW_PARAMS[str(work)])
+
+
+def test_export_errors_are_one_line(unconditional_export, tmp_path, capsys):
+    work = unconditional_export[0]
     status, _, err = run_cli(["export", "--workdir", str(work), "--out", str(work)], capsys)
     assert status == 2 and err.startswith("ddpm-jax: error: --out") and err.count("\n") == 1
     (tmp_path / "busy").mkdir()
@@ -283,3 +302,20 @@ def test_export_errors_are_one_line(pixel_export, tmp_path, capsys):
     assert status == 2 and "not an export" in err
     status, _, err = run_cli(["export", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
     assert status == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(latent=dict(autoencoder="runs/ae")), "latent diffusion run"),
+    (dict(condition=dict(kind="text", clip_workdir="runs/clip")), "text-conditional run"),
+])
+def test_runs_without_an_export_are_refused(unconditional_export, tmp_path, capsys, change, message):
+    """The same checkpoint under a latent / text-conditional config: refused with one line, nothing written."""
+    work = unconditional_export[0]
+    copy = tmp_path / "run"
+    shutil.copytree(work, copy)
+    config = config_lib.load_workdir_config(copy)
+    config.update(ml_collections.ConfigDict(change))
+    config_lib.save_config(config, copy / config_lib.CONFIG_FILENAME)
+    status, _, err = run_cli(["export", "--workdir", str(copy), "--out", str(tmp_path / "out")], capsys)
+    assert status == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
