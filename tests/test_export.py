@@ -27,11 +27,11 @@ from ddpm_jax import checkpoints, cli
 from ddpm_jax import config as config_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models.clip import CLIPModel
-from ddpm_jax.models.unet import UNet
+from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pretrained.convert import export_state_dict, param_shapes, torch_key
-from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_vae
-from ddpm_jax.pretrained.export import export_run
+from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_unet, load_vae
+from ddpm_jax.pretrained.export import export_run, save_unet
 from ddpm_jax.pretrained.transformers_clip import load_clip
 from ddpm_jax.pipelines.generate import load_pretrained_ddpm
 from ddpm_jax.tokenizer import train_tokenizer
@@ -319,3 +319,23 @@ def test_runs_without_an_export_are_refused(unconditional_export, tmp_path, caps
     status, _, err = run_cli(["export", "--workdir", str(copy), "--out", str(tmp_path / "out")], capsys)
     assert status == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_stable_diffusion_unet_config_inverse(tmp_path):
+    """The UNet2DConditionModel direction of ``save_unet`` (the text-to-image export's U-Net): cross-attention
+    levels, linear projections, a projection class embedding (``class_embedding.linear_1``: a literal ``_1``)."""
+    config = UNetConfig(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=12, num_attention_heads=2, norm_num_groups=4,
+        use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_eps=1e-5,
+        class_embed_type="projection", projection_class_embeddings_input_dim=6)
+    module = UNet(config)
+    params = _random_params(module, config.input_specs(), seed=3)
+    save_unet(tmp_path, module, params)
+    loaded, loaded_params = load_unet(tmp_path)
+    assert loaded.config == config
+    _assert_same_params(loaded_params, params)
+    unet, info = diffusers.UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert unet.config.attention_head_dim == 2 and unet.config.cross_attention_dim == 12   # heads: the naming quirk
