@@ -84,8 +84,8 @@ def _random_params(module, example_inputs, seed: int) -> Any:
 
 
 def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> Any:
-    """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params (and
-    writes the raw ones as ``path.raw_params`` for the ``--raw`` test)."""
+    """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params (the raw
+    ones go to ``RAW_PARAMS[str(path)]``, for the ``--raw`` test)."""
     config_lib.save_config(config, path / config_lib.CONFIG_FILENAME)
     module = _module(config, path)
     raw, ema = _random_params(module, example_inputs, 1), _random_params(module, example_inputs, 2)
@@ -97,6 +97,7 @@ def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> 
 
 
 def _module(config, path):
+    """The module ``workdir.load_run`` will build for ``config`` (an AutoencoderKL run also gets its eval.json)."""
     kind = workdir_lib.run_kind(config)
     if kind == "diffusion":
         return UNet(workdir_lib.unet_config(config))
