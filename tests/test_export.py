@@ -34,7 +34,8 @@ from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_unet, load_vae
 from ddpm_jax.pretrained.export import export_run, save_unet
 from ddpm_jax.pretrained.transformers_clip import load_clip
 from ddpm_jax.pipelines.generate import load_pretrained_ddpm
-from ddpm_jax.tokenizer import train_tokenizer
+from ddpm_jax.pipelines.stable_diffusion import StableDiffusion
+from ddpm_jax.tokenizer import load_tokenizer, train_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -217,14 +218,38 @@ def test_sample_pretrained_export_reproduces_the_workdir(class_export, tmp_path,
     np.testing.assert_array_equal(images[0], images[1])
 
 
-def test_autoencoder_kl_export(tmp_path):
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    """(workdir, EMA params) of a tiny AutoencoderKL run (1 channel, 2 latent channels, f = 2; s = 0.7)."""
     config = ml_collections.ConfigDict(dict(
         data=dict(name="test_array", image_size=8, channels=1),
         model=dict(kind="autoencoder_kl", in_channels=1, out_channels=1, block_out_channels=(8, 16),
                    layers_per_block=1, latent_channels=2, norm_num_groups=4, sample_size=8)))
-    work, out = tmp_path / "vae", tmp_path / "export"
-    work.mkdir()
-    ema = _write_workdir(work, config, jnp.zeros((1, 8, 8, 1)))
+    work = tmp_path_factory.mktemp("autoencoder")
+    return work, _write_workdir(work, config, jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """(workdir, EMA params, tokenizer) of a tiny CLIP run (its own BPE, 8 tokens of context)."""
+    work = tmp_path_factory.mktemp("clip")
+    train_tokenizer(["a digit one", "a digit two", "the number three"], work / workdir_lib.TOKENIZER_DIR, vocab_size=520)
+    tokenizer = load_tokenizer(work / workdir_lib.TOKENIZER_DIR, context_length=8)
+    config = ml_collections.ConfigDict(dict(
+        data=dict(name="captioned_digits", image_size=8, channels=1),
+        tokenizer=dict(context_length=8),
+        model=dict(projection_dim=8, logit_scale_init_value=2.6592,
+                   text=dict(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=8, eos_token_id=tokenizer.eos_token_id),
+                   vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=8, patch_size=4, num_channels=1))))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return work, _write_workdir(work, config, ids, jnp.zeros((1, 8, 8, 1))), tokenizer
+
+
+def test_autoencoder_kl_export(autoencoder_run, tmp_path):
+    work, ema = autoencoder_run
+    out = tmp_path / "export"
     export_run(work, out)
     module, params = load_vae(out)
     _assert_same_params(params, ema)
@@ -244,22 +269,11 @@ def test_autoencoder_kl_export(tmp_path):
     np.testing.assert_allclose(np.asarray(ours_decoded).transpose(0, 3, 1, 2), decoded, atol=ATOL)
 
 
-def test_clip_export(tmp_path):
-    tokenizer = train_tokenizer(["a digit one", "a digit two", "the number three"], tmp_path / "tok", vocab_size=520)
-    config = ml_collections.ConfigDict(dict(
-        data=dict(name="captioned_digits", image_size=8, channels=1),
-        tokenizer=dict(context_length=8),
-        model=dict(projection_dim=8, logit_scale_init_value=2.6592,
-                   text=dict(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, max_position_embeddings=8, eos_token_id=tokenizer.eos_token_id),
-                   vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=8, patch_size=4, num_channels=1))))
-    work, out = tmp_path / "clip", tmp_path / "export"
-    work.mkdir()
-    tokenizer.save(work / workdir_lib.TOKENIZER_DIR)
-    ids = tokenizer(["a digit two", "three"]).astype(np.int32)[:, :8]          # [2, 8]
+def test_clip_export(clip_run, tmp_path):
+    work, ema, tokenizer = clip_run
+    out = tmp_path / "export"
+    ids = tokenizer(["a digit two", "three"]).astype(np.int32)                  # [2, 8]
     images = np.random.default_rng(2).normal(size=(2, 1, 8, 8)).astype(np.float32)
-    ema = _write_workdir(work, config, jnp.asarray(ids), jnp.zeros((1, 8, 8, 1)))
     export_run(work, out)
     module, params = load_clip(out)
     _assert_same_params(params, ema)
@@ -306,11 +320,12 @@ def test_export_errors_are_one_line(unconditional_export, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(latent=dict(autoencoder="runs/ae")), "latent diffusion run"),
-    (dict(condition=dict(kind="text", clip_workdir="runs/clip")), "text-conditional run"),
+    (dict(latent=dict(autoencoder="runs/ae")), "is a latent diffusion run"),
+    (dict(condition=dict(kind="text", clip_workdir="runs/clip")), "is a pixel text-conditional diffusion run"),
 ])
 def test_runs_without_an_export_are_refused(unconditional_export, tmp_path, capsys, change, message):
-    """The same checkpoint under a latent / text-conditional config: refused with one line, nothing written."""
+    """The same checkpoint under a latent (not text) / pixel text-conditional config: refused with one line,
+    nothing written."""
     work = unconditional_export[0]
     copy = tmp_path / "run"
     shutil.copytree(work, copy)
@@ -340,3 +355,38 @@ def test_stable_diffusion_unet_config_inverse(tmp_path):
     unet, info = diffusers.UNet2DConditionModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info
     assert unet.config.attention_head_dim == 2 and unet.config.cross_attention_dim == 12   # heads: the naming quirk
+
+
+def test_text_to_image_export_is_a_stable_diffusion_folder(autoencoder_run, clip_run, tmp_path):
+    """A latent text-to-image run (its U-Net attends to the CLIP run's text states, on the AutoencoderKL run's
+    latents) → a StableDiffusionPipeline folder: diffusers loads it whole, each component with no missing or
+    unexpected key, and our StableDiffusion.from_pretrained reads back exactly the three runs' EMA params."""
+    (ae_work, ae_ema), (clip_work, clip_ema, tokenizer) = autoencoder_run, clip_run
+    config = tiny_config()
+    config.data.update(image_size=8, channels=1)
+    config.model.update(sample_size=4, in_channels=2, out_channels=2, add_attention=True,
+                        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=16, num_attention_heads=2,
+                        flip_sin_to_cos=True, freq_shift=0)
+    config.diffusion.update(schedule="scaled_linear", num_timesteps=40)
+    config.latent = ml_collections.ConfigDict(dict(autoencoder=str(ae_work)))
+    config.condition = ml_collections.ConfigDict(dict(kind="text", clip_workdir=str(clip_work), layer=-1, p_uncond=0.1))
+    work, out = tmp_path / "ldm", tmp_path / "export"
+    work.mkdir()
+    unet_ema = _write_workdir(work, config, jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,), jnp.int32),
+                              jnp.zeros((1, 8, 16)))
+    assert cli.main(["export", "--workdir", str(work), "--out", str(out)]) == 0
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor == 0.7 and pipe.tokenizer.model_max_length == 8
+    assert not pipe.scheduler.config.clip_sample                                # latents have no [-1, 1] range
+    for cls, name in ((diffusers.UNet2DConditionModel, "unet"), (transformers.CLIPTextModel, "text_encoder")):
+        _, info = cls.from_pretrained(out / name, output_loading_info=True)
+        assert not any(info.values()), (name, info)
+    ids = tokenizer(["a digit two"])
+    np.testing.assert_array_equal(pipe.tokenizer(["a digit two"], padding="max_length", max_length=8)["input_ids"], ids)
+
+    sd = StableDiffusion.from_pretrained(out)
+    _assert_same_params(sd.params["unet"], unet_ema)
+    _assert_same_params(sd.params["vae"], ae_ema)
+    _assert_same_params(sd.params["text_encoder"], clip_ema["text_model"])

@@ -47,7 +47,12 @@ from ddpm_jax.pretrained.diffusers import (
     unet_config_to_diffusers,
 )
 from ddpm_jax.pretrained.state_dict import DIFFUSERS_STEM, SAFETENSORS_SUFFIX, TRANSFORMERS_STEM
-from ddpm_jax.pretrained.transformers_clip import clip_config_to_transformers, transformers_clip_key
+from ddpm_jax.pretrained.transformers_clip import (
+    TRANSFORMERS_FORMAT_VERSION,
+    clip_config_to_transformers,
+    clip_text_config_to_transformers,
+    transformers_clip_key,
+)
 from ddpm_jax.tokenizer import Tokenizer
 
 # safetensors metadata torch writes (transformers refuses a file without a known "format")
@@ -93,6 +98,26 @@ def save_clip(folder: Path, clip: CLIPModel, params: Params, tokenizer: Tokenize
     return written
 
 
+def save_clip_text(folder: Path, clip: CLIPModel, params: Params, tokenizer: Tokenizer) -> list[Path]:
+    """A transformers CLIPTextModel folder of a CLIP run's text tower (Stable Diffusion's ``text_encoder/``;
+    ``pretrained.transformers_clip.load_clip_text`` reads it)."""
+    config = clip_text_config_to_transformers(clip.config.text, {"bos_token_id": tokenizer.bos_token_id,
+                                                                 "pad_token_id": tokenizer.pad_token_id})
+    config.update(architectures=["CLIPTextModel"], dtype="float32", transformers_version=TRANSFORMERS_FORMAT_VERSION)
+    return save_model_folder(folder, config, {"text_model": params["text_model"]}, TRANSFORMERS_STEM,
+                             rename=transformers_clip_key)
+
+
+def save_tokenizer(folder: Path, tokenizer: Tokenizer) -> list[Path]:
+    """vocab.json + merges.txt + special_tokens_map.json, and tokenizer_config.json with the context length
+    (``model_max_length``: what diffusers' pipelines pad prompts to)."""
+    tokenizer.save(folder)
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.context_length,
+              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": tokenizer.pad_token}
+    return [folder / "vocab.json", folder / "merges.txt", write_json(folder / "tokenizer_config.json", config)]
+
+
 def scheduler_config_of_run(config: Any) -> dict[str, Any]:
     """The DDPMScheduler config of a diffusion run's ``config`` (schedule, T, prediction, variance, clipping)."""
     d = config.diffusion
@@ -108,6 +133,34 @@ def export_pixel_diffusion(run: workdir_lib.TrainedRun, out: Path) -> list[Path]
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
     return [write_json(out / "model_index.json", index), *written]
+
+
+# model_index.json of a StableDiffusionPipeline without safety checker or feature extractor
+STABLE_DIFFUSION_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+    "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+    "safety_checker": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def export_text_to_image(run: workdir_lib.TrainedRun, out: Path) -> list[Path]:
+    """A text-to-image latent diffusion run (Rombach et al. 2022, §3.3: ε_θ(z_t, t, τ(y)) on the latents of a
+    frozen AutoencoderKL) → a StableDiffusionPipeline folder: unet/ (UNet2DConditionModel), vae/ (the run's
+    autoencoder workdir, its measured scaling factor), text_encoder/ (CLIPTextModel: the CLIP workdir's text
+    tower), tokenizer/, scheduler/ and model_index.json. The pipeline feeds the text tower's last layer to the
+    U-Net; a run conditioned on the penultimate one (``condition.layer = -2``, "clip skip") gets the same
+    components without model_index.json (give diffusers ``clip_skip=1`` when calling it)."""
+    autoencoder = workdir_lib.load_run(run.config.latent.autoencoder, kinds=("autoencoder_kl",))
+    clip = workdir_lib.load_run(run.config.condition.clip_workdir, kinds=("clip",))
+    written = [*save_unet(out / "unet", run.model, run.params),
+               *save_vae(out / "vae", autoencoder.model, autoencoder.params),
+               *save_clip_text(out / "text_encoder", clip.model, clip.params, clip.tokenizer),
+               *save_tokenizer(out / "tokenizer", clip.tokenizer),
+               write_json(out / "scheduler" / "scheduler_config.json", scheduler_config_of_run(run.config))]
+    if int(run.config.condition.get("layer", -1)) == -1:
+        written.insert(0, write_json(out / "model_index.json", STABLE_DIFFUSION_INDEX))
+    return written
 
 
 def export_run(workdir: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> list[Path]:
@@ -126,12 +179,13 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, ema: bool = T
     run = workdir_lib.load_run(workdir, ema)
     if run.kind == "diffusion":
         latent = run.config.get("latent", {}).get("autoencoder", None)
-        if latent:
-            raise ValueError(f"workdir {os.fspath(workdir)!r} is a latent diffusion run: its export is not "
-                             "implemented yet (export its autoencoder and CLIP workdirs separately)")
-        if run.config.get("condition", {}).get("kind", "none") == "text":
-            raise ValueError(f"workdir {os.fspath(workdir)!r} is a text-conditional run: its export is not "
-                             "implemented yet (export its CLIP workdir separately)")
+        text = run.config.get("condition", {}).get("kind", "none") == "text"
+        if latent and text:
+            return export_text_to_image(run, out_path)
+        if latent or text:
+            raise ValueError(f"workdir {os.fspath(workdir)!r} is a {'latent' if latent else 'pixel text-conditional'} "
+                             "diffusion run: only pixel DDPMs and text-to-image latent runs are exported (export "
+                             "its autoencoder / CLIP workdirs separately)")
         return export_pixel_diffusion(run, out_path)
     if run.kind == "autoencoder_kl":
         return save_vae(out_path, run.model, run.params)
@@ -141,5 +195,6 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, ema: bool = T
                      "transformers equivalent; export diffusion, autoencoder_kl or clip runs")
 
 
-__all__ = ["SAFETENSORS_METADATA", "export_pixel_diffusion", "export_run", "save_clip", "save_model_folder",
-           "save_unet", "save_vae", "scheduler_config_of_run", "write_json"]
+__all__ = ["SAFETENSORS_METADATA", "STABLE_DIFFUSION_INDEX", "export_pixel_diffusion", "export_run",
+           "export_text_to_image", "save_clip", "save_clip_text", "save_model_folder", "save_tokenizer", "save_unet",
+           "save_vae", "scheduler_config_of_run", "write_json"]

@@ -113,17 +113,25 @@ def transformers_clip_key(key: str) -> str:
 TRANSFORMERS_FORMAT_VERSION = "5.24.0"
 
 
+def clip_text_config_to_transformers(config: CLIPTextConfig, token_ids: Mapping[str, int] | None = None
+                                     ) -> dict[str, Any]:
+    """The inverse of :func:`text_config_from_transformers`: a CLIPTextConfig ``config.json`` dict (the text
+    tower's fields; ``token_ids``: the tokenizer's ``bos_token_id`` / ``pad_token_id``)."""
+    text = {key: getattr(config, key) for key in _TEXT_DEFAULTS}
+    text.update(model_type="clip_text_model", attention_dropout=0.0, **(token_ids or {}))
+    return text
+
+
 def clip_config_to_transformers(config: CLIPConfig, token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The inverse of :func:`load_clip`'s config reading: ``CLIPConfig`` → the CLIPModel ``config.json``
     transformers' ``save_pretrained`` writes (the towers' fields, model types, the shared projection).
     ``token_ids``: the tokenizer's ``bos_token_id`` / ``pad_token_id`` (``eos_token_id`` is the config's)."""
-    text = {key: getattr(config.text, key) for key in _TEXT_DEFAULTS}
-    text.update(model_type="clip_text_model", attention_dropout=0.0, **(token_ids or {}))
     vision = {key: getattr(config.vision, key) for key in _VISION_DEFAULTS}
     vision.update(model_type="clip_vision_model", attention_dropout=0.0)
     return {"architectures": ["CLIPModel"], "model_type": "clip", "dtype": "float32",
             "transformers_version": TRANSFORMERS_FORMAT_VERSION, "projection_dim": config.projection_dim,
-            "logit_scale_init_value": config.logit_scale_init_value, "text_config": text, "vision_config": vision}
+            "logit_scale_init_value": config.logit_scale_init_value,
+            "text_config": clip_text_config_to_transformers(config.text, token_ids), "vision_config": vision}
 
 
 def _state_dict(folder: Path, variant: str | None, strip: str | None = None) -> dict[str, np.ndarray]:
@@ -207,5 +215,5 @@ def load_clip(path: str | Path, variant: str | None = None) -> tuple[CLIPModel, 
     return module, convert_state_dict(_state_dict(folder, variant), target, rename=clip_key)
 
 
-__all__ = ["TRANSFORMERS_FORMAT_VERSION", "clip_config_to_transformers", "clip_key", "transformers_clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
+__all__ = ["TRANSFORMERS_FORMAT_VERSION", "clip_config_to_transformers", "clip_text_config_to_transformers", "clip_key", "transformers_clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
            "text_config_from_transformers", "vision_config_from_transformers"]
