@@ -33,7 +33,7 @@ from ddpm_jax.pretrained.convert import export_state_dict, param_shapes, torch_k
 from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_unet, load_vae
 from ddpm_jax.pretrained.export import export_run, save_unet
 from ddpm_jax.pretrained.transformers_clip import load_clip
-from ddpm_jax.pipelines.generate import load_pretrained_ddpm
+from ddpm_jax.pipelines.generate import generate, load_pretrained_ddpm
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion
 from ddpm_jax.tokenizer import load_tokenizer, train_tokenizer
 
@@ -357,11 +357,10 @@ def test_stable_diffusion_unet_config_inverse(tmp_path):
     assert unet.config.attention_head_dim == 2 and unet.config.cross_attention_dim == 12   # heads: the naming quirk
 
 
-def test_text_to_image_export_is_a_stable_diffusion_folder(autoencoder_run, clip_run, tmp_path):
-    """A latent text-to-image run (its U-Net attends to the CLIP run's text states, on the AutoencoderKL run's
-    latents) → a StableDiffusionPipeline folder: diffusers loads it whole, each component with no missing or
-    unexpected key, and our StableDiffusion.from_pretrained reads back exactly the three runs' EMA params."""
-    (ae_work, ae_ema), (clip_work, clip_ema, tokenizer) = autoencoder_run, clip_run
+@pytest.fixture(scope="module")
+def text_to_image_export(autoencoder_run, clip_run, tmp_path_factory):
+    """(workdir, export, U-Net EMA params) of a latent text-to-image run on the two runs above."""
+    ae_work, clip_work = autoencoder_run[0], clip_run[0]
     config = tiny_config()
     config.data.update(image_size=8, channels=1)
     config.model.update(sample_size=4, in_channels=2, out_channels=2, add_attention=True,
@@ -371,11 +370,20 @@ def test_text_to_image_export_is_a_stable_diffusion_folder(autoencoder_run, clip
     config.diffusion.update(schedule="scaled_linear", num_timesteps=40)
     config.latent = ml_collections.ConfigDict(dict(autoencoder=str(ae_work)))
     config.condition = ml_collections.ConfigDict(dict(kind="text", clip_workdir=str(clip_work), layer=-1, p_uncond=0.1))
-    work, out = tmp_path / "ldm", tmp_path / "export"
+    root = tmp_path_factory.mktemp("ldm")
+    work, out = root / "run", root / "export"
     work.mkdir()
     unet_ema = _write_workdir(work, config, jnp.zeros((1, 4, 4, 2)), jnp.zeros((1,), jnp.int32),
                               jnp.zeros((1, 8, 16)))
     assert cli.main(["export", "--workdir", str(work), "--out", str(out)]) == 0
+    return work, out, unet_ema
+
+
+def test_text_to_image_export_is_a_stable_diffusion_folder(text_to_image_export, autoencoder_run, clip_run):
+    """A latent text-to-image run (its U-Net attends to the CLIP run's text states, on the AutoencoderKL run's
+    latents) → a StableDiffusionPipeline folder: diffusers loads it whole, each component with no missing or
+    unexpected key, and our StableDiffusion.from_pretrained reads back exactly the three runs' EMA params."""
+    (_, out, unet_ema), (_, ae_ema), (_, clip_ema, tokenizer) = text_to_image_export, autoencoder_run, clip_run
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
     assert pipe.vae.config.scaling_factor == 0.7 and pipe.tokenizer.model_max_length == 8
@@ -390,3 +398,16 @@ def test_text_to_image_export_is_a_stable_diffusion_folder(autoencoder_run, clip
     _assert_same_params(sd.params["unet"], unet_ema)
     _assert_same_params(sd.params["vae"], ae_ema)
     _assert_same_params(sd.params["text_encoder"], clip_ema["text_model"])
+
+
+def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates(text_to_image_export):
+    """``StableDiffusion.from_pretrained(export).txt2img`` (one compiled program: τ(y), the guided DDIM chain, D)
+    = what ``txt2img --workdir`` samples (``generate`` on the workdir's DiffusionModel), same seed and settings."""
+    work, out, _ = text_to_image_export
+    prompts = ["a digit two", "three"]
+    ours = generate(workdir_lib.load_diffusion_model(work), prompts=prompts, guidance_scale=2.0, steps=2, seed=3,
+                    sampler="ddim", eta=0.0)["images"]
+    sd = StableDiffusion.from_pretrained(out, scheduler="ddim")
+    theirs = np.asarray(sd.txt2img(prompts, guidance_scale=2.0, num_steps=2, height=8, width=8, seed=3)["images"])
+    assert ours.shape == (2, 8, 8, 1) and ours.std() > 0.05 and np.abs(ours[0] - ours[1]).mean() > 1e-3  # the prompt matters
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
