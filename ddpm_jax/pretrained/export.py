@@ -16,10 +16,15 @@ AutoencoderKL             an ``AutoencoderKL`` folder (``config.json`` with the 
 (``train-vae``)           ``diffusion_pytorch_model.safetensors``): ``pretrained.diffusers.load_vae``.
 CLIP (``train-clip``)     a transformers ``CLIPModel`` folder (``config.json``, ``model.safetensors``) with the
                           tokenizer's ``vocab.json`` / ``merges.txt``: ``pretrained.transformers_clip.load_clip``.
+text-to-image latent      a ``StableDiffusionPipeline`` folder: ``unet/`` (UNet2DConditionModel), ``vae/`` and
+diffusion                 ``text_encoder/`` (CLIPTextModel) from the run's autoencoder and CLIP workdirs,
+(``ddpm-jax train``)      ``tokenizer/`` (``model_max_length`` = the CLIP run's context), ``scheduler/``:
+                          ``pipelines.stable_diffusion.StableDiffusion.from_pretrained`` and diffusers' pipeline.
 ========================  =======================================================================================
 
-EMA parameters by default (``ema=False``: the raw ones). A Gaussian VAE, and latent diffusion runs, have no
-such folder yet: a one-line ValueError says so.
+EMA parameters by default (``ema=False``: the raw ones; the first stages of a text-to-image run are always
+their EMA ones, as the run trained and samples with them). A Gaussian VAE, a latent run without text and a
+pixel text-conditional run have no such folder: a one-line ValueError says so.
 
 Layers: this module is a reader's inverse and sits with them in the "readers" layer; it reads runs
 through ``workdir`` (same layer; ``workdir`` imports nothing from ``pretrained``, so there is no cycle).
