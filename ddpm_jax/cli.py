@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default=None, help="default: the workdir, or ./eval_<folder name>")
     p.add_argument("--sweep-per-class", type=int, default=20, help="conditional runs: samples per digit and scale")
 
-    p = sub.add_parser("export", help="a workdir as a diffusers / transformers folder", description=export.export_run.__doc__)
+    p = sub.add_parser("export", help="a workdir as a diffusers / transformers folder",
+                       description=export.export_run.__doc__)
     p.add_argument("--workdir", required=True, help="a run trained by ddpm-jax train, train-vae or train-clip")
     p.add_argument("--out", required=True, help="the folder to write (config.json, *.safetensors, ...)")
     p.add_argument("--raw", action="store_true", help="the raw parameters instead of the EMA ones")

@@ -190,7 +190,8 @@ def load_pretrained_ddpm(folder: str | os.PathLike) -> DiffusionModel:
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     kind, null = "none", {}
     if unet.config.num_class_embeds is not None:
-        kind, null = "class", {"label": np.asarray(guidance.null_class_label(unet.config.num_class_embeds - 1), np.int32)}
+        null_label = guidance.null_class_label(unet.config.num_class_embeds - 1)   # ∅ = the last label
+        kind, null = "class", {"label": np.asarray(null_label, np.int32)}
     return DiffusionModel(
         unet=unet, params=params, schedule=config.schedule(), x0_shape=(size, size, channels),
         prediction=config.prediction, variance=DDPM_VARIANCES[sched.get("variance_type", "fixed_small")],

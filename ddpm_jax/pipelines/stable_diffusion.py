@@ -205,7 +205,8 @@ class StableDiffusion:
             unet, unet_params = load_unet(path / "unet", variant)
             vae, vae_params = load_vae(path / "vae", variant)
             # prompts padded to the text tower's positions (77 in SD; fewer in an exported small run)
-            tokenizer_obj = load_tokenizer(path / "tokenizer", context_length=text_encoder.config.max_position_embeddings)
+            tokenizer_obj = load_tokenizer(path / "tokenizer",
+                                           context_length=text_encoder.config.max_position_embeddings)
             scheduler_config = schedulers.read_scheduler_config(path / "scheduler")
             params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):

@@ -215,5 +215,6 @@ def load_clip(path: str | Path, variant: str | None = None) -> tuple[CLIPModel, 
     return module, convert_state_dict(_state_dict(folder, variant), target, rename=clip_key)
 
 
-__all__ = ["TRANSFORMERS_FORMAT_VERSION", "clip_config_to_transformers", "clip_text_config_to_transformers", "clip_key", "transformers_clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
+__all__ = ["TRANSFORMERS_FORMAT_VERSION", "clip_config_to_transformers", "clip_text_config_to_transformers", "clip_key",
+           "transformers_clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
            "text_config_from_transformers", "vision_config_from_transformers"]
