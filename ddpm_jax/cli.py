@@ -21,6 +21,7 @@ sample                 ``workdir.load_diffusion_model`` or ``pipelines.generate.
                        then ``pipelines.generate.sample_to_files`` (any solver of ``samplers.SAMPLERS``)
 eval                   ``evaluation.report.evaluate``
 txt2img / img2img      ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
+export                 ``pretrained.export.export_run`` (``--workdir`` → a diffusers / transformers folder)
 =====================  ===========================================================================
 
 Errors caused by the input (an unknown config key, a bad override value, a missing workdir or
@@ -46,6 +47,7 @@ from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.evaluation import report
 from ddpm_jax.pipelines import cross_attention, generate
 from ddpm_jax.pipelines import stable_diffusion as sd
+from ddpm_jax.pretrained import export
 from ddpm_jax.schedules import get_schedule
 from ddpm_jax.training import autoencoder as autoencoder_training
 from ddpm_jax.training import clip as clip_training
@@ -197,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default=None, help="default: the workdir, or ./eval_<folder name>")
     p.add_argument("--sweep-per-class", type=int, default=20, help="conditional runs: samples per digit and scale")
 
+    p = sub.add_parser("export", help="a workdir as a diffusers / transformers folder",
+                       description=export.export_run.__doc__)
+    p.add_argument("--workdir", required=True, help="a run trained by ddpm-jax train, train-vae or train-clip")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, *.safetensors, ...)")
+    p.add_argument("--raw", action="store_true", help="the raw parameters instead of the EMA ones")
+
     p = sub.add_parser("train-tokenizer", help="fit a CLIP-style BPE on captions",
                        description=tokenizer.train_tokenizer.__doc__)
     p.add_argument("--captions", default="mnist_bundled", help="'mnist_bundled' or a text file, one caption a line")
@@ -266,6 +274,8 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
                         eta=args.eta, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
                         inception=args.inception, reference=args.reference, sweep_per_class=args.sweep_per_class)
         return []
+    if args.command == "export":
+        return export.export_run(args.workdir, args.out, ema=not args.raw)
     if args.command == "train-tokenizer":
         texts = read_captions(args.captions, args.seed)
         tok = tokenizer.train_tokenizer(texts, args.out, vocab_size=args.vocab_size)

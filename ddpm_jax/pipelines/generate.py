@@ -181,16 +181,22 @@ def load_pretrained_ddpm(folder: str | os.PathLike) -> DiffusionModel:
 
     From the DDPMScheduler config: β's (diffusers' "linear" is not rescaled with T), ``prediction_type``,
     ``variance_type`` (fixed_small/fixed_large) and ``clip_sample``. The default sampler is the paper's:
-    1000-step ancestral sampling (Algorithm 2).
+    1000-step ancestral sampling (Algorithm 2). A class-conditional UNet2DModel (``num_class_embeds``, e.g. a
+    ``ddpm-jax export`` of a class-conditional run) is sampled per label; its last label is taken as ∅
+    (``guidance.null_class_label``: the library's convention), the unconditional branch of guidance.
     """
     unet, params, sched = load_ddpm_folder(folder)
     config = SchedulerConfig.from_config(sched)
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
+    kind, null = "none", {}
+    if unet.config.num_class_embeds is not None:
+        null_label = guidance.null_class_label(unet.config.num_class_embeds - 1)   # ∅ = the last label
+        kind, null = "class", {"label": np.asarray(null_label, np.int32)}
     return DiffusionModel(
         unet=unet, params=params, schedule=config.schedule(), x0_shape=(size, size, channels),
         prediction=config.prediction, variance=DDPM_VARIANCES[sched.get("variance_type", "fixed_small")],
         clip_denoised=bool(sched.get("clip_sample", True)), sampler="ddpm", steps=int(config.num_train_timesteps),
-        eta=1.0, description=f"pretrained {folder}")
+        eta=1.0, kind=kind, null_condition=null, description=f"pretrained {folder}")
 
 
 # ================================================================================================

@@ -204,7 +204,9 @@ class StableDiffusion:
             text_encoder, text_params = load_text_encoder(path / "text_encoder", variant)
             unet, unet_params = load_unet(path / "unet", variant)
             vae, vae_params = load_vae(path / "vae", variant)
-            tokenizer_obj = load_tokenizer(path / "tokenizer")
+            # prompts padded to the text tower's positions (77 in SD; fewer in an exported small run)
+            tokenizer_obj = load_tokenizer(path / "tokenizer",
+                                           context_length=text_encoder.config.max_position_embeddings)
             scheduler_config = schedulers.read_scheduler_config(path / "scheduler")
             params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):

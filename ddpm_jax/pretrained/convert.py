@@ -11,6 +11,11 @@ Two rules, for every model:
 
 A format's loader adds only a key rename (checkpoint name → the PyTorch name our module mirrors).
 Every missing, unexpected or mis-shaped key is reported in one ValueError.
+
+The same two rules read backwards are the exporter's (``ddpm-jax export``): :func:`torch_key` inverts
+:func:`flax_path` and the leaf naming, :func:`to_torch_layout` inverts :func:`to_flax_layout`, and
+:func:`export_state_dict` inverts :func:`convert_state_dict`, so that
+``convert_state_dict(export_state_dict(params), params) == params`` exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +40,49 @@ def flax_path(torch_key: str) -> tuple[str, ...]:
         else:
             path.append(part)
     return tuple(path)
+
+
+# Flax leaf name → PyTorch's: Dense/Conv kernels, norm scales and embedding tables are all ``weight``.
+TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Module names whose "_N" is part of the name, not a ModuleList index (diffusers' TimestepEmbedding):
+# the one place where the ``.N`` → ``_N`` rule cannot be read backwards without being told.
+LITERAL_SUFFIX_NAMES = frozenset({"linear_1", "linear_2"})
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The inverse of :func:`flax_path` and the leaf naming:
+    ``("down_blocks_0", "resnets_1", "conv1", "kernel")`` → ``"down_blocks.0.resnets.1.conv1.weight"``
+    (``time_embedding/linear_1`` stays ``linear_1``: ``LITERAL_SUFFIX_NAMES``)."""
+    *parents, leaf = path
+    parts = []
+    for name in parents:
+        stem, _, index = name.rpartition("_")
+        if stem and index.isdigit() and name not in LITERAL_SUFFIX_NAMES:
+            parts += [stem, index]  # a name suffix becomes a PyTorch ModuleList index
+        else:
+            parts.append(name)
+    return ".".join([*parts, TORCH_LEAF_NAMES.get(leaf, leaf)])
+
+
+def to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """The inverse of :func:`to_flax_layout`: a conv ``kernel`` [kh, kw, I, O] → [O, I, kh, kw]; a linear
+    ``kernel`` [in, out] → [out, in]; anything else unchanged."""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def export_state_dict(params: Params, rename: Callable[[str], str] = lambda key: key) -> dict[str, np.ndarray]:
+    """Flax params → a flat PyTorch state dict (float32 NumPy, C-contiguous, as safetensors writes it):
+    the inverse of :func:`convert_state_dict`. ``rename`` maps our PyTorch-style key to the format's
+    (the inverse of the loader's ``rename``, e.g. ``to_q`` → ``q_proj`` for transformers CLIP)."""
+    state = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        array = to_torch_layout(np.asarray(value, np.float32), path[-1])
+        state[rename(torch_key(path))] = np.require(array, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
+    return state
 
 
 def to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
@@ -77,7 +125,7 @@ def convert_state_dict(
         *parent, leaf = flax_path(rename(key))
         parent = tuple(parent)
         if leaf == "weight":  # which kind of layer decides the Flax name
-            leaf = next((n for n in ("kernel", "scale", "embedding") if parent + (n,) in wanted), "weight")
+            leaf = next((n for n in TORCH_LEAF_NAMES if parent + (n,) in wanted), "weight")
         path = parent + (leaf,)
         if path not in wanted:
             unexpected.append(key)
@@ -103,4 +151,5 @@ def convert_state_dict(
     return traverse_util.unflatten_dict(params)
 
 
-__all__ = ["Params", "convert_state_dict", "flax_path", "param_shapes", "to_flax_layout"]
+__all__ = ["LITERAL_SUFFIX_NAMES", "Params", "TORCH_LEAF_NAMES", "convert_state_dict", "export_state_dict", "flax_path",
+           "param_shapes", "to_flax_layout", "to_torch_layout", "torch_key"]

@@ -187,6 +187,40 @@ def _unet2d_condition_config(diffusers_config: Mapping[str, Any]) -> UNetConfig:
     return UNetConfig(**fields)
 
 
+# The diffusers version whose config.json format the exporter writes (what its save_pretrained writes).
+DIFFUSERS_FORMAT_VERSION = "0.42.1"
+
+
+def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    """The inverse of :func:`unet_config_from_diffusers`: ``UNetConfig`` → the ``config.json`` diffusers'
+    ``save_pretrained`` writes, a UNet2DModel for a U-Net without cross-attention, else a
+    UNet2DConditionModel (whose ``attention_head_dim`` is the number of heads, the naming quirk)."""
+    if config.has_cross_attention:
+        return _unet2d_condition_config_to_diffusers(config)
+    if config.class_embed_type is not None:
+        raise ValueError(f"class_embed_type={config.class_embed_type!r} without cross-attention has no diffusers "
+                         "UNet2DModel equivalent (it has num_class_embeds only)")
+    out = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    out.update({key: getattr(config, key) for key in UNET2D_DEFAULTS})
+    out.update({key: allowed[0] for key, allowed in UNET2D_REQUIRED.items()})
+    out.update(attn_norm_num_groups=None, num_train_timesteps=None)
+    return _json_ready(out)
+
+
+def _unet2d_condition_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
+    out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    out.update({key: getattr(config, key) for key in UNET2D_CONDITION_DEFAULTS})
+    out.update({key: allowed[0] for key, allowed in UNET2D_CONDITION_REQUIRED.items()})
+    out.update(mid_block_type=config.mid_block_type, class_embed_type=config.class_embed_type,
+               attention_head_dim=config.num_attention_heads, num_attention_heads=None)  # heads: see the quirk above
+    return _json_ready(out)
+
+
+def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
+    """Tuples → lists and keys sorted, as diffusers' ``to_json_string`` writes them."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in sorted(config.items())}
+
+
 # The google/ddpm-* checkpoints use diffusers' old attention-block names.
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_ATTENTION_KEY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.")
@@ -266,6 +300,17 @@ def autoencoder_kl_config_from_diffusers(diffusers_config: Mapping[str, Any]) ->
     return AutoencoderKLConfig(**fields)
 
 
+def autoencoder_kl_config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
+    """The inverse of :func:`autoencoder_kl_config_from_diffusers`: ``AutoencoderKLConfig`` → the AutoencoderKL
+    ``config.json`` diffusers' ``save_pretrained`` writes (``scaling_factor``: the one the run measured)."""
+    levels = len(config.block_out_channels)
+    out = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    out.update({key: getattr(config, key) for key in AUTOENCODER_KL_DEFAULTS})
+    out.update(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+               act_fn="silu", latents_mean=None, latents_std=None, force_upcast=True)
+    return _json_ready(out)
+
+
 def vae_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The VAE's state-dict fix (diffusers names, or CompVis names renamed to them): attention projections
     stored as 1×1 convs ([O, I, 1, 1], as in LDM's original code) → linear [O, I]; other keys unchanged."""
@@ -336,6 +381,34 @@ def check_ddpm_scheduler_config(scheduler_config: Mapping[str, Any]) -> None:
                          "only 1.0 (clip x̂_0 to [-1, 1]) is implemented")
 
 
+# The library's schedule names → diffusers' beta_schedule (ours rescales "linear" by 1000/T; diffusers does not).
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
+# ours → diffusers' prediction_type: the inverse of the one table schedulers.PREDICTION_TYPES
+DIFFUSERS_PREDICTION_TYPES = {ours: theirs for theirs, ours in schedulers.PREDICTION_TYPES.items()}
+
+
+def ddpm_scheduler_config_to_diffusers(schedule: str, num_timesteps: int, *, prediction: str = "eps",
+                                       variance: str = "fixed_small", clip_sample: bool = True) -> dict[str, Any]:
+    """The DDPMScheduler ``scheduler_config.json`` of a model trained with ``schedules.get_schedule(schedule,
+    num_timesteps)``: ``SchedulerConfig.from_config`` of it gives exactly the same β's. Our "linear" endpoints
+    1e-4, 0.02 are for T = 1000 and scaled by 1000/T (Ho et al. Sec. 4; ``schedules.linear_betas``), so the
+    file holds the scaled endpoints; "cosine" is diffusers' "squaredcos_cap_v2" (Nichol & Dhariwal Eq. 17)."""
+    if schedule not in DIFFUSERS_BETA_SCHEDULES:
+        raise ValueError(f"diffusion.schedule={schedule!r} has no diffusers beta_schedule; supported: "
+                         f"{', '.join(DIFFUSERS_BETA_SCHEDULES)}")
+    beta_start, beta_end = (0.0001, 0.02) if schedule != "scaled_linear" else (0.00085, 0.012)
+    if schedule == "linear":
+        beta_start, beta_end = 1000.0 / num_timesteps * beta_start, 1000.0 / num_timesteps * beta_end
+    config = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+              "beta_end": beta_end, "beta_schedule": DIFFUSERS_BETA_SCHEDULES[schedule], "beta_start": beta_start,
+              "clip_sample": bool(clip_sample), "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995,
+              "num_train_timesteps": int(num_timesteps), "prediction_type": DIFFUSERS_PREDICTION_TYPES[prediction],
+              "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "steps_offset": 0, "thresholding": False,
+              "timestep_spacing": "leading", "trained_betas": None, "variance_type": variance}
+    check_ddpm_scheduler_config(config)
+    return config
+
+
 def load_ddpm_folder(folder: str | os.PathLike, variant: str | None = None) -> tuple[UNet, Params, dict[str, Any]]:
     """A google/ddpm-* folder (:func:`find_ddpm_folders`) → ``(U-Net module, params, scheduler_config)``.
 
@@ -351,7 +424,9 @@ def load_ddpm_folder(folder: str | os.PathLike, variant: str | None = None) -> t
     return module, params, scheduler_config
 
 
-__all__ = ["AUTOENCODER_KL_DEFAULTS", "DDPM_VARIANCES", "UNET2D_CONDITION_DEFAULTS", "UNET2D_CONDITION_REQUIRED",
+__all__ = ["AUTOENCODER_KL_DEFAULTS", "DDPM_VARIANCES", "DIFFUSERS_BETA_SCHEDULES", "DIFFUSERS_FORMAT_VERSION",
+           "DIFFUSERS_PREDICTION_TYPES", "autoencoder_kl_config_to_diffusers", "ddpm_scheduler_config_to_diffusers",
+           "unet_config_to_diffusers", "UNET2D_CONDITION_DEFAULTS", "UNET2D_CONDITION_REQUIRED",
            "UNET2D_DEFAULTS", "UNET2D_REQUIRED", "autoencoder_kl_config_from_diffusers", "check_ddpm_scheduler_config",
            "find_ddpm_folders", "load_ddpm_folder", "load_unet", "load_vae", "unet_config_from_diffusers", "unet_key",
            "vae_state_dict"]

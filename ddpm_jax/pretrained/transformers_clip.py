@@ -100,6 +100,40 @@ def clip_key(key: str) -> str:
     return _ATTENTION_KEY.sub(lambda m: f".self_attn.{_ATTENTION_NAMES[m[1]]}.", key)
 
 
+_TRANSFORMERS_ATTENTION_NAMES = {ours: theirs for theirs, ours in _ATTENTION_NAMES.items()}  # the same table, inverted
+_OUR_ATTENTION_KEY = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out\.0)\.")
+
+
+def transformers_clip_key(key: str) -> str:
+    """The inverse of :func:`clip_key` (for the exporter): ``…self_attn.to_q.weight`` → ``…self_attn.q_proj.weight``."""
+    return _OUR_ATTENTION_KEY.sub(lambda m: f".self_attn.{_TRANSFORMERS_ATTENTION_NAMES[m[1]]}.", key)
+
+
+# The transformers version whose config.json format the exporter writes.
+TRANSFORMERS_FORMAT_VERSION = "5.24.0"
+
+
+def clip_text_config_to_transformers(config: CLIPTextConfig, token_ids: Mapping[str, int] | None = None
+                                     ) -> dict[str, Any]:
+    """The inverse of :func:`text_config_from_transformers`: a CLIPTextConfig ``config.json`` dict (the text
+    tower's fields; ``token_ids``: the tokenizer's ``bos_token_id`` / ``pad_token_id``)."""
+    text = {key: getattr(config, key) for key in _TEXT_DEFAULTS}
+    text.update(model_type="clip_text_model", attention_dropout=0.0, **(token_ids or {}))
+    return text
+
+
+def clip_config_to_transformers(config: CLIPConfig, token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The inverse of :func:`load_clip`'s config reading: ``CLIPConfig`` → the CLIPModel ``config.json``
+    transformers' ``save_pretrained`` writes (the towers' fields, model types, the shared projection).
+    ``token_ids``: the tokenizer's ``bos_token_id`` / ``pad_token_id`` (``eos_token_id`` is the config's)."""
+    vision = {key: getattr(config.vision, key) for key in _VISION_DEFAULTS}
+    vision.update(model_type="clip_vision_model", attention_dropout=0.0)
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "dtype": "float32",
+            "transformers_version": TRANSFORMERS_FORMAT_VERSION, "projection_dim": config.projection_dim,
+            "logit_scale_init_value": config.logit_scale_init_value,
+            "text_config": clip_text_config_to_transformers(config.text, token_ids), "vision_config": vision}
+
+
 def _state_dict(folder: Path, variant: str | None, strip: str | None = None) -> dict[str, np.ndarray]:
     """Read model[.variant].safetensors (or .bin), drop ``position_ids`` buffers, and strip a leading
     ``strip`` prefix."""
@@ -181,5 +215,6 @@ def load_clip(path: str | Path, variant: str | None = None) -> tuple[CLIPModel, 
     return module, convert_state_dict(_state_dict(folder, variant), target, rename=clip_key)
 
 
-__all__ = ["clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
+__all__ = ["TRANSFORMERS_FORMAT_VERSION", "clip_config_to_transformers", "clip_text_config_to_transformers", "clip_key",
+           "transformers_clip_key", "example_ids", "load_clip", "load_clip_text", "load_clip_vision",
            "text_config_from_transformers", "vision_config_from_transformers"]
