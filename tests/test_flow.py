@@ -2,7 +2,7 @@
 
 * Every layer and the whole multi-scale flow: inverse(forward(x)) = x to ≤ 1e-5, and each forward's
   log |det J| equals ``slogdet`` of the brute-force Jacobian (``jax.jacfwd``) to ≤ 1e-4, on 4×4×2 inputs with
-  random (non-identity) parameters; one compiled program checks them all (cheap to compile).
+  random (non-identity) parameters; one small compiled program per layer.
 * actnorm's data-dependent init; the LU conv's fixed P and sign(s) get zero gradients.
 * A flow fitted to Gaussian data: its held-out NLL per dimension approaches the data's entropy.
 * bits/dim of the dequantised, [−1, 1]-scaled 8-bit data against a hand computation.
@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -29,6 +30,7 @@ from ddpm_jax import objectives
 from ddpm_jax.models import flow as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+O0 = {"xla_backend_optimization_level": 0}  # tiny programs run once: compile them fast
 FIXED = ("P", "sign_s")  # the LU conv's constants (Glow: P stays fixed); never perturbed
 
 
@@ -56,61 +58,60 @@ LAYERS = {
     "coupling_channel_1": F.AffineCoupling("channel", 1, 8),
     "squeeze": F.Squeeze(),
 }
-FLOW = F.Flow(F.FlowConfig(image_shape=(4, 4, 2), num_levels=2, num_checkerboard=1, num_steps=1, hidden_channels=8))
+# Two scales (a squeeze, a factor-out, a squeeze); the checkerboard couplings are checked on their own above.
+FLOW = F.Flow(F.FlowConfig(image_shape=(4, 4, 2), num_levels=2, num_checkerboard=0, num_steps=1, hidden_channels=4))
 
 
-@pytest.fixture(scope="module")
-def checks():
-    """One program: for each layer and the flow, (max |inverse(forward(x)) − x|, logdet, slogdet of jacfwd)."""
-    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))                         # [B, 4, 4, 2]
-    params = {name: perturb(layer.init(jax.random.key(1), x), jax.random.key(2)) for name, layer in LAYERS.items()
-              if name != "squeeze"}
-    params["squeeze"] = {}
-    flow_params = perturb(FLOW.init(jax.random.key(3), x, method=F.Flow.log_likelihood), jax.random.key(4), 0.1)
+@functools.lru_cache(maxsize=None)
+def check(name):
+    """(max |inverse(forward(x)) − x|, logdet, slogdet of jacfwd, params) for the layer ``name`` or the flow.
 
-    def program(params, flow_params, x):
-        out = {}
-        for name, layer in LAYERS.items():
-            h, logdet = layer.apply(params[name], x, method=layer.forward)
-            x_back = layer.apply(params[name], h, method=layer.inverse)
-            brute = jacobian_logdet(lambda v: layer.apply(params[name], v)[0], x[0])
-            out[name] = (jnp.max(jnp.abs(x_back - x)), logdet[0], brute)
-        zs, logdet = FLOW.apply(flow_params, x, method=F.Flow.forward)
-        x_back = FLOW.apply(flow_params, zs, method=F.Flow.inverse)
-        flat = lambda v: jnp.concatenate([z.reshape(-1) for z in FLOW.apply(flow_params, v, method=F.Flow.forward)[0]])
-        out["flow"] = (jnp.max(jnp.abs(x_back - x)), logdet[0], jacobian_logdet(flat, x[0]))
-        conv = params["invertible_conv_1x1"]
-        grads = jax.grad(lambda p: jnp.sum(LAYERS["invertible_conv_1x1"].apply(p, x)[0] ** 2))(conv)["params"]
-        out["conv_fixed_grads"] = (jnp.max(jnp.abs(grads["P"])), jnp.max(jnp.abs(grads["sign_s"])),
-                                   jnp.max(jnp.abs(grads["L"])))
-        return out
+    Init, perturbation and checks are one jit per layer, compiled without XLA's backend optimisations: eager
+    op-by-op dispatch, an optimised compile or one program for all layers each take minutes on 2 busy cores."""
+    module = FLOW if name == "flow" else LAYERS[name]
 
-    return jax.jit(program)(params, flow_params, x), params
+    def program(x):
+        kw = {"method": F.Flow.log_likelihood} if module is FLOW else {}
+        params = perturb(module.init(jax.random.key(1), x, **kw), jax.random.key(2), 0.1 if module is FLOW else 0.3)
+        if module is FLOW:
+            zs, logdet = FLOW.apply(params, x, method=F.Flow.forward)
+            x_back = FLOW.apply(params, zs, method=F.Flow.inverse)
+            flat = lambda v: jnp.concatenate([z.reshape(-1) for z in FLOW.apply(params, v, method=F.Flow.forward)[0]])
+            return jnp.max(jnp.abs(x_back - x)), logdet[0], jacobian_logdet(flat, x[0]), params
+        h, logdet = module.apply(params, x, method=module.forward)
+        x_back = module.apply(params, h, method=module.inverse)
+        brute = jacobian_logdet(lambda v: module.apply(params, v)[0], x[0])
+        return jnp.max(jnp.abs(x_back - x)), logdet[0], brute, params
+
+    x = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)           # [B, 4, 4, 2]
+    return jax.jit(program, compiler_options=O0)(x)
 
 
 @pytest.mark.parametrize("name", [*LAYERS, "flow"])
-def test_inverse_of_forward_is_x_and_logdet_is_slogdet_of_the_jacobian(checks, name):
-    (err, logdet, brute), _ = checks[0][name], None
+def test_inverse_of_forward_is_x_and_logdet_is_slogdet_of_the_jacobian(name):
+    err, logdet, brute, _ = check(name)
     assert float(err) <= 1e-5, f"{name}: inverse(forward(x)) is {float(err):.2e} away from x"
     np.testing.assert_allclose(float(logdet), float(brute), atol=1e-4, err_msg=name)
-    if name not in ("squeeze",):
+    if name != "squeeze":
         assert abs(float(logdet)) > 0.1, f"{name}: a trivial Jacobian proves nothing"
 
 
-def test_lu_conv_keeps_p_and_sign_fixed_and_its_logdet_is_hw_log_abs_s(checks):
-    p_grad, sign_grad, l_grad = map(float, checks[0]["conv_fixed_grads"])
-    assert p_grad == 0.0 and sign_grad == 0.0 and l_grad > 0.0
-    conv = checks[1]["invertible_conv_1x1"]["params"]
+def test_lu_conv_keeps_p_and_sign_fixed_and_its_logdet_is_hw_log_abs_s():
+    _, logdet, _, params = check("invertible_conv_1x1")
+    layer, x = LAYERS["invertible_conv_1x1"], np.ones((1, 4, 4, 2), np.float32)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0] ** 2)), compiler_options=O0)(params)["params"]
+    assert float(jnp.abs(grads["P"]).max()) == 0.0 and float(jnp.abs(grads["sign_s"]).max()) == 0.0
+    assert float(jnp.abs(grads["L"]).max()) > 0.0
+    conv = params["params"]
     assert np.allclose(np.sort(np.asarray(conv["P"]).sum(0)), 1.0)  # a permutation matrix
     # log |det J| = H·W·Σ log|s| (Glow Eq. 10): 4·4 pixels.
-    np.testing.assert_allclose(float(checks[0]["invertible_conv_1x1"][1]), 16 * float(jnp.sum(conv["log_s"])), rtol=1e-6)
+    np.testing.assert_allclose(float(logdet), 16 * float(jnp.sum(conv["log_s"])), rtol=1e-6)
 
 
 def test_actnorm_data_dependent_init_gives_zero_mean_unit_variance_per_channel():
-    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(5), (16, 4, 4, 2)) * jnp.array([1.0, 0.1])
+    x = 3.0 + 2.0 * np.random.default_rng(5).normal(size=(16, 4, 4, 2)).astype(np.float32) * np.array([1.0, 0.1])
     layer = F.ActNorm()
-    params = layer.init(jax.random.key(0), x)
-    h, _ = layer.apply(params, x)
+    h, _ = jax.jit(lambda x: layer.apply(layer.init(jax.random.key(0), x), x), compiler_options=O0)(x)
     np.testing.assert_allclose(np.asarray(h.mean(axis=(0, 1, 2))), 0.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(h.std(axis=(0, 1, 2))), 1.0, atol=1e-4)
 
@@ -118,29 +119,30 @@ def test_actnorm_data_dependent_init_gives_zero_mean_unit_variance_per_channel()
 def test_flow_fitted_to_gaussian_data_reaches_its_entropy():
     # y = μ + A ε on 2×2×1 "images" (D = 4): the entropy is ½ log(2πe) + log|det A| / D nats per dimension.
     # Actnorm, the 1×1 conv and the prior scales can represent this exactly, so the held-out NLL/dim of the
-    # fitted flow (a cross-entropy, ≥ the entropy) must come within 0.05 nats of it.
+    # fitted flow (a cross-entropy, ≥ the entropy) must come within 0.05 nats of it (measured: 0.02 after 300 steps).
     D = 4
     rng = np.random.default_rng(0)
     A = rng.normal(size=(D, D)).astype(np.float32) + 2 * np.eye(D, dtype=np.float32)
     mu = np.array([0.5, -1.0, 0.0, 2.0], np.float32)
     entropy = 0.5 * math.log(2 * math.pi * math.e) + np.linalg.slogdet(A)[1] / D
     draw = lambda key, n: (mu + jax.random.normal(key, (n, D)) @ A.T).reshape(n, 2, 2, 1)
-    flow = F.Flow(F.FlowConfig(image_shape=(2, 2, 1), num_levels=1, num_checkerboard=2, num_steps=2, hidden_channels=8))
-    params = flow.init(jax.random.key(0), draw(jax.random.key(1), 512), method=F.Flow.log_likelihood)
+    # One Glow step after the squeeze (actnorm, the LU conv, a coupling) can whiten any Gaussian: W decorrelates.
+    flow = F.Flow(F.FlowConfig(image_shape=(2, 2, 1), num_levels=1, num_checkerboard=0, num_steps=1, hidden_channels=8))
     tx = optax.adam(1e-2)
     nll = lambda p, y: -jnp.mean(flow.apply(p, y, method=F.Flow.log_likelihood)) / D
 
-    @jax.jit
-    def fit(params):
+    def fit(key):
+        params = flow.init(key, draw(jax.random.key(1), 512), method=F.Flow.log_likelihood)
+
         def step(carry, key):
             params, opt_state = carry
-            grads = jax.grad(nll)(params, draw(key, 256))
+            grads = jax.grad(nll)(params, draw(key, 128))
             updates, opt_state = tx.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), None
-        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(2), 400))
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(2), 300))
         return nll(params, draw(jax.random.key(3), 8192))
 
-    held_out = float(fit(params))
+    held_out = float(jax.jit(fit, compiler_options=O0)(jax.random.key(0)))
     assert entropy - 0.02 <= held_out <= entropy + 0.05, (held_out, entropy)
 
 

@@ -18,7 +18,7 @@ same numbers. The held-out digits are ``loop.split_held_out`` (the same split as
 Outputs in ``workdir``: config.json, metrics.jsonl (loss = bits/dim, grad_norm), loss.png, checkpoints/,
 samples/step_N_T<temperature>.png (the same ε at every step, one grid per ``sample.temperatures``), and
 eval.json: held-out bits/dim (one dequantisation draw per digit), the train bits/dim of as many training
-digits, the time to draw ``train.num_samples`` samples, the parameter count.
+digits (evenly spaced: the bundled digits are sorted by class), the time to draw ``train.num_samples`` samples, the parameter count.
 
 Config (``experiments/flow_mnist.py``)::
 
@@ -190,7 +190,8 @@ def write_evaluation(flow: Flow, state: TrainState, train_levels: np.ndarray, he
     num_samples = int(jax.block_until_ready(sample(params, 1.0)).shape[0])
     sample_seconds = time.perf_counter() - start
     n = len(held_levels)
-    bpd = evaluate_bits_per_dim(flow, params, np.concatenate([held_levels, train_levels[:n]]), key)
+    train_sample = train_levels[np.linspace(0, len(train_levels) - 1, n).astype(int)]  # spread over the classes
+    bpd = evaluate_bits_per_dim(flow, params, np.concatenate([held_levels, train_sample]), key)
     record = {
         "bits_per_dim": float(bpd[:n].mean()),
         "train_bits_per_dim": float(bpd[n:].mean()),
