@@ -18,7 +18,8 @@ same numbers. The held-out digits are ``loop.split_held_out`` (the same split as
 Outputs in ``workdir``: config.json, metrics.jsonl (loss = bits/dim, grad_norm), loss.png, checkpoints/,
 samples/step_N_T<temperature>.png (the same ε at every step, one grid per ``sample.temperatures``), and
 eval.json: held-out bits/dim (one dequantisation draw per digit), the train bits/dim of as many training
-digits (evenly spaced: the bundled digits are sorted by class), the time to draw ``train.num_samples`` samples, the parameter count.
+digits (evenly spaced: the bundled digits are sorted by class), the time to draw ``train.num_samples``
+samples, the parameter count.
 
 Config (``experiments/flow_mnist.py``)::
 
