@@ -28,6 +28,7 @@ from _cli import run_cli
 from _training_fixtures import in_process_compilation_cache
 from ddpm_jax import objectives
 from ddpm_jax.models import flow as F
+from ddpm_jax.workdir import load_flow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 O0 = {"xla_backend_optimization_level": 0}  # tiny programs run once: compile them fast
@@ -195,3 +196,7 @@ def test_train_flow_cli_tiny_run_writes_eval_samples_and_metrics(tmp_path, capsy
         "step_0000004_T0.5.png", "step_0000004_T0.7.png", "step_0000004_T1.png"]
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and all(np.isfinite(r["loss"]) for r in lines)
+    flow, params = load_flow(workdir)  # the reader builds the same module from config.json
+    assert flow.config == F.FlowConfig(image_shape=(4, 4, 1), num_levels=1, num_checkerboard=1, num_steps=1,
+                                       hidden_channels=4)
+    assert set(params) >= {"prior_mean_0", "prior_logs_0", "layers_0", "layers_4"}
