@@ -13,6 +13,9 @@ LDM autoencoder (Rombach et al. 2022;  ``pixel_loss`` (L1/L2), ``perceptual_dist
 Esser et al. 2021)                     ``hinge_d_loss`` / ``hinge_g_loss`` (hinge GAN), ``adaptive_weight`` (Esser Eq. 7),
                                        ``psnr`` (the held-out metric)
 CLIP (Radford et al. 2021)             ``contrastive_logits`` (Fig. 3), ``clip_loss`` (symmetric InfoNCE, §2.3)
+Normalizing flows (RealNVP, Dinh et    ``dequantize`` (uniform dequantisation, Glow Eq. 2), ``gaussian_log_density`` (the
+al. 2017; Glow, Kingma & Dhariwal      prior), ``flow_log_likelihood`` (change of variables, RealNVP Eq. 3 / Glow Eq. 7),
+2018)                                  ``dequantized_bits_per_dim`` (bits/dim of the 8-bit data, Glow Eq. 2's constant)
 =====================================  ==========================================================================
 """
 
@@ -263,3 +266,78 @@ def clip_loss(
     image_loss = -jnp.mean(log_p_text_given_image[labels, labels])
     text_loss = -jnp.mean(log_p_image_given_text[labels, labels])
     return (image_loss + text_loss) / 2
+
+
+# ================================================================================================
+# Normalizing flows (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018)
+# ================================================================================================
+
+NUM_BINS = 256  # 8-bit images
+
+
+def dequantize(x_uint8: Array, u: Array, num_bins: int = NUM_BINS) -> Array:
+    """Uniform dequantisation, then the [−1, 1] scaling (Glow §2, Eq. 2; Theis et al. 2016).
+
+        x̃ = (x + u) / 256 ∈ [0, 1),    u ~ U[0, 1)^D        (Glow: x̃ = x + u on the 256 levels)
+        y  = 2 x̃ − 1 ∈ [−1, 1)                               (the library's image range)
+
+    A continuous density p_Y fitted to y is then a bound on the discrete data's log-likelihood (see
+    :func:`dequantized_bits_per_dim`).
+
+    Args:
+      x_uint8: [B, H, W, C] integer levels 0..num_bins−1 (any dtype).
+      u: uniform noise of the same shape.
+    Returns:
+      y, float32 [B, H, W, C] in [−1, 1).
+    """
+    return 2.0 * (x_uint8.astype(jnp.float32) + u) / num_bins - 1.0
+
+
+def gaussian_log_density(z: Array, mean: Array | float = 0.0, log_scale: Array | float = 0.0) -> Array:
+    """log N(z; μ, diag σ²), σ = exp(log_scale), summed over all but the batch axis (the flow's prior p_Z).
+
+        log p_Z(z) = −½ Σ_i [ log 2π + 2 log σ_i + (z_i − μ_i)² / σ_i² ]
+
+    Returns:
+      [B] in nats.
+    """
+    return -0.5 * sum_flat(jnp.log(2.0 * jnp.pi) + 2.0 * log_scale + (z - mean) ** 2 * jnp.exp(-2.0 * log_scale))
+
+
+def flow_log_likelihood(log_pz: Array, logdet: Array) -> Array:
+    """The exact log-likelihood of a flow by the change of variables (RealNVP Eqs. 2–3; Glow Eqs. 6–7).
+
+        log p_X(x) = log p_Z(f(x)) + log |det ∂f(x)/∂xᵀ|
+                   = log p_Z(z) + Σ_l log |det ∂h_l/∂h_{l−1}|,     h_0 = x, h_L = z
+
+    The flow f is a composition of layers, so the log-determinant is accumulated layer by layer
+    (``models/flow.py``: every layer's forward returns its own term).
+
+    Args:
+      log_pz: [B] log p_Z(f(x)).  logdet: [B] log |det J_f(x)|.
+    Returns:
+      [B] log p_X(x) in nats.
+    """
+    return log_pz + logdet
+
+
+def dequantized_bits_per_dim(log_py: Array, num_dims: int, num_bins: int = NUM_BINS) -> Array:
+    """Bits per dimension of 8-bit data from the density of its dequantised, [−1, 1]-scaled version.
+
+    With y = 2 (x + u)/256 − 1 (:func:`dequantize`), w = x + u ∈ [0, 256)^D has the density
+    p_W(w) = p_Y(y) · (2/256)^D (the affine map's Jacobian), and Jensen's inequality over u gives the
+    discrete model P(x) = ∫_{[0,1)^D} p_W(x + u) du with
+
+        −log P(x) ≤ E_u[ −log p_W(x + u) ] = E_u[ −log p_Y(y) ] + D · log(256/2)         (Glow Eq. 2's c)
+
+        bits/dim = ( −log p_Y(y) / D + log(256/2) ) / log 2  = −log₂ p_Y(y) / D + 7
+
+    (a uniform p_Y on [−1, 1]^D gives exactly 8 bits/dim). This is the scale of DDPM's bits/dim
+    (its discretised decoder on the same [−1, 1] images) and of the VAE's.
+
+    Args:
+      log_py: [B] log p_Y(y) in nats.  num_dims: D = H·W·C.
+    Returns:
+      [B] bits/dim.
+    """
+    return (-log_py / num_dims + jnp.log(num_bins / 2.0)) / jnp.log(2.0)

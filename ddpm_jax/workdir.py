@@ -10,6 +10,7 @@ trainer                   ``kind``            also in the workdir
 ``ddpm-jax train-vae``    "gaussian_vae"      eval.json (held-out ELBO)
 ``ddpm-jax train-vae``    "autoencoder_kl"    eval.json (PSNR and the measured latent ``scaling_factor``)
 ``ddpm-jax train-clip``   "clip"              tokenizer/ (vocab.json + merges.txt), eval.json
+``ddpm-jax train-flow``   "flow"              eval.json (held-out bits/dim), samples/ at temperatures
 ========================  ==================  ===========================================================
 
 :func:`load_run` reads any of them into a :class:`TrainedRun` (config, step, the Flax module built from
@@ -36,6 +37,7 @@ from ddpm_jax import checkpoints, guidance
 from ddpm_jax import config as config_lib
 from ddpm_jax.diffusion_model import DiffusionModel, LatentCodec, TextEncoder, condition_kind
 from ddpm_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig
+from ddpm_jax.models.flow import Flow, FlowConfig, check_flow_config
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, GaussianVAE, GaussianVAEConfig
 from ddpm_jax.schedules import get_schedule
@@ -45,7 +47,7 @@ PyTree = Any
 EVAL_FILENAME = "eval.json"
 TOKENIZER_DIR = "tokenizer"
 AUTOENCODER_KINDS = ("gaussian_vae", "autoencoder_kl")
-RUN_KINDS = ("diffusion", *AUTOENCODER_KINDS, "clip")
+RUN_KINDS = ("diffusion", *AUTOENCODER_KINDS, "clip", "flow")
 
 
 # ================================================================================================
@@ -58,6 +60,8 @@ def run_kind(config: ml_collections.ConfigDict) -> str:
         return "diffusion"
     if "tokenizer" in config:
         return "clip"
+    if config.model.get("kind", None) == "flow":
+        return "flow"
     return autoencoder_kind(config)
 
 
@@ -97,6 +101,18 @@ def autoencoder_kl_config(config: ml_collections.ConfigDict) -> AutoencoderKLCon
     if size % f:
         raise ValueError(f"data.image_size={size} is not divisible by the downsampling factor f={f} of "
                          f"model.block_out_channels={cfg.block_out_channels}; pick a multiple of {f} (MNIST: 32)")
+    return cfg
+
+
+def flow_config(config: ml_collections.ConfigDict) -> FlowConfig:
+    """``FlowConfig`` from ``config.model`` (kind "flow"), the image shape from ``config.data``; checked."""
+    fields = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(FlowConfig)} - {"image_shape"})
+    if unknown:
+        raise ValueError(f"config.model has fields {unknown} that FlowConfig does not know")
+    fields["image_shape"] = (config.data.image_size, config.data.image_size, config.data.channels)
+    cfg = FlowConfig(**fields)
+    check_flow_config(cfg)
     return cfg
 
 
@@ -178,6 +194,8 @@ def load_run(workdir: str | os.PathLike, ema: bool = True, kinds: tuple[str, ...
                                     f"of training; finish it with `ddpm-jax train-vae --config <config> --workdir {path}`")
         scaling_factor = float(evaluation["scaling_factor"])
         model = AutoencoderKL(dataclasses.replace(autoencoder_kl_config(config), scaling_factor=scaling_factor))
+    elif kind == "flow":
+        model = Flow(flow_config(config))
     else:
         tokenizer_dir = path / TOKENIZER_DIR
         if not tokenizer_dir.is_dir():
@@ -208,6 +226,12 @@ def load_autoencoder(workdir: str | os.PathLike, ema: bool = True) -> tuple[Auto
 def load_gaussian_vae(workdir: str | os.PathLike, ema: bool = True) -> tuple[GaussianVAE, PyTree]:
     """The Gaussian VAE trained in ``workdir``: (module, params)."""
     run = load_run(workdir, ema, ("gaussian_vae",))
+    return run.model, run.params
+
+
+def load_flow(workdir: str | os.PathLike, ema: bool = True) -> tuple[Flow, PyTree]:
+    """The normalizing flow trained in ``workdir``: (module, params); ``Flow.sample`` / ``Flow.log_likelihood``."""
+    run = load_run(workdir, ema, ("flow",))
     return run.model, run.params
 
 
