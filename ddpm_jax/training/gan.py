@@ -22,7 +22,7 @@ stop (on ``loss`` = L_D + L_G, so either player's blow-up stops the run), metric
 L_G = E log(1 − D(G(z))), Eq. 1 as written; it saturates) or "hinge" (the autoencoder's PatchGAN loss).
 
 Outputs in ``workdir``: config.json, metrics.jsonl (d_loss, g_loss, loss, value = the batch estimate of
-V, d_real = mean D(x), d_fake = mean D(G(z)), grad norms, steps_per_sec), loss_d.png, loss_g.png,
+V, d_real = mean D(x), d_fake = mean D(G(z)), grad norms, steps_per_sec), loss.png (L_D),
 checkpoints/ (``params`` / ``ema_params`` are the generator's, so ``checkpoints.load_params`` reads G),
 samples/step_N.png (the same fixed z at every step, EMA generator), interpolation.png (each row slerps
 between two fixed latents), and eval.json: ``eval.num_samples`` samples judged by the offline MNIST judge
@@ -332,16 +332,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images:
     tx = make_optimizer(cfg.lr, cfg.get("warmup_steps", 0), cfg.get("grad_clip", None), **betas)
     disc_tx = make_optimizer(cfg.get("disc_lr", cfg.lr), cfg.get("warmup_steps", 0), cfg.get("grad_clip", None),
                              **betas)
-    init_key, train_key, sample_key = jax.random.split(jax.random.key(cfg.seed), 3)
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     state = jax.jit(lambda k: create_gan_state(generator, disc, tx, disc_tx, k, latent_dim, images.shape[1:]),
                     out_shardings=parallel.replicated_sharding(mesh))(init_key)
 
     sample = make_sampler(generator)
-    # Every latent that is not trained on, in one draw: the grid's (the same z at every step), the
-    # interpolation's 8 pairs of ends, the evaluation's and the timing's.
+    # The latents that are not trained on, each set from its own NumPy stream of (seed, k) so that changing
+    # one count changes no other set: the grid's (the same z at every step), the interpolation's 8 pairs of
+    # ends, the evaluation's and the timing's.
     n_grid, n_eval = int(cfg.get("num_samples", 64)), int(config.get("eval", {}).get("num_samples", 1000))
-    z_fixed = np.asarray(jax.random.normal(sample_key, (n_grid + 16 + n_eval + SAMPLING_BENCHMARK, latent_dim)))
-    z_grid, z_ends, z_eval, z_time = np.split(z_fixed, np.cumsum([n_grid, 16, n_eval]))
+    z_grid, z_ends, z_eval, z_time = (np.random.default_rng([cfg.seed, k]).standard_normal((n, latent_dim))
+                                      .astype(np.float32)
+                                      for k, n in enumerate([n_grid, 16, n_eval, SAMPLING_BENCHMARK]))
     z_path = interpolation_latents(z_ends.reshape(8, 2, latent_dim))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
@@ -351,9 +353,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images:
             return
         plotting.save_image_grid(sample(params, z_grid), os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         plotting.save_image_grid(sample(params, z_path), os.path.join(workdir, "interpolation.png"), nrow=10)
-        if os.path.exists(metrics_path):
-            for key in ("d_loss", "g_loss"):
-                plotting.plot_loss_curve(metrics_path, os.path.join(workdir, f"loss_{key[0]}.png"), key=key)
+        if os.path.exists(metrics_path):  # L_D: 2 log 2 ≈ 1.39 at the game's equilibrium D = ½ (non-saturating/minimax)
+            plotting.plot_loss_curve(metrics_path, os.path.join(workdir, "loss.png"), key="d_loss")
 
     def batch_fn(step: int) -> np.ndarray:  # [B/P, H, W, C]
         return data_lib.get_batch(images, step, cfg.batch_size, cfg.seed, jax.process_index(), jax.process_count())
