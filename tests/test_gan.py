@@ -279,3 +279,15 @@ def test_sigkill_then_rerun_resumes_bit_identically_with_both_optimisers(tiny, s
     np.testing.assert_array_equal(np.asarray(Image.open(straight_dir / grid)), np.asarray(Image.open(resumed / grid)))
     steps = [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")]
     assert steps == [2, 4, 6]  # each logged step once, despite the crash
+
+
+def test_slerp_stays_on_the_arc():
+    from ddpm_jax.training.gan import slerp
+
+    a, b = np.array([3.0, 0.0, 0.0]), np.array([0.0, 3.0, 0.0])
+    path = slerp(a, b, 5)
+    np.testing.assert_allclose(path[0], a, atol=1e-12)
+    np.testing.assert_allclose(path[-1], b, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(path, axis=1), 3.0)  # the line's midpoint would have norm 3/√2
+    np.testing.assert_allclose(path[2], 3.0 * np.array([1, 1, 0]) / np.sqrt(2))
+    np.testing.assert_allclose(slerp(a, 2 * a, 3)[1], 1.5 * a)  # parallel ends: the straight line
