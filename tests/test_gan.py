@@ -291,3 +291,16 @@ def test_slerp_stays_on_the_arc():
     np.testing.assert_allclose(np.linalg.norm(path, axis=1), 3.0)  # the line's midpoint would have norm 3/√2
     np.testing.assert_allclose(path[2], 3.0 * np.array([1, 1, 0]) / np.sqrt(2))
     np.testing.assert_allclose(slerp(a, 2 * a, 3)[1], 1.5 * a)  # parallel ends: the straight line
+
+
+def test_the_experiment_file_is_a_valid_16x16_dcgan():
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.training import gan
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gan_mnist.py")
+    config = config_lib.load_config(path)
+    gan.validate_config(config)  # the generator makes the data's 16×16×1
+    assert (config.data.name, config.data.image_size, config.loss.kind) == ("mnist_bundled", 16, "non_saturating")
+    assert (config.train.lr, config.train.adam_b1) == (config.train.disc_lr, 0.5)
+    text = open(path).read()
+    assert all(part in text for part in ("Command::", "Hardware:", "Expected result")) and "MEASURED" not in text
