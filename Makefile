@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c requirements/constraints.txt
 WORKDIR ?= runs/mnist
+PYTEST_ARGS ?=
 
 .PHONY: demo test venv venv-test clean
 
@@ -18,6 +19,10 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(VENV)/.notebooks: $(VENV)/.base
+	$(PIP) -e '.[notebooks]'
+	touch $@
+
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
@@ -27,7 +32,12 @@ demo: $(VENV)/.base
 
 ## make test: the whole test suite (what CI runs)
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+## make notebooks: open the lecture notebooks in JupyterLab, with this project's .venv as the kernel
+.PHONY: notebooks
+notebooks: $(VENV)/.notebooks
+	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) runs

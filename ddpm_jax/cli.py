@@ -69,12 +69,15 @@ def load_config_with_overrides(config_path: str, overrides: Sequence[str] = ()) 
     return config_lib.apply_overrides(config_lib.load_config(config_path), overrides)
 
 
-def load_model(workdir: str | None, pretrained: str | None) -> tuple[DiffusionModel, pathlib.Path]:
-    """The model of ``--workdir`` or ``--pretrained`` and where its outputs go by default."""
+def load_model(workdir: str | None, pretrained: str | None, step: int | None = None
+               ) -> tuple[DiffusionModel, pathlib.Path]:
+    """The model of ``--workdir`` (at ``--step``) or ``--pretrained`` and where its outputs go by default."""
+    if pretrained is not None and step is not None:
+        raise ValueError("--step picks a checkpoint of --workdir; a --pretrained folder has one set of weights")
     if pretrained is not None:
         return generate.load_pretrained_ddpm(pretrained), pathlib.Path(f"{pathlib.Path(pretrained).resolve().name}")
     if workdir is not None:
-        return load_diffusion_model(workdir), pathlib.Path(workdir)
+        return load_diffusion_model(workdir, step=step), pathlib.Path(workdir)
     raise ValueError("give --workdir (a trained run) or --pretrained (a diffusers model folder)")
 
 
@@ -130,6 +133,7 @@ def add_source(p: argparse.ArgumentParser) -> None:
     source.add_argument("--workdir", help="a run trained by ddpm-jax train (latest checkpoint, EMA)")
     source.add_argument("--pretrained", metavar="FOLDER",
                         help="a diffusers UNet2DModel + scheduler folder, e.g. a copy of google/ddpm-cifar10-32")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: the latest)")
 
 
 def add_sampler(p: argparse.ArgumentParser) -> None:
@@ -250,14 +254,14 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         run_demo(args.workdir, args.config, args.overrides)
         return []
     if args.command == "sample":
-        model, where = load_model(args.workdir, args.pretrained)
+        model, where = load_model(args.workdir, args.pretrained, args.step)
         out = args.out or (where / "samples.png" if args.workdir else f"samples_{where}.png")
         return generate.sample_to_files(
             model, out, num=args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
             npz=args.npz, trajectory=args.trajectory, batch_size=args.batch_size, labels=args.labels,
             guidance_scale=args.guidance, progress=args.pretrained is not None)
     if args.command == "eval":
-        model, where = load_model(args.workdir, args.pretrained)
+        model, where = load_model(args.workdir, args.pretrained, args.step)
         report.evaluate(model, args.outdir or (where if args.workdir else f"eval_{where}"),
                         num_samples=args.num_samples, bpd_examples=args.bpd_examples,
                         bpd_batch_size=args.bpd_batch_size, data=args.data, sampler=args.sampler, steps=args.steps,
@@ -293,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for line in dispatch(args):
             print(line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # OSError: also an unwritable --workdir, a full disk
         if os.environ.get("DDPM_JAX_TRACEBACK"):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -152,13 +152,15 @@ def read_evaluation(workdir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_run(workdir: str | os.PathLike, ema: bool = True, kinds: tuple[str, ...] = RUN_KINDS) -> TrainedRun:
-    """Any trained workdir (latest checkpoint; EMA parameters by default, = the raw ones without EMA).
+def load_run(workdir: str | os.PathLike, ema: bool = True, kinds: tuple[str, ...] = RUN_KINDS,
+             step: int | None = None) -> TrainedRun:
+    """Any trained workdir (latest checkpoint, or ``step``; EMA parameters by default, = the raw ones without EMA).
 
     ``kinds``: the kinds of run the caller can use; another kind is a one-line ValueError before anything is read.
 
     Raises FileNotFoundError naming what is missing (the workdir, config.json, a checkpoint, tokenizer/,
-    an AutoencoderKL's eval.json with its scaling factor).
+    an AutoencoderKL's eval.json with its scaling factor), and ``checkpoints.CheckpointDamaged`` (a
+    ValueError: which step folder, what is wrong, which older ``step`` to pass) for a damaged checkpoint.
     """
     path = pathlib.Path(workdir)
     config = config_lib.load_workdir_config(path)
@@ -183,8 +185,8 @@ def load_run(workdir: str | os.PathLike, ema: bool = True, kinds: tuple[str, ...
                                     "by ddpm-jax train-clip?")
         tokenizer = load_tokenizer(tokenizer_dir, context_length=int(config.tokenizer.context_length))
         model = CLIPModel(clip_config(config))
-    params = checkpoints.load_params(path, ema=ema)
-    step = checkpoints.latest_step(path)
+    params = checkpoints.load_params(path, ema=ema, step=step)
+    step = checkpoints.latest_step(path) if step is None else step
     return TrainedRun(path, kind, config, step, model, params, tokenizer, scaling_factor, evaluation)
 
 
@@ -247,10 +249,11 @@ def clip_denoised(config: ml_collections.ConfigDict) -> bool:
     return bool(config.sample.get("clip_denoised", not config.get("latent", {}).get("autoencoder", None)))
 
 
-def load_diffusion_model(workdir: str | os.PathLike, ema: bool = True) -> DiffusionModel:
+def load_diffusion_model(workdir: str | os.PathLike, ema: bool = True, step: int | None = None) -> DiffusionModel:
     """A `ddpm-jax train` workdir (pixel or latent; unconditional, class- or text-conditional) as a
-    :class:`DiffusionModel`, with its frozen autoencoder and text encoder read from their workdirs."""
-    run = load_run(workdir, ema, ("diffusion",))
+    :class:`DiffusionModel` (latest checkpoint, or ``step``), with its frozen autoencoder and text encoder read
+    from their workdirs."""
+    run = load_run(workdir, ema, ("diffusion",), step)
     config = run.config
     autoencoder = config.get("latent", {}).get("autoencoder", None)
     kind = condition_kind(config)
