@@ -336,7 +336,8 @@ def load_state_tree(workdir: str | os.PathLike, step: int | None = None) -> dict
     """Everything the latest (or given) checkpoint saved (step, params, ema_params, opt_state and a trainer's
     extra fields, e.g. the GAN's disc_params and disc_opt_state) as nested dicts of host numpy arrays.
 
-    Raises FileNotFoundError naming the directory when there is no checkpoint.
+    Raises FileNotFoundError naming the directory when there is no checkpoint, and
+    :class:`CheckpointDamaged` when the step's files are not those that were written.
     """
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise _missing(workdir)
