@@ -304,3 +304,14 @@ def test_the_experiment_file_is_a_valid_16x16_dcgan():
     assert (config.train.lr, config.train.adam_b1) == (config.train.disc_lr, 0.5)
     text = open(path).read()
     assert all(part in text for part in ("Command::", "Hardware:", "Expected result")) and "MEASURED" not in text
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tiny, tmp_path):
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.training import gan
+
+    config, _ = tiny
+    images = np.full((16, 8, 8, 1), np.nan, np.float32)  # D(x) is NaN: L_D, hence loss = L_D + L_G, is not finite
+    with in_process_compilation_cache(), pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        gan.train(config_lib.load_config(config), tmp_path / "run", images=images)
+    assert checkpoints.latest_step(tmp_path / "run") is None
