@@ -334,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images:
                              **betas)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     state = jax.jit(lambda k: create_gan_state(generator, disc, tx, disc_tx, k, latent_dim, images.shape[1:]),
-                    out_shardings=parallel.replicated_sharding(mesh))(init_key)
+                    out_shardings=parallel.replicated_sharding(mesh), compiler_options=loop.INIT_COMPILER_OPTIONS)(init_key)
 
     sample = make_sampler(generator)
     # The latents that are not trained on, each set from its own NumPy stream of (seed, k) so that changing
