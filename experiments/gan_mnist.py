@@ -6,16 +6,16 @@ Command::
     ddpm-jax train-gan --config experiments/gan_mnist.py --workdir runs/gan_mnist train.num_steps=6000  # continue
 
 Hardware: a 2-core CPU (measured on 2 cores of an AMD EPYC server shared with other jobs, load average ~11:
-2.1 iterations/s, one iteration = one D update + one G update; 1,000 iterations in 505 s of training, 9.5 min
-of wall time with start-up and the evaluation; training the judge on its first use adds ~1 min). 64 samples
-take 6 ms (one forward pass of the compiled generator).
+3.0 iterations/s, one iteration = one D update + one G update; 1,000 iterations in 404 s of training, 7.4 min
+of wall time with start-up and the evaluation; training the judge on its first use adds ~1 min; at a quieter
+moment the same run took 505 s). 64 samples take 6–17 ms (one forward pass of the compiled generator).
 
 Expected result (measured, seed 0): the discriminator loss settles at ~1.2 (2 log 2 ≈ 1.39 would be a D
 that cannot tell at all) with D(x) ≈ 0.57, D(G(z)) ≈ 0.43; the EMA generator's samples are digit-shaped
-strokes, many readable at 16×16 and many malformed (a short run). The offline judge (eval.json, 1,000 samples): confidence 0.77,
-classifier FID 118.5 (real digits at the same N: 4.7), every digit predicted (3% sixes … 16% nines):
-class histogram [119, 51, 128, 117, 87, 99, 28, 148, 60, 163]. On 128 samples, the DDPM demo's protocol:
-classifier FID 126.5 (floor 27.8), confidence 0.78, against the DDPM demo's 56.3 and 0.84 (README).
+strokes, many readable at 16×16 and many malformed (a short run). The offline judge (eval.json, 1,000 samples): confidence 0.78,
+classifier FID 118.3 (real digits at the same N: 4.7), every digit predicted (4% sixes … 16% nines):
+class histogram [124, 59, 86, 119, 108, 100, 36, 143, 64, 161]. On 128 samples, the DDPM demo's protocol:
+classifier FID 118.6 (floor 27.8), confidence 0.80, against the DDPM demo's 56.3 and 0.84 (README).
 With DCGAN's lr 2e-4 the same 1,000 iterations give classifier FID 147.6 and confidence 0.75 (classes
 from 2% to 14%): 5e-4 is the measured better choice for a short run.
 
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         dict(
             batch_size=64,
-            num_steps=1000,  # 505 s on 2 shared CPU cores (measured, docstring)
+            num_steps=1000,  # 404 s on 2 shared CPU cores (measured, docstring)
             lr=5e-4,  # 2.5x DCGAN's 2e-4: a short run (measured, docstring)
             disc_lr=5e-4,
             adam_b1=0.5,  # DCGAN: 0.9 "resulted in training oscillation and instability"
