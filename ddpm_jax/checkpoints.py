@@ -329,6 +329,16 @@ def load_params(workdir: str | os.PathLike, ema: bool = True, step: int | None =
     :class:`CheckpointDamaged` (one line: which folder, what is wrong, which older step to pass) when the
     step's files are not those that were written.
     """
+    return load_state_tree(workdir, step)["ema_params" if ema else "params"]
+
+
+def load_state_tree(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Everything the latest (or given) checkpoint saved (step, params, ema_params, opt_state and a trainer's
+    extra fields, e.g. the GAN's disc_params and disc_opt_state) as nested dicts of host numpy arrays.
+
+    Raises FileNotFoundError naming the directory when there is no checkpoint, and
+    :class:`CheckpointDamaged` when the step's files are not those that were written.
+    """
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise _missing(workdir)
     mgr = _manager(workdir, read_only=True)
@@ -345,4 +355,4 @@ def load_params(workdir: str | os.PathLike, ema: bool = True, step: int | None =
         restored = restore_step(mgr, workdir, step, hint=hint)
     finally:
         mgr.close()
-    return jax.device_get(restored["ema_params" if ema else "params"])
+    return jax.device_get(restored)

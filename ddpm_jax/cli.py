@@ -7,7 +7,7 @@
     ddpm-jax demo   --workdir runs/mnist            # what `make demo` runs (ends with `eval`)
     ddpm-jax eval   --workdir runs/mnist [--num-samples 1000 --bpd-examples 100 --inception PTH --reference NPZ]
     ddpm-jax sample --pretrained ddpm-cifar10-32 --num 64   # a diffusers folder (google/ddpm-*)
-    ddpm-jax train-vae | train-clip | train-flow --config experiments/… --workdir runs/…
+    ddpm-jax train-vae | train-clip | train-flow | train-gan --config experiments/… --workdir runs/…
     ddpm-jax train-tokenizer --out tokenizer/
     ddpm-jax txt2img --model sd-v1-5 "a photo of a cat" [--scheduler ddpm]   # or --workdir (text-conditional run)
     ddpm-jax img2img --model sd-v1-5 --image in.png "a painting"
@@ -16,7 +16,8 @@
 command                library call
 =====================  ===========================================================================
 train / train-vae /    ``training.diffusion.train`` / ``training.autoencoder.train`` / ``training.clip.train``
-train-clip             / ``training.flow.train`` (train-flow)
+train-clip /           / ``training.flow.train`` / ``training.gan.train``
+train-flow / train-gan
 sample                 ``workdir.load_diffusion_model`` or ``pipelines.generate.load_pretrained_ddpm``,
                        then ``pipelines.generate.sample_to_files`` (any solver of ``samplers.SAMPLERS``)
 eval                   ``evaluation.report.evaluate``
@@ -53,6 +54,7 @@ from ddpm_jax.training import autoencoder as autoencoder_training
 from ddpm_jax.training import clip as clip_training
 from ddpm_jax.training import diffusion as diffusion_training
 from ddpm_jax.training import flow as flow_training
+from ddpm_jax.training import gan as gan_training
 from ddpm_jax.workdir import load_diffusion_model
 
 PROG = "ddpm-jax"
@@ -63,6 +65,7 @@ TRAINERS = {
     "train-vae": (autoencoder_training, "train (or resume) a Gaussian VAE or an AutoencoderKL", "eval.json, reconstructions/"),
     "train-clip": (clip_training, "train (or resume) a CLIP on captioned digits", "eval.json: zero-shot accuracy, recall@k"),
     "train-flow": (flow_training, "train (or resume) a normalizing flow (RealNVP/Glow)", "eval.json: bits/dim, samples/"),
+    "train-gan": (gan_training, "train (or resume) a DCGAN", "eval.json: the judge's numbers, samples/, interpolation.png"),
 }
 
 

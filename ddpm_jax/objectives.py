@@ -16,6 +16,10 @@ CLIP (Radford et al. 2021)             ``contrastive_logits`` (Fig. 3), ``clip_l
 Normalizing flows (RealNVP, Dinh et    ``dequantize`` (uniform dequantisation, Glow Eq. 2), ``gaussian_log_density`` (the
 al. 2017; Glow, Kingma & Dhariwal      prior), ``flow_log_likelihood`` (change of variables, RealNVP Eq. 3 / Glow Eq. 7),
 2018)                                  ``dequantized_bits_per_dim`` (bits/dim of the 8-bit data, Glow Eq. 2's constant)
+GAN (Goodfellow et al. 2014)           ``gan_value`` (Eq. 1), ``optimal_discriminator`` (Prop. 1), ``gan_d_loss``
+                                       (−Eq. 1), ``minimax_g_loss`` (Eq. 1's G side), ``non_saturating_g_loss``
+                                       (§3) and the two losses' logit gradients; the hinge pair above;
+                                       ``GAN_LOSSES`` names the (L_D, L_G) pairs the trainer can use
 =====================================  ==========================================================================
 """
 
@@ -270,8 +274,7 @@ def clip_loss(
 
 # ================================================================================================
 # Normalizing flows (RealNVP, Dinh et al. 2017; Glow, Kingma & Dhariwal 2018)
-# ================================================================================================
-
+# =========================================================================================
 NUM_BINS = 256  # 8-bit images
 
 
@@ -341,3 +344,81 @@ def dequantized_bits_per_dim(log_py: Array, num_dims: int, num_bins: int = NUM_B
       [B] bits/dim.
     """
     return (-log_py / num_dims + jnp.log(num_bins / 2.0)) / jnp.log(2.0)
+=======
+# GANs: the minimax game, its optimal discriminator, the generator's two losses
+# ================================================================================================
+#
+# D outputs a logit l; D(x) = sigmoid(l). Everything is written with log_sigmoid, stably:
+#     log D = log σ(l) = log_sigmoid(l),     log(1 − D) = log σ(−l) = log_sigmoid(−l).
+
+def gan_value(logits_real: Array, logits_fake: Array) -> Array:
+    """The minimax value V(D, G) of Goodfellow et al. 2014, Eq. 1, estimated by sample means, a scalar.
+
+        V(D, G) = E_{x~p_data}[log D(x)] + E_{z~p_z}[log(1 − D(G(z)))]
+
+    D maximises V, G minimises it. Its largest value over D is C(G) = −log 4 + 2·JSD(p_data ‖ p_g)
+    (Theorem 1), so at p_g = p_data, where D* = ½ everywhere, V = 2 log ½ = −log 4.
+
+    Args:
+      logits_real: D's logits on data samples, any shape (all entries are averaged).
+      logits_fake: D's logits on generated samples G(z), any shape.
+    """
+    return jnp.mean(jax.nn.log_sigmoid(logits_real)) + jnp.mean(jax.nn.log_sigmoid(-logits_fake))
+
+
+def optimal_discriminator(p_data: Array, p_g: Array) -> Array:
+    """The discriminator that maximises Eq. 1 for a fixed G (Goodfellow et al., Proposition 1), elementwise.
+
+        D*_G(x) = p_data(x) / (p_data(x) + p_g(x))
+
+    For each x, V's integrand a·log D + b·log(1 − D) (a = p_data(x), b = p_g(x)) is maximised at
+    D = a / (a + b). Args: the two densities at the same points x, any (equal) shape.
+    """
+    return p_data / (p_data + p_g)
+
+
+def gan_d_loss(logits_real: Array, logits_fake: Array) -> Array:
+    """The discriminator's loss −V(D, G) (minimise it to maximise Eq. 1): binary cross-entropy, real = 1, fake = 0.
+
+        L_D = −E[log D(x)] − E[log(1 − D(G(z)))] = mean softplus(−l_real) + mean softplus(l_fake)
+    """
+    return -gan_value(logits_real, logits_fake)
+
+
+def minimax_g_loss(logits_fake: Array) -> Array:
+    """The generator's side of Eq. 1 (the "saturating" loss), a scalar: L_G = E_z[log(1 − D(G(z)))].
+
+    Its gradient per logit, d/dl log(1 − σ(l)) = −σ(l) = −D(G(z)) (:func:`minimax_g_logit_grad`), vanishes
+    when D confidently rejects the fakes (D(G(z)) → 0), which is the case early in training: "Early in
+    learning, when G is poor, D can reject samples with high confidence ... log(1 − D(G(z))) saturates" (§3).
+    """
+    return jnp.mean(jax.nn.log_sigmoid(-logits_fake))
+
+
+def non_saturating_g_loss(logits_fake: Array) -> Array:
+    """The non-saturating generator loss of Goodfellow et al. §3, a scalar: L_G = −E_z[log D(G(z))].
+
+    "Rather than training G to minimize log(1 − D(G(z))) we can train G to maximize log D(G(z)). This
+    objective function results in the same fixed point of the dynamics of G and D but provides much
+    stronger gradients early in learning." Per logit, d/dl [−log σ(l)] = −(1 − D(G(z)))
+    (:func:`non_saturating_g_logit_grad`): close to −1 exactly where the minimax loss's gradient is ≈ 0.
+    """
+    return -jnp.mean(jax.nn.log_sigmoid(logits_fake))
+
+
+def minimax_g_logit_grad(logits_fake: Array) -> Array:
+    """d/dl of log(1 − σ(l)) per example: −σ(l) = −D(G(z)) (the minimax G loss's gradient, before the 1/N)."""
+    return -jax.nn.sigmoid(logits_fake)
+
+
+def non_saturating_g_logit_grad(logits_fake: Array) -> Array:
+    """d/dl of −log σ(l) per example: −(1 − σ(l)) = −(1 − D(G(z))) (the non-saturating loss's, before the 1/N)."""
+    return -jax.nn.sigmoid(-logits_fake)
+
+
+# The (L_D(logits_real, logits_fake), L_G(logits_fake)) pairs ``training/gan.py`` trains with (``loss.kind``).
+GAN_LOSSES = {
+    "non_saturating": (gan_d_loss, non_saturating_g_loss),  # Goodfellow §3; DCGAN's choice
+    "minimax": (gan_d_loss, minimax_g_loss),  # Eq. 1 as written (saturates)
+    "hinge": (hinge_d_loss, hinge_g_loss),  # Lim & Ye 2017, the loss the autoencoder's PatchGAN uses
+}

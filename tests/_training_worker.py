@@ -1,6 +1,7 @@
 """Subprocess worker for the training tests (run as a script; not a test file).
 
     python tests/_training_worker.py train WORKDIR NUM_STEPS [SLEEP_PER_STEP]
+    python tests/_training_worker.py gan CONFIG.py WORKDIR SLEEP_PER_STEP     (the GAN trainer, slowed down)
     python tests/_training_worker.py devices8 OUT.json          (needs 8 host devices in XLA_FLAGS)
     python tests/_training_worker.py multihost PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
@@ -30,6 +31,23 @@ def run_train(workdir: str, num_steps: int, sleep: float = 0.0) -> None:
         data.get_batch = lambda *a, **k: (time.sleep(sleep), get_batch(*a, **k))[1]
     config = tiny_config(num_steps=num_steps, ckpt_every=5, log_every=5, sample_every=num_steps)
     diffusion_trainer.train(config, workdir, images=tiny_images())
+
+
+def slow_down_batches(sleep: float) -> None:
+    """Sleep before each batch (the loop, not the numbers, gets slower) so a test can kill a run mid-way."""
+    from ddpm_jax import data
+
+    get_batch = data.get_batch
+    data.get_batch = lambda *a, **k: (time.sleep(sleep), get_batch(*a, **k))[1]
+
+
+def run_gan(config_path: str, workdir: str, sleep: float) -> None:
+    """``ddpm-jax train-gan --config CONFIG --workdir WORKDIR``, each step ``sleep`` seconds slower."""
+    from ddpm_jax import config as config_lib
+    from ddpm_jax.training import gan
+
+    slow_down_batches(sleep)
+    gan.train(config_lib.load_config(config_path), workdir)
 
 
 def _setup(config, mesh):
@@ -126,6 +144,8 @@ if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "train":
         run_train(args[0], int(args[1]), float(args[2]) if len(args) > 2 else 0.0)
+    elif command == "gan":
+        run_gan(args[0], args[1], float(args[2]))
     elif command == "devices8":
         run_devices8(args[0])
     elif command == "multihost":

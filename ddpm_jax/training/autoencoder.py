@@ -107,7 +107,7 @@ from ddpm_jax.objectives import (
     psnr,
 )
 from ddpm_jax.training import loop
-from ddpm_jax.training.loop import ema_decay_at, ema_update, make_optimizer, split_held_out
+from ddpm_jax.training.loop import INIT_COMPILER_OPTIONS, ema_decay_at, ema_update, make_optimizer, split_held_out
 from ddpm_jax.workdir import EVAL_FILENAME, autoencoder_kind, autoencoder_kl_config, gaussian_vae_config
 
 PyTree = Any
@@ -116,10 +116,6 @@ FeatureFn = Callable[[jax.Array], Sequence[jax.Array]]
 
 PERCEPTUAL_NETWORKS = ("random", "judge")
 LAST_LAYER = ("decoder", "conv_out", "kernel")  # G_L of Esser et al. Eq. 7
-# Initialisation runs once: compile it without XLA's backend optimisations. On CPU the ~100 random
-# initialisers of AutoencoderKL otherwise take ~50 s to compile (~6 s like this); the speed of the
-# program that runs once does not matter.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 # ================================================================================================

@@ -40,6 +40,10 @@ from ddpm_jax.progress import progress_bar
 
 PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
+# Initialisation runs once: compile it without XLA's backend optimisations. On CPU the ~100 random
+# initialisers of AutoencoderKL otherwise take ~50 s to compile (~6 s like this), the DCGAN's state ~14 s
+# (~1 s); the speed of the program that runs once does not matter.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 # ================================================================================================
