@@ -27,6 +27,7 @@ __all__ = [
     "read_metrics",
     "smooth",
     "plot_loss_curve",
+    "forward_timesteps",
     "plot_forward_process",
     "save_trajectory_strip",
     "save_figure",
@@ -168,6 +169,13 @@ def save_figure(fig: Any, path: PathLike) -> pathlib.Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def forward_timesteps(num_timesteps: int) -> list[int]:
+    """The indices ``plot_forward_process`` shows by default: the paper's t = 1 and t = f·T for
+    f = .05, .1, .2, .3, .5, .7, 1 (index = t − 1; T = 1000: t = 1, 50, 100, 200, 300, 500, 700, 1000)."""
+    fractions = np.array([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+    return sorted(set((np.maximum(1, (fractions * int(num_timesteps)).round()) - 1).astype(int).tolist()))
+
+
 def plot_forward_process(
     x0: Any,
     schedule: Any,
@@ -185,8 +193,8 @@ def plot_forward_process(
     Args:
       x0: [K, H, W, C] clean images in [-1, 1].
       schedule: a ``schedules.Schedule``.
-      timesteps: indices 0..T-1 to show; default 8 from 0 to T-1, denser early on (where the
-        digits fade), at fractions 0, .05, .1, .2, .3, .5, .7, 1 of T-1.
+      timesteps: indices 0..T-1 to show (labelled with the paper's t = index + 1); default
+        ``forward_timesteps(T)``, denser early on, where the digits fade.
     """
     import jax
     import jax.numpy as jnp
@@ -195,8 +203,7 @@ def plot_forward_process(
     x0 = jnp.asarray(x0, jnp.float32)
     num_t = int(schedule.num_timesteps)
     if timesteps is None:
-        fractions = np.array([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
-        timesteps = sorted(set((fractions * (num_t - 1)).round().astype(int).tolist()))
+        timesteps = forward_timesteps(num_t)
     eps = jax.random.normal(jax.random.key(seed), x0.shape)
     columns = [
         diffusion.q_sample(schedule, x0, jnp.full((x0.shape[0],), t, jnp.int32), eps) for t in timesteps
@@ -209,7 +216,7 @@ def plot_forward_process(
     ax_img = fig.add_axes([0.02, 0.1, 0.55, 0.8])
     ax_img.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
     cell = grid.shape[1] / cols
-    ax_img.set_xticks([cell * (i + 0.5) for i in range(cols)], [f"t={t + 1}" for t in timesteps], fontsize=7)
+    ax_img.set_xticks([cell * (i + 0.5) for i in range(cols)], [f"t={t + 1}" for t in timesteps], fontsize=9)
     ax_img.set_yticks([])
     ax_img.set_title("x_t ~ q(x_t | x_0)  (paper's t = index + 1)", fontsize=9)
 

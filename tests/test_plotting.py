@@ -49,6 +49,12 @@ def test_plot_loss_curve(tmp_path):
         plotting.plot_loss_curve(metrics, tmp_path / "loss.png")
 
 
+def test_forward_timesteps_are_the_papers_round_t():
+    """The default columns of plot_forward_process: paper's t = 1, 50, 100, ... (indices t − 1), as notebook 01's section 2."""
+    assert plotting.forward_timesteps(1000) == [0, 49, 99, 199, 299, 499, 699, 999]
+    assert plotting.forward_timesteps(100) == [0, 4, 9, 19, 29, 49, 69, 99]
+
+
 def test_plot_forward_process(tmp_path):
     from ddpm_jax import schedules
 
