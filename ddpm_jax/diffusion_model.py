@@ -131,6 +131,9 @@ class DiffusionModel:
     text_encoder: TextEncoder | None = None
     config: ml_collections.ConfigDict | None = None  # the workdir's config (None for a diffusers folder)
     description: str = ""
+    # programs compiled for this model (pipelines/generate.py), keyed by what they were traced for; a fresh
+    # dict for every model (also after dataclasses.replace), gone with the model
+    compiled: dict[tuple, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:

@@ -125,16 +125,22 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert checkpoints.latest_step(tmp_path) is None
 
 
-def test_generation_guidance_sweep_and_its_errors(tmp_path):
-    """generate.generate on a trained class-conditional workdir; the judged guidance sweep writes its files."""
+def test_generation_guidance_sweep_and_its_errors(tmp_path, monkeypatch):
+    """generate.generate on a trained class-conditional workdir (compiled once for every seed and w); the judged
+    guidance sweep writes its files."""
     from ddpm_jax.evaluation import conditional, judge as judge_lib
 
     diffusion_trainer.train(class_config(num_steps=2, ckpt_every=2), tmp_path / "run", data=class_data())
     model = load_diffusion_model(tmp_path / "run")
     assert model.kind == "class" and int(model.null_condition["label"]) == NUM_CLASSES
+    traces = []
+    traced = generate.guided_sample
+    monkeypatch.setattr(generate, "guided_sample", lambda *args: traces.append(1) or traced(*args))  # at trace time
     a = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
     b = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
     c = generate.generate(model, labels=[1, 2], guidance_scale=4.0, steps=3, seed=0)["images"]
+    generate.generate(model, labels=[3, 4], guidance_scale=2.0, steps=3, seed=1)
+    assert len(traces) == 1                                                      # another seed, w or label: no retrace
     assert a.shape == (2, 8, 8, 1)
     np.testing.assert_array_equal(a, b)                                          # seed → identical images
     assert np.abs(a - c).max() > 1e-4                                           # w changes the samples

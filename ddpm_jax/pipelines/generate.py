@@ -94,6 +94,18 @@ def guided_sample(sample_fn: Callable, params: PyTree, key: jax.Array, cond: dic
 # Conditional generation
 # ================================================================================================
 
+def compiled_generator(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int, float],
+                       return_trajectory: bool) -> Callable[..., Any]:
+    """``jit(guided_sample)`` for ``model`` at ``shape`` with ``solver`` = (name, steps, η), built once per model
+    (kept in ``model.compiled``): generating again — another seed, another w (traced) — reuses the program."""
+    key = ("generate", shape, solver, return_trajectory)
+    if key not in model.compiled:
+        name, steps, eta = solver
+        sample_fn = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta, return_trajectory=return_trajectory)
+        model.compiled[key] = jax.jit(lambda p, k, c, u, w: guided_sample(sample_fn, p, k, c, u, w))
+    return model.compiled[key]
+
+
 def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
              num: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
              eta: float | None = None, seed: int = 0, return_latents: bool = False, sampler: str | None = None,
@@ -112,9 +124,8 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
     batch = len(next(iter(cond.values()))) if cond else int(num or 16)
     if cond:
         check_condition(model.unet.config, **guidance.model_condition(cond))   # concrete: label range checked here
-    sample_fn = make_sample_fn(model, (batch, *model.x0_shape), sampler=sampler, steps=steps, eta=eta,
-                               return_trajectory=return_latents)
-    run = jax.jit(lambda p, k, c, u, w: guided_sample(sample_fn, p, k, c, u, w))
+    run = compiled_generator(model, (batch, *model.x0_shape), resolve_sampler(model, sampler, steps, eta),
+                             return_latents)
     out = run(model.params, jax.random.key(seed), cond or None, uncond or None, jnp.float32(w))
     x0, trajectory = out if return_latents else (out, None)
     result = {"images": np.asarray(model.decode(x0)), "x0": np.asarray(x0)}
@@ -127,6 +138,28 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
 # ================================================================================================
 # Many samples, over the devices
 # ================================================================================================
+
+def compiled_chunk_samplers(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int, float]
+                            ) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """The jitted unconditional samplers of one chunk, built once per model (kept in ``model.compiled``):
+    ``jitted(params, key, want_trajectory)`` and, on several devices when the chunk divides over them,
+    ``sharded(params, key)`` whose x_0 is sharded along "data" (XLA's sharding propagation then splits the
+    whole chain over the devices), else None."""
+    key = ("sample_images", shape, solver, jax.device_count())
+    if key not in model.compiled:
+        name, steps, eta = solver
+        plain = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta)
+        with_trajectory = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta, return_trajectory=True)
+
+        def run(params: PyTree, key: jax.Array, want_trajectory: bool) -> Any:
+            return (with_trajectory if want_trajectory else plain)(params, key)
+
+        sharded = None
+        if jax.process_count() == 1 and jax.device_count() > 1 and shape[0] % jax.device_count() == 0:
+            sharded = jax.jit(lambda p, k: run(p, k, False), out_shardings=parallel.batch_sharding(parallel.make_mesh()))
+        model.compiled[key] = (jax.jit(run, static_argnums=2), sharded)
+    return model.compiled[key]
+
 
 def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None, steps: int | None = None,
                   eta: float | None = None, seed: int = 0, trajectory: bool = False, batch_size: int = 64,
@@ -144,17 +177,7 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     name, num_steps, eta = resolve_sampler(model, sampler, steps, eta)
     chunk = min(batch_size, num)
     shape = (chunk, *model.x0_shape)
-    plain = make_sample_fn(model, shape, sampler=name, steps=num_steps, eta=eta)
-    with_trajectory = make_sample_fn(model, shape, sampler=name, steps=num_steps, eta=eta, return_trajectory=True)
-
-    def run(key: jax.Array, want_trajectory: bool) -> Any:
-        return (with_trajectory if want_trajectory else plain)(model.params, key)
-
-    jitted = jax.jit(run, static_argnums=1)  # compiled once per (chunk shape, trajectory flag)
-    sharded = None
-    if jax.process_count() == 1 and jax.device_count() > 1 and chunk % jax.device_count() == 0:
-        # x_0 sharded along "data": XLA's sharding propagation then splits the whole chain over the devices
-        sharded = jax.jit(lambda k: run(k, False), out_shardings=parallel.batch_sharding(parallel.make_mesh()))
+    jitted, sharded = compiled_chunk_samplers(model, shape, (name, num_steps, eta))
     images, traj = [], None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
@@ -164,7 +187,7 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     for i in chunks:
         want_traj = trajectory and i == 0
         k = jax.random.fold_in(key, i)
-        out = sharded(k) if sharded is not None and not want_traj else jitted(k, want_traj)
+        out = sharded(model.params, k) if sharded is not None and not want_traj else jitted(model.params, k, want_traj)
         if want_traj:
             out, traj = out
             traj = np.asarray(traj.x)  # the Trajectory's x [S+1, b, h, w, c]
