@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -108,6 +109,37 @@ class TimestepMLP(nn.Module):
 Conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)))
 
 
+class ExampleDropout(nn.Module):
+    """Dropout (Srivastava et al. 2014, §4: r ~ Bernoulli(1 − rate), ỹ = r ⊙ y, here rescaled by 1/(1 − rate)
+    as in Flax and PyTorch) with one mask per example, drawn from that example's own key.
+
+        m_b ~ Bernoulli(1 − rate) elementwise, from fold_in(keys[b], crc32(this module's path))
+        y_b = m_b ⊙ x_b / (1 − rate)
+
+    With ``keys`` [B] (typed keys, one per example), example b's mask depends on keys[b] and on which
+    dropout layer this is, never on the other examples: a network run once on the whole batch gives
+    every example the mask it would get alone. That is what lets the training step call the model once
+    on the batch and stay independent of how the batch is split over devices. With ``keys=None`` it is
+    Flax's ``nn.Dropout`` on the "dropout" rng collection (one draw for the whole batch).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, keys: Array | None = None, *, deterministic: bool) -> Array:
+        # x: [B, ...], keys: [B] or None → [B, ...]
+        if deterministic or self.rate == 0.0:
+            return x
+        if keys is None:
+            return nn.Dropout(self.rate, deterministic=False)(x)
+        if keys.shape != x.shape[:1]:
+            raise ValueError(f"dropout_keys must be one key per example, shape [{x.shape[0]}]; got {keys.shape}")
+        site = zlib.crc32("/".join(self.scope.path).encode())  # the same number in every run and process
+        draw = lambda key: jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - self.rate, x.shape[1:])
+        keep = jax.vmap(draw)(keys)  # [B, ...]
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 class ResnetBlock(nn.Module):
     """The pre-activation ResNet block of the DDPM U-Net (Wide ResNet / PixelCNN++ style).
 
@@ -117,7 +149,8 @@ class ResnetBlock(nn.Module):
         out = (shortcut(x) + h) / output_scale_factor
 
     ``shortcut`` is the identity, or a 1×1 conv when the channel count changes. ``temb=None``
-    gives the unconditioned block used by the VAE.
+    gives the unconditioned block used by the VAE. ``dropout_keys`` [B]: one dropout key per example
+    (``ExampleDropout``); None: the "dropout" rng collection.
     """
 
     out_channels: int
@@ -128,7 +161,8 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False,
+                 dropout_keys: Array | None = None) -> Array:
         # x: [B, H, W, C_in], temb: [B, D] → [B, H, W, out_channels]
         group_norm = functools.partial(
             nn.GroupNorm, num_groups=self.num_groups, epsilon=self.eps, dtype=self.dtype
@@ -139,7 +173,7 @@ class ResnetBlock(nn.Module):
             temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + temb[:, None, None, :]  # [B, 1, 1, C_out] broadcast over H, W
         h = nn.silu(group_norm(name="norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = ExampleDropout(self.dropout, name="dropout")(h, dropout_keys, deterministic=not train)
         h = Conv3x3(self.out_channels, dtype=self.dtype, name="conv2")(h)  # [B, H, W, C_out]
         if x.shape[-1] != self.out_channels:
             x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
