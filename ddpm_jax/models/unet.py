@@ -47,6 +47,7 @@ from flax import traverse_util
 from ddpm_jax.models.layers import (
     Conv3x3,
     Downsample,
+    GroupNorm,
     ResnetBlock,
     SpatialSelfAttention,
     TimestepMLP,
@@ -589,7 +590,7 @@ class UNet(nn.Module):
             )(h, level_skips, temb, context, train=train, dropout_keys=dropout_keys)
 
         # Output head.
-        h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
+        h = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
         h = nn.silu(h)
         h = Conv3x3(cfg.out_channels, dtype=cfg.dtype, name="conv_out")(h)  # [B, H, W, out_channels]
         return h.astype(jnp.float32)
