@@ -13,8 +13,8 @@ import pytest
 from ddpm_jax.models.layers import Attention, GroupNorm, attention_probs, dot_product_attention
 
 
-@pytest.mark.parametrize("shape, groups", [((3, 6, 5, 32), 8), ((2, 7, 12), 4)])  # NHWC and tokens [B, T, C]
-def test_group_norm_equals_flax_forward_and_backward(shape, groups):
+def test_group_norm_equals_flax_forward_and_backward():
+    shape, groups = (3, 6, 5, 32), 8                                          # NHWC
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)             # mean 3, std 2: not centred
     params = {"scale": jax.random.normal(jax.random.key(1), shape[-1:]), "bias": jnp.arange(shape[-1]) * 0.1}
     ours, flax = GroupNorm(groups, epsilon=1e-6), nn.GroupNorm(groups, epsilon=1e-6)
@@ -53,7 +53,7 @@ def test_fused_attention_equals_the_explicit_softmax_path_with_and_without_a_mas
     layer = Attention(query_dim=16, num_heads=2, head_dim=8, sow_attention_probs=True)
     x, context = jax.random.normal(jax.random.key(3), (2, 9, 16)), jax.random.normal(jax.random.key(4), (2, 5, 12))
     params = layer.init(jax.random.key(5), x, context)
-    fused = layer.apply(params, x, context)
-    with_maps, state = layer.apply(params, x, context, mutable=["intermediates"])
+    both = jax.jit(lambda p: (layer.apply(p, x, context), layer.apply(p, x, context, mutable=["intermediates"])))
+    fused, (with_maps, state) = both(params)
     np.testing.assert_allclose(fused, with_maps, atol=1e-5)
     assert jax.tree.leaves(state["intermediates"])[0].shape == (2, 2, 9, 5)
