@@ -281,7 +281,7 @@ def bench_jax(cfg: BenchConfig, batch: int, sample_batch: int, iters: int, ddim_
 
 
 def _bench_library_step(cfg: BenchConfig, model, x0, iters: int) -> dict[str, Any]:
-    """ddpm_jax.training.diffusion's real step (per-example vmap, EMA, clipping, warm-up), on one device."""
+    """ddpm_jax.training.diffusion's real step (per-example draws, one batched model call, EMA, clipping, warm-up), on one device."""
     try:
         import ml_collections
 

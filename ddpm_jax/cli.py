@@ -29,7 +29,8 @@ Errors caused by the input (an unknown config key, a bad override value, a missi
 checkpoint, a dataset that is not available offline, an empty image folder, a batch that does not split
 over the devices) end the command with one line, ``ddpm-jax: error: <message>``, and exit status 2;
 a non-finite training loss ends it with exit status 1. Set ``DDPM_JAX_TRACEBACK=1`` to get the full
-traceback instead.
+traceback instead. Compiled programs are cached on disk for the next call (``compile_cache.py``:
+``~/.cache/ddpm_jax/jax_cache``; ``--no-compile-cache`` or ``DDPM_JAX_COMPILE_CACHE=off|<dir>``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ddpm_jax import compile_cache
 from ddpm_jax import config as config_lib
 from ddpm_jax import data, plotting, samplers, schedulers, tokenizer
 from ddpm_jax.diffusion_model import DiffusionModel
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="img2img.png")
     p.add_argument("--height", type=int, default=None, help="resize the image (default: its size)")
     p.add_argument("--width", type=int, default=None)
+    for command_parser in sub.choices.values():  # compile_cache.py: DDPM_JAX_COMPILE_CACHE=off|<dir> also works
+        command_parser.add_argument("--no-compile-cache", action="store_true", help="do not reuse compiled programs")
     return parser
 
 
@@ -308,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):  # checkpoint/compile chatter; warnings still show
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        compile_cache.enable(not args.no_compile_cache)
         for line in dispatch(args):
             print(line)
     except (ValueError, OSError, FloatingPointError) as err:  # OSError: also an unwritable --workdir, a full disk

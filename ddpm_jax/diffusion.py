@@ -268,6 +268,14 @@ def ddim_step(
 # Training objective (Algorithm 1)
 # ================================================================================================
 
+def draw_t_eps(schedule: Schedule, x0: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Algorithm 1's draws for a batch x_0 [B, H, W, C]: t ~ Uniform{0..T−1} [B] and ε ~ N(0, I) [B, H, W, C]."""
+    key_t, key_eps = jax.random.split(key)
+    t = jax.random.randint(key_t, (x0.shape[0],), 0, schedule.num_timesteps)  # [B]
+    eps = jax.random.normal(key_eps, x0.shape, x0.dtype)                       # [B, H, W, C]
+    return t, eps
+
+
 def loss_simple(
     schedule: Schedule,
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -279,14 +287,21 @@ def loss_simple(
 ) -> jax.Array:
     """Algorithm 1 / Eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖².
 
-    Draws t ~ Uniform{0..T−1} (one per example) and ε ~ N(0, I) from ``key``, calls ``model_fn(x_t, t)``,
-    and returns the mean squared error over all elements (a scalar). With ``prediction`` "x0" or "v"
-    the target is x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead of ε.
+    Draws t ~ Uniform{0..T−1} (one per example) and ε ~ N(0, I) from ``key``, calls ``model_fn(x_t, t)``
+    once on the whole batch, and returns the mean squared error over all elements (a scalar). With
+    ``prediction`` "x0" or "v" the target is x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead of ε.
+    ``key`` is one typed key, or one per example [B]: then example b's (t, ε) come from key[b] alone,
+    exactly what ``key[b]`` would draw for a batch of one (the training step's per-example rule).
     """
     _check_choice("prediction", prediction, PREDICTIONS)
-    key_t, key_eps = jax.random.split(key)
-    t = jax.random.randint(key_t, (x0.shape[0],), 0, schedule.num_timesteps)  # [B]
-    eps = jax.random.normal(key_eps, x0.shape, x0.dtype)                       # [B, H, W, C]
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:  # one key per example
+        if key.shape[0] != x0.shape[0]:
+            raise ValueError(f"loss_simple got {key.shape[0]} keys for a batch of {x0.shape[0]}: pass one key "
+                             f"or one per example")
+        t, eps = jax.vmap(lambda k, x: draw_t_eps(schedule, x[None], k))(key, x0)  # [B, 1], [B, 1, H, W, C]
+        t, eps = t[:, 0], eps[:, 0]                                                 # [B], [B, H, W, C]
+    else:
+        t, eps = draw_t_eps(schedule, x0, key)
     x_t = q_sample_fn(schedule, x0, t, eps)
     if prediction == "eps":
         target = eps

@@ -72,7 +72,8 @@ def test_layer_profile_runs_on_a_tiny_shape():
     bench_layers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_layers)
     rows = bench_layers.main(["--shapes", "2x8x8x8", "--groups", "4", "--iters", "1"])
-    assert {row["op"] for row in rows} == {"conv_fwd", "conv_fwd_bwd", "group_norm"}
+    assert {row["op"] for row in rows} == {"conv_fwd", "conv_fwd_bwd", "group_norm", "group_norm_fwd_bwd",
+                                          "group_norm_flax", "group_norm_flax_fwd_bwd"}
     assert all(_positive(row["jax_ms"]) for row in rows)
     with pytest.raises(ValueError, match="BxHxWxC"):
         bench_layers.parse_shape("8x8")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -101,11 +102,91 @@ class TimestepMLP(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Group normalization
+# --------------------------------------------------------------------------------------------
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018, Eqs. 1–3), equal to Flax's ``nn.GroupNorm`` (same parameter names
+    ``scale`` γ and ``bias`` β, same numbers to ~1e-6) and to torch's ``GroupNorm``, written so that XLA
+    compiles it to two cheap passes over x:
+
+        μ_{b,g}  = mean of x over the positions and the C/G channels of group g          (Eq. 1)
+        σ²_{b,g} = E[x²] − μ²_{b,g}                 (clamped at 0; Flax's default fast variance)  (Eq. 2)
+        y = γ_c (x − μ_{b,g}) / √(σ²_{b,g} + ε) + β_c = a_{b,c} · x + b_{b,c}          (Eq. 3)
+        with a_{b,c} = γ_c / √(σ²_{b,g(c)} + ε) and b_{b,c} = β_c − μ_{b,g(c)} a_{b,c}
+
+    The statistics are per-channel sums over the positions ([B, C]: one contiguous reduction of x and
+    x²), then pooled over each group's channels ([B, G]); the output is one multiply-add per element.
+    Flax's formulation reduces x reshaped to [B, …, G, C/G] over non-adjacent axes, which XLA:CPU
+    compiles to slower loops (benchmarks/README.md, "GroupNorm"). Statistics run in float32 whatever
+    ``dtype`` (the output's).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # x: [B, ..., C] → [B, ..., C]
+        channels, groups = x.shape[-1], self.num_groups
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into num_groups={groups} groups; "
+                             f"use a num_groups that divides {channels}")
+        gamma = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)  # [C]
+        beta = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)  # [C]
+        x32 = x.astype(jnp.float32)
+        positions = tuple(range(1, x.ndim - 1))
+        batch = x.shape[0]
+        mean_c = jnp.mean(x32, axis=positions)  # [B, C]
+        square_c = jnp.mean(jnp.square(x32), axis=positions)  # [B, C]
+        mean_g = mean_c.reshape(batch, groups, -1).mean(-1)  # [B, G]
+        var_g = jnp.maximum(square_c.reshape(batch, groups, -1).mean(-1) - jnp.square(mean_g), 0.0)  # [B, G]
+        per_channel = lambda a: jnp.repeat(a, channels // groups, axis=1)  # [B, G] → [B, C]
+        a = per_channel(jax.lax.rsqrt(var_g + self.epsilon)) * gamma  # [B, C]
+        b = beta - per_channel(mean_g) * a  # [B, C]
+        shape = (batch,) + (1,) * len(positions) + (channels,)  # [B, 1, …, 1, C]
+        return (x32 * a.reshape(shape) + b.reshape(shape)).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # Convolutions: ResNet block, down- and up-sampling
 # --------------------------------------------------------------------------------------------
 
 # "Same" 3×3 convolution, PyTorch's Conv2d(kernel_size=3, padding=1).
 Conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)))
+
+
+class ExampleDropout(nn.Module):
+    """Dropout (Srivastava et al. 2014, §4: r ~ Bernoulli(1 − rate), ỹ = r ⊙ y, here rescaled by 1/(1 − rate)
+    as in Flax and PyTorch) with one mask per example, drawn from that example's own key.
+
+        m_b ~ Bernoulli(1 − rate) elementwise, from fold_in(keys[b], crc32(this module's path))
+        y_b = m_b ⊙ x_b / (1 − rate)
+
+    With ``keys`` [B] (typed keys, one per example), example b's mask depends on keys[b] and on which
+    dropout layer this is, never on the other examples: a network run once on the whole batch gives
+    every example the mask it would get alone. That is what lets the training step call the model once
+    on the batch and stay independent of how the batch is split over devices. With ``keys=None`` it is
+    Flax's ``nn.Dropout`` on the "dropout" rng collection (one draw for the whole batch).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, keys: Array | None = None, *, deterministic: bool) -> Array:
+        # x: [B, ...], keys: [B] or None → [B, ...]
+        if deterministic or self.rate == 0.0:
+            return x
+        if keys is None:
+            return nn.Dropout(self.rate, deterministic=False)(x)
+        if keys.shape != x.shape[:1]:
+            raise ValueError(f"dropout_keys must be one key per example, shape [{x.shape[0]}]; got {keys.shape}")
+        site = zlib.crc32("/".join(self.scope.path).encode())  # the same number in every run and process
+        draw = lambda key: jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - self.rate, x.shape[1:])
+        keep = jax.vmap(draw)(keys)  # [B, ...]
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
 class ResnetBlock(nn.Module):
@@ -117,7 +198,8 @@ class ResnetBlock(nn.Module):
         out = (shortcut(x) + h) / output_scale_factor
 
     ``shortcut`` is the identity, or a 1×1 conv when the channel count changes. ``temb=None``
-    gives the unconditioned block used by the VAE.
+    gives the unconditioned block used by the VAE. ``dropout_keys`` [B]: one dropout key per example
+    (``ExampleDropout``); None: the "dropout" rng collection.
     """
 
     out_channels: int
@@ -128,10 +210,11 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False,
+                 dropout_keys: Array | None = None) -> Array:
         # x: [B, H, W, C_in], temb: [B, D] → [B, H, W, out_channels]
         group_norm = functools.partial(
-            nn.GroupNorm, num_groups=self.num_groups, epsilon=self.eps, dtype=self.dtype
+            GroupNorm, num_groups=self.num_groups, epsilon=self.eps, dtype=self.dtype
         )
         h = nn.silu(group_norm(name="norm1")(x))
         h = Conv3x3(self.out_channels, dtype=self.dtype, name="conv1")(h)  # [B, H, W, C_out]
@@ -139,7 +222,7 @@ class ResnetBlock(nn.Module):
             temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + temb[:, None, None, :]  # [B, 1, 1, C_out] broadcast over H, W
         h = nn.silu(group_norm(name="norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = ExampleDropout(self.dropout, name="dropout")(h, dropout_keys, deterministic=not train)
         h = Conv3x3(self.out_channels, dtype=self.dtype, name="conv2")(h)  # [B, H, W, C_out]
         if x.shape[-1] != self.out_channels:
             x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
@@ -207,6 +290,26 @@ def attention_probs(q: Array, k: Array, mask: Array | None = None) -> Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
+    """softmax(Q Kᵀ / √d) V per head (Vaswani et al. 2017, Eq. 1) as one fused ``jax.nn.dot_product_attention``.
+
+    On a GPU with fp16/bf16 inputs and no mask this is cuDNN's flash attention, which never stores the
+    [B, heads, T, S] scores (Stable Diffusion's 64² latents: T = S = 4096); everywhere else (CPU, TPU,
+    float32, masks, shapes cuDNN refuses) XLA's implementation. The softmax runs in float32.
+
+    Args:
+      q: [B, T, heads, d]; k, v: [B, S, heads, d]; mask: boolean broadcastable to [B, heads, T, S].
+    Returns:
+      [B, T, heads, d].
+    """
+    if mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # cuDNN refuses this shape or this GPU
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017, Eq. 1 and §3.2.2).
 
@@ -254,8 +357,7 @@ class Attention(nn.Module):
             self.sow("intermediates", "attention_probs", probs)
             out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)  # [B, T, heads, head_dim]
         else:
-            # softmax(q kᵀ / √head_dim) v per head; the softmax runs in float32 even for bf16 inputs.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, heads, head_dim]
+            out = dot_product_attention(q, k, v, mask)  # [B, T, heads, head_dim], fused (cuDNN on GPU)
         out = out.reshape(batch, tokens, self.num_heads * self.head_dim)  # [B, T, inner_dim]
         return self.to_out_0(out)
 
@@ -275,7 +377,7 @@ class SpatialSelfAttention(Attention):
 
     def setup(self):
         super().setup()
-        self.group_norm = nn.GroupNorm(
+        self.group_norm = GroupNorm(
             num_groups=self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype
         )
 
@@ -390,7 +492,7 @@ class Transformer2D(nn.Module):
             project = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name)
         else:
             project = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name)
-        h = nn.GroupNorm(self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)  # [B, H, W, C]
+        h = GroupNorm(self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)  # [B, H, W, C]
         h = project(inner_dim, "proj_in")(h).reshape(batch, height * width, inner_dim)  # [B, H·W, inner]
         for i in range(self.num_layers):
             h = BasicTransformerBlock(

@@ -47,6 +47,7 @@ from flax import traverse_util
 from ddpm_jax.models.layers import (
     Conv3x3,
     Downsample,
+    GroupNorm,
     ResnetBlock,
     SpatialSelfAttention,
     TimestepMLP,
@@ -419,13 +420,14 @@ class DownBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False
+        self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False,
+        dropout_keys: Array | None = None,
     ) -> tuple[Array, list[Array]]:
         # h: [B, H, W, C_in] → [B, H/2, W/2, C_out] (or [B, H, W, C_out] at the last level)
         cfg = self.config
         skips = []
         for i in range(cfg.layers_per_block):
-            h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train)  # [B, H, W, C_out]
+            h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train, dropout_keys=dropout_keys)  # [B, H, W, C_out]
             if self.attention:
                 layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
                 h = _attend(layer, self.attention, h, context)
@@ -442,16 +444,17 @@ class MidBlock(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False) -> Array:
+    def __call__(self, h: Array, temb: Array, context: Array | None = None, *, train: bool = False,
+                 dropout_keys: Array | None = None) -> Array:
         # h: [B, h, w, C] → [B, h, w, C]
         cfg = self.config
         channels, scale = h.shape[-1], cfg.mid_block_scale_factor
         kind = MID_BLOCK_ATTENTION[cfg.mid_block_type]
-        h = _resnet(cfg, channels, "resnets_0", scale)(h, temb, train=train)
+        h = _resnet(cfg, channels, "resnets_0", scale)(h, temb, train=train, dropout_keys=dropout_keys)
         if kind == "cross" or cfg.add_attention:
             layer = _attention(cfg, kind, channels, "attentions_0", scale, heads=cfg.level_heads[-1])
             h = _attend(layer, kind, h, context)
-        return _resnet(cfg, channels, "resnets_1", scale)(h, temb, train=train)
+        return _resnet(cfg, channels, "resnets_1", scale)(h, temb, train=train, dropout_keys=dropout_keys)
 
 
 class UpBlock(nn.Module):
@@ -465,13 +468,14 @@ class UpBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, h: Array, skips: list[Array], temb: Array, context: Array | None = None, *, train: bool = False
+        self, h: Array, skips: list[Array], temb: Array, context: Array | None = None, *, train: bool = False,
+        dropout_keys: Array | None = None,
     ) -> Array:
         # h: [B, H, W, C_prev], skips: the encoder activations of this level, consumed last-first
         cfg = self.config
         for i, skip in enumerate(reversed(skips)):
             h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_prev + C_skip]
-            h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train)  # [B, H, W, C_out]
+            h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train, dropout_keys=dropout_keys)  # [B, H, W, C_out]
             if self.attention:
                 layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
                 h = _attend(layer, self.attention, h, context)
@@ -493,8 +497,9 @@ class UNet(nn.Module):
     with x [B, H, W, in_channels] (NHWC), integer timesteps t [B] (or a scalar, used for the whole
     batch), context [B or 1, L, cross_attention_dim] when the config has cross-attention blocks, and
     class_labels (integers [B] or a scalar; vectors [B, D] for class_embed_type="projection") when it
-    is class-conditional. With ``train=True``, dropout is active and draws from the "dropout" rng
-    collection. See ``check_condition`` for what is checked where.
+    is class-conditional. With ``train=True``, dropout is active: with ``dropout_keys`` [B] (one typed
+    key per example, ``layers.ExampleDropout``) example b's masks come from its own key, otherwise they
+    draw from the "dropout" rng collection. See ``check_condition`` for what is checked where.
     """
 
     config: UNetConfig
@@ -539,6 +544,7 @@ class UNet(nn.Module):
         class_labels: Array | None = None,
         *,
         train: bool = False,
+        dropout_keys: Array | None = None,
     ) -> Array:
         cfg = self.config
         self._check_inputs(x, t, context, class_labels)
@@ -564,10 +570,10 @@ class UNet(nn.Module):
                 add_downsample=level < cfg.num_levels - 1,
                 num_heads=cfg.level_heads[level],
                 name=f"down_blocks_{level}",
-            )(h, temb, context, train=train)
+            )(h, temb, context, train=train, dropout_keys=dropout_keys)
             skips += level_skips
 
-        h = MidBlock(cfg, name="mid_block")(h, temb, context, train=train)  # [B, H/2^(L-1), W/2^(L-1), C_last]
+        h = MidBlock(cfg, name="mid_block")(h, temb, context, train=train, dropout_keys=dropout_keys)  # [B, H/2^(L-1), W/2^(L-1), C_last]
 
         # Up path, from the lowest resolution; each level consumes layers_per_block + 1 skips.
         up_channels, up_heads = cfg.block_out_channels[::-1], cfg.level_heads[::-1]
@@ -581,10 +587,10 @@ class UNet(nn.Module):
                 add_upsample=level < cfg.num_levels - 1,
                 num_heads=up_heads[level],
                 name=f"up_blocks_{level}",
-            )(h, level_skips, temb, context, train=train)
+            )(h, level_skips, temb, context, train=train, dropout_keys=dropout_keys)
 
         # Output head.
-        h = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
+        h = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=cfg.dtype, name="conv_norm_out")(h)
         h = nn.silu(h)
         h = Conv3x3(cfg.out_channels, dtype=cfg.dtype, name="conv_out")(h)  # [B, H, W, out_channels]
         return h.astype(jnp.float32)

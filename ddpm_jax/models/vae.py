@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ddpm_jax.models.layers import Conv3x3, Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from ddpm_jax.models.layers import Conv3x3, Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
 from ddpm_jax.objectives import LIKELIHOODS, gaussian_kl, reparameterize, sum_flat
 
 Array = jax.Array
@@ -321,7 +321,7 @@ class Encoder(nn.Module):
             last = level == cfg.num_levels - 1
             h = DownEncoderBlock(cfg, channels, not last, name=f"down_blocks_{level}")(h)
         h = VAEMidBlock(cfg, name="mid_block")(h)  # [B, H/f, W/f, C_last]
-        h = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=cfg.dtype, name="conv_norm_out")(h))
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=cfg.dtype, name="conv_norm_out")(h))
         return Conv3x3(2 * cfg.latent_channels, dtype=cfg.dtype, name="conv_out")(h)  # [B, H/f, W/f, 2·latent]
 
 
@@ -339,7 +339,7 @@ class Decoder(nn.Module):
         for level, channels in enumerate(reversed_channels):
             last = level == cfg.num_levels - 1
             h = UpDecoderBlock(cfg, channels, not last, name=f"up_blocks_{level}")(h)
-        h = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=cfg.dtype, name="conv_norm_out")(h))
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=cfg.dtype, name="conv_norm_out")(h))
         return Conv3x3(cfg.out_channels, dtype=cfg.dtype, name="conv_out")(h)  # [B, H, W, out_channels]
 
 

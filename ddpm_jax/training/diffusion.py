@@ -14,9 +14,11 @@ plus what the paper's experiments add (Section 4 and Appendix B): Adam (lr 2e-4,
 exponential moving average (EMA, decay 0.9999) of the parameters, which is what is sampled from.
 
 Randomness: the loop holds ONE key (from ``train.seed``). Step s uses ``fold_in(key, s)``; example i of
-the global batch uses ``fold_in(fold_in(key, s), i)``, split into its flip / (t, ε) / dropout keys. So
-every random number is a function of (seed, step, example index) only: restarting at step s replays the
-same stream, and the result does not depend on how many devices share the batch (jit or pmap).
+the global batch uses ``fold_in(fold_in(key, s), i)``, split into its flip / (t, ε) / dropout / c ← ∅ keys.
+So every random number is a function of (seed, step, example index) only: restarting at step s replays the
+same stream, and the result does not depend on how many devices share the batch (jit or pmap). The
+draws are made per example, the network runs once on the whole batch (its dropout masks from the
+per-example dropout keys, ``layers.ExampleDropout``).
 
 Parallelism (``train.parallel``): "jit" (default) compiles the global-batch step once with
 ``jax.jit`` over a ``Mesh`` (``parallel.py``): batch sharded on "data", state replicated, state buffers
@@ -111,6 +113,20 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 # The step: one body, two parallel formulations
 # ================================================================================================
 
+def _example_draws(example: dict[str, jax.Array], key: jax.Array, *, random_flip: bool, p_uncond: float,
+                   null_condition: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """One example's own randomness, from its key alone: (example with x0 flipped and c ← ∅ applied,
+    its (t, ε) key, its dropout key). Run under ``vmap`` over the batch's examples and keys."""
+    flip_key, loss_key, dropout_key, cond_key = jax.random.split(key, 4)
+    x = example["x0"]                                                         # [H, W, C]
+    if random_flip:
+        x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
+    cond = {k: example[k][None] for k in CONDITION_KEYS if k in example}      # a batch of one
+    if cond and p_uncond > 0:                                                  # c ← ∅ with probability p_uncond
+        cond = guidance.drop_condition(cond_key, cond, {k: null_condition[k] for k in cond}, p_uncond)
+    return {"x0": x, **{k: v[0] for k, v in cond.items()}}, loss_key, dropout_key
+
+
 def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: jax.Array, *, model: nn.Module,
                     schedule: Schedule, prediction: str, random_flip: bool, p_uncond: float,
                     null_condition: dict[str, jax.Array]) -> tuple[jax.Array, PyTree]:
@@ -120,25 +136,22 @@ def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: j
     ``batch["label"]`` [B] or ``batch["context"]`` [B, L, D], which each example replaces by
     ``null_condition[...]`` with probability ``p_uncond`` (conditioning dropout, Ho & Salimans 2021,
     Algorithm 1): one network learns ε(x_t, c) and ε(x_t, ∅) for classifier-free guidance.
+
+    Every random draw is per example (flip, c ← ∅, t, ε and the dropout masks, each from example i's
+    key only), but the network runs ONCE on the whole batch: ``loss_simple`` takes the [B] keys, and the
+    U-Net's ``dropout_keys`` give each example its own masks (``layers.ExampleDropout``). The mean over
+    all elements equals the mean of the per-example losses (equal-sized examples).
     """
-
-    def example_loss(params: PyTree, example: dict[str, jax.Array], key: jax.Array) -> jax.Array:
-        flip_key, loss_key, dropout_key, cond_key = jax.random.split(key, 4)
-        x = example["x0"]                                                     # [H, W, C]
-        if random_flip:
-            x = jnp.where(jax.random.bernoulli(flip_key), x[:, ::-1, :], x)
-        cond = {k: example[k][None] for k in CONDITION_KEYS if k in example}  # a batch of one
-        if cond and p_uncond > 0:                                              # c ← ∅ with probability p_uncond
-            cond = guidance.drop_condition(cond_key, cond, {k: null_condition[k] for k in cond}, p_uncond)
-        kwargs = model_condition(cond)
-
-        def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-            return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **kwargs)
-
-        return diffusion.loss_simple(schedule, model_fn, x[None], loss_key, prediction=prediction)  # Algorithm 1
+    draws = functools.partial(_example_draws, random_flip=random_flip, p_uncond=p_uncond,
+                              null_condition=null_condition)
+    examples, loss_keys, dropout_keys = jax.vmap(draws)(batch, example_keys)  # [B, ...], [B], [B]
+    kwargs = model_condition({k: examples[k] for k in CONDITION_KEYS if k in examples})
 
     def loss_fn(params: PyTree) -> jax.Array:
-        return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0, 0))(params, batch, example_keys))
+        def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:                # [B, H, W, C], [B]
+            return model.apply({"params": params}, x_t, t, train=True, dropout_keys=dropout_keys, **kwargs)
+
+        return diffusion.loss_simple(schedule, model_fn, examples["x0"], loss_keys, prediction=prediction)
 
     return jax.value_and_grad(loss_fn)(params)
 
