@@ -95,6 +95,16 @@ def load_dataset(data_config: Any) -> np.ndarray:
     return load_dataset_with_labels(data_config).images
 
 
+def check_images(images: Any, data_config: Any) -> np.ndarray:
+    """``images`` as float32 [N, H, W, C], checked against ``data_config`` (``image_size``, ``channels``): what a
+    trainer given its images directly (tests, notebooks) must receive; a mismatch is one clear error."""
+    images = np.asarray(images, np.float32)
+    expected = (data_config.image_size, data_config.image_size, data_config.channels)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images have shape {images.shape}, but config.data asks for [N, {', '.join(map(str, expected))}]")
+    return images
+
+
 def load_dataset_with_labels(data_config: Any) -> Dataset:
     """Like :func:`load_dataset`, but also returns the class labels (None for image folders).
 

@@ -83,3 +83,22 @@ def in_process_compilation_cache():
             cc.reset_cache()
 
     return cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGKILL mid-run: the fault the exact-resume tests inject
+# ------------------------------------------------------------------------------------------------
+
+def sigkill_when(command: list[str], ready, timeout: float) -> None:
+    """Starts ``command`` (with :func:`subprocess_env`) and SIGKILLs it as soon as ``ready()`` is true (or it
+    ends, or ``timeout`` seconds pass): no clean shutdown, no final checkpoint."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

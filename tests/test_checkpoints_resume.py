@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 from PIL import Image
 
-from _training_fixtures import subprocess_env
+from _training_fixtures import sigkill_when, subprocess_env
 from ddpm_jax import checkpoints
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_training_worker.py")
@@ -39,13 +37,7 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _run_to_end(straight)  # also fills the compilation cache for the runs below
 
-    proc = subprocess.Popen(_command(resumed), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not _complete_checkpoints(resumed) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(_command(resumed), lambda: _complete_checkpoints(resumed), timeout=240)
     killed_at = checkpoints.latest_step(resumed)
     assert killed_at is not None and killed_at < NUM_STEPS, killed_at  # it really stopped mid-run
 

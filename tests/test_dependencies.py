@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import configparser
 import importlib.metadata
+import os
 import pathlib
 import re
 import shutil
@@ -109,8 +110,9 @@ def test_extras_hub_and_notebooks_are_pinned_in_the_constraints(setup_cfg):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_notebooks_installs_the_extra_and_opens_jupyterlab(tmp_path):
-    out = subprocess.run(["make", "-n", "-W", ".venv/.base", "notebooks"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)                    # -n: print the commands only, run nothing
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # also under `make test`
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-W", ".venv/.base", "notebooks"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)   # -n: print the commands only, run nothing
     assert out.returncode == 0, out.stderr
     assert "-e '.[notebooks]'" in out.stdout and "-c requirements/constraints.txt" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == ".venv/bin/jupyter lab notebooks/"

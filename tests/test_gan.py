@@ -7,11 +7,8 @@ import functools
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +19,7 @@ from PIL import Image
 from scipy import stats
 
 from _cli import run_cli
-from _training_fixtures import in_process_compilation_cache, subprocess_env
+from _training_fixtures import in_process_compilation_cache, sigkill_when
 from ddpm_jax import checkpoints, cli, objectives
 from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.models.gan import generator_output_shape
@@ -257,14 +254,8 @@ def test_sigkill_then_rerun_resumes_bit_identically_with_both_optimisers(tiny, s
     config, _ = tiny
     straight_dir, _ = straight
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, WORKER, "gan", str(config), str(resumed), "0.25"],
-                            env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not _checkpoint_steps(resumed) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when([sys.executable, WORKER, "gan", str(config), str(resumed), "0.25"],
+                 lambda: _checkpoint_steps(resumed), timeout=120)
     killed_at = checkpoints.latest_step(resumed)
     assert killed_at is not None and killed_at < NUM_STEPS, killed_at  # it really stopped mid-run
 

@@ -519,10 +519,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, imag
     if images is None:
         dataset = data_lib.load_dataset_with_labels(config.data)
         images, labels = dataset.images, dataset.labels
-    images = np.asarray(images, np.float32)  # [N, H, W, C]
-    expected = (config.data.image_size, config.data.image_size, config.data.channels)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images have shape {images.shape}, but config.data asks for [N, {', '.join(map(str, expected))}]")
+    images = data_lib.check_images(images, config.data)  # [N, H, W, C]
     train_idx, held_idx = split_held_out(len(images), int(config.data.get("num_held_out", 500)), cfg.seed)
     workdir = os.fspath(workdir)
     if jax.process_index() == 0:

@@ -126,12 +126,7 @@ def make_sampler(flow: Flow, n: int, key: jax.Array) -> Callable[[PyTree, float]
 
 def load_levels(config: ml_collections.ConfigDict, images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) uint8 levels [N, H, W, C] of ``config.data`` (or of ``images`` in [−1, 1])."""
-    if images is None:
-        images = data_lib.load_dataset(config.data)
-    images = np.asarray(images, np.float32)
-    expected = (config.data.image_size, config.data.image_size, config.data.channels)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images have shape {images.shape}, but config.data asks for [N, {', '.join(map(str, expected))}]")
+    images = data_lib.check_images(data_lib.load_dataset(config.data) if images is None else images, config.data)
     levels = plotting.to_uint8(images)                                      # x ∈ {0, …, 255}
     train_idx, held_idx = split_held_out(len(levels), int(config.data.get("num_held_out", 500)), config.train.seed)
     return levels[train_idx], levels[held_idx]

@@ -305,13 +305,7 @@ def train_speed(metrics_path: str, seconds: float, steps: int) -> dict[str, Any]
 
 def load_images(config: ml_collections.ConfigDict, images: np.ndarray | None) -> np.ndarray:
     """The training images [N, H, W, C] in [−1, 1], checked against config.data."""
-    if images is None:
-        images = data_lib.load_dataset(config.data)
-    images = np.asarray(images, np.float32)
-    expected = (config.data.image_size, config.data.image_size, config.data.channels)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images have shape {images.shape}, but config.data asks for [N, {', '.join(map(str, expected))}]")
-    return images
+    return data_lib.check_images(data_lib.load_dataset(config.data) if images is None else images, config.data)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, images: np.ndarray | None = None) -> GANState:
