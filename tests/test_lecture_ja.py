@@ -107,7 +107,7 @@ def test_the_checker_fails_on_made_up_names():
         " `ddpm_jax.gan.train` is no module; `ddpm_jax.objectives.hinge_d_loss.nope` no attribute;"
         " `ddpm_jax.pipelines.stable_diffusion.StableDiffusion.txt2img` resolves a method.\n"
         "tests/test_diffusion.py::test_posterior_is_bayes_rule exists; tests/test_diffusion.py::test_made_up does not;"
-        " tests/test_gan.py::test_x has no file.\n"
+        " tests/test_no_such_family.py::test_x has no file.\n"
         "notebooks/01_forward_process.ipynb exists, notebooks/08_gan_and_flows.ipynb does not;"
         " docs/equations.md exists, docs/nothing.md does not.\n")
     problems = check_guide(text)
@@ -118,10 +118,10 @@ def test_the_checker_fails_on_made_up_names():
         "name `ddpm_jax.objectives.hinge_d_loss.nope` does not resolve: AttributeError: "
         "'function' object has no attribute 'nope'",
         "tests/test_diffusion.py defines no test function test_made_up",
-        "test file tests/test_gan.py (of tests/test_gan.py::test_x) does not exist",
+        "test file tests/test_no_such_family.py (of tests/test_no_such_family.py::test_x) does not exist",
         "file docs/nothing.md does not exist",
         "file notebooks/08_gan_and_flows.ipynb does not exist",
-        "file tests/test_gan.py does not exist",
+        "file tests/test_no_such_family.py does not exist",
     ], problems
 
 
