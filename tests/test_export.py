@@ -400,6 +400,19 @@ def test_text_to_image_export_is_a_stable_diffusion_folder(text_to_image_export,
     _assert_same_params(sd.params["vae"], ae_ema)
     _assert_same_params(sd.params["text_encoder"], clip_ema["text_model"])
 
+    # diffusers' pipeline components compute what ours compute: τ(y) and ε_θ(z_t, t, τ(y))
+    with torch.no_grad():
+        states = pipe.text_encoder(torch.from_numpy(np.asarray(ids, np.int64))).last_hidden_state.numpy()   # [1, 8, 16]
+    np.testing.assert_allclose(np.asarray(sd.encode_prompt(["a digit two"])), states, rtol=0, atol=ATOL)
+    rng = np.random.default_rng(1)
+    z, t = rng.standard_normal((1, 2, 4, 4)).astype(np.float32), np.array([17])     # NCHW latents
+    with torch.no_grad():
+        expected = pipe.unet(torch.from_numpy(z), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(states)).sample.numpy()
+    got = _apply(sd.unet, {"params": sd.params["unet"]}, jnp.asarray(z.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                 context=jnp.asarray(states))
+    assert np.abs(expected).mean() > 0.1
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
+
 
 def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates(text_to_image_export):
     """``StableDiffusion.from_pretrained(export).txt2img`` (one compiled program: τ(y), the guided DDIM chain, D)
