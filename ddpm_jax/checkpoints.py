@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,11 +79,22 @@ def _quiet_absl() -> Iterator[None]:
 
 
 class _OrbaxErrorsRaisedHere(logging.Filter):
-    """Drops orbax's ERROR log lines (tracebacks from its save threads): the Checkpointer re-raises the failure
-    as one :class:`CheckpointWriteError` naming its cause."""
+    """Drops the ERROR log lines of orbax's failed save threads: the Checkpointer re-raises the failure as one
+    :class:`CheckpointWriteError` naming its cause.
+
+    Two loggers print them: absl (orbax's own "error in save thread" lines, logged from orbax's files) and
+    asyncio ("Task exception was never retrieved" for the TensorStore writes that failed beside the one that
+    was re-raised: logged whenever the garbage collector reaches the task, possibly at interpreter exit, with
+    the orbax frames in the record's traceback).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb))
 
 
 def _drop_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -233,7 +245,9 @@ class Checkpointer:
                                        f"give a writable --workdir") from None
         self._unsealed: list[int] = []  # steps whose save was started but whose manifest is not written yet
         self._filter = _OrbaxErrorsRaisedHere()
-        logging.getLogger("absl").addFilter(self._filter)
+        self._write_failed = False
+        for logger in ("absl", "asyncio"):
+            logging.getLogger(logger).addFilter(self._filter)
         self._unraisablehook = sys.unraisablehook
         sys.unraisablehook = _drop_closed_loop_callbacks(self._unraisablehook)
 
@@ -242,6 +256,7 @@ class Checkpointer:
 
     def _write_error(self, step: int | None, err: Exception) -> CheckpointWriteError:
         older = sorted(s for s in self._mgr.all_steps() if step is None or s < step)
+        self._write_failed = True  # the failed writes' asyncio tasks may be collected after close(): keep the filter
         cause = str(err).splitlines()[0] if str(err) else ""
         cause = cause if len(cause) <= 160 else "..." + cause[-140:]  # TensorStore puts the OS error last
         return CheckpointWriteError(
@@ -304,7 +319,9 @@ class Checkpointer:
         finally:
             self._mgr.close()
             logging.getLogger("absl").removeFilter(self._filter)
-            sys.unraisablehook = self._unraisablehook
+            if not self._write_failed:
+                logging.getLogger("asyncio").removeFilter(self._filter)
+                sys.unraisablehook = self._unraisablehook
 
 
 # ================================================================================================

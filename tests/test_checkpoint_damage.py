@@ -189,7 +189,26 @@ def save_on_a_full_disk(self, state, force=False):  # once step 10 is on disk, n
 
 checkpoints.Checkpointer.save = save_on_a_full_disk
 cli.TRAINERS["train"][0].train = lambda config, workdir: t.toy_run(workdir)
-sys.exit(cli.main(["train", "--config", {mnist!r}, "--workdir", {workdir!r}]))
+try:
+    status = cli.main(["train", "--config", {mnist!r}, "--workdir", {workdir!r}])
+except SystemExit as exit:
+    status = exit.code
+finally:
+    # A failed TensorStore write whose task nobody awaited, collected late (as seen once in CI under load: asyncio's
+    # "Task exception was never retrieved" with orbax's traceback, after the error line). Its coroutine is compiled
+    # under the name of orbax's serialization file so that its frames are orbax's.
+    import asyncio, gc, os
+    orbax_file = os.path.join(os.path.dirname(checkpoints.ocp.__file__), "_src", "serialization", "serialization.py")
+    namespace = {{}}
+    exec(compile("async def async_serialize_from_host():\\n    raise ValueError('OUT_OF_RANGE: File too large')\\n",
+                 orbax_file, "exec"), namespace)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(namespace["async_serialize_from_host"]())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    del task
+    gc.collect()
+sys.exit(status)
 """
 
 
@@ -198,10 +217,11 @@ def test_a_failed_checkpoint_write_ends_train_with_one_line_and_keeps_the_earlie
     code = FAILING_WRITE.format(tests=os.path.dirname(os.path.abspath(__file__)), mnist=MNIST, workdir=str(workdir))
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                          timeout=300)
-    # one error line; under heavy load orbax's writer thread may still print its traceback around it (a known gap,
-    # issue 19 note: seen once in a fresh-clone CI run at load ~2, never on a warm compile cache)
-    errors = [line for line in out.stderr.splitlines() if line.startswith("ddpm-jax: error:")]
-    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    # exactly one line besides the progress bar: neither orbax's save threads nor asyncio's late report of the
+    # failed writes' tasks print a traceback
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("run:")]
+    errors = [line for line in lines if line.startswith("ddpm-jax: error:")]
+    assert out.returncode == 2 and len(errors) == 1 and lines == errors, out.stderr[-3000:]
     assert errors[0].startswith(f"ddpm-jax: error: writing checkpoint step 20 to {workdir}/checkpoints failed")
     assert "File too large" in errors[0] and "intact steps [10]" in errors[0]
     assert checkpoints.latest_step(workdir) == 10
