@@ -30,6 +30,7 @@ __all__ = [
     "forward_timesteps",
     "plot_forward_process",
     "save_trajectory_strip",
+    "new_figure",
     "save_figure",
 ]
 
@@ -133,14 +134,13 @@ def plot_loss_curve(
     metrics_jsonl_path: PathLike, png_path: PathLike, key: str = "loss", weight: float = 0.9
 ) -> pathlib.Path:
     """Plots ``key`` against ``step`` from a metrics.jsonl file: raw (faint) and smoothed, log scale."""
-    import matplotlib.pyplot as plt
-
     records = [r for r in read_metrics(metrics_jsonl_path) if key in r]
     if not records:
         raise ValueError(f"{metrics_jsonl_path} has no records with a {key!r} field")
     steps = [r.get("step", i) for i, r in enumerate(records)]
     values = [r[key] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(steps, values, alpha=0.3, lw=1, label=key)
     ax.plot(steps, smooth(values, weight), lw=2, label=f"{key} (smoothed)")
     ax.set_xlabel("step")
@@ -153,14 +153,19 @@ def plot_loss_curve(
     return save_figure(fig, png_path)
 
 
-def save_figure(fig: Any, path: PathLike) -> pathlib.Path:
-    """Write a matplotlib figure to ``path`` (PNG at 120 dpi, parent folders created), close it, return the path."""
-    import matplotlib.pyplot as plt
+def new_figure(**kwargs: Any) -> Any:
+    """A ``matplotlib.figure.Figure`` outside pyplot: drawing and saving it needs no backend switch (a notebook's
+    inline backend stays on) and it never shows up by itself; ``kwargs`` go to ``Figure`` (figsize, dpi, …)."""
+    from matplotlib.figure import Figure
 
+    return Figure(**kwargs)
+
+
+def save_figure(fig: Any, path: PathLike, dpi: int = 120) -> pathlib.Path:
+    """Write a matplotlib figure to ``path`` (PNG at ``dpi``, parent folders created), return the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
@@ -198,7 +203,6 @@ def plot_forward_process(
     """
     import jax
     import jax.numpy as jnp
-    import matplotlib.pyplot as plt
 
     x0 = jnp.asarray(x0, jnp.float32)
     num_t = int(schedule.num_timesteps)
@@ -212,7 +216,7 @@ def plot_forward_process(
     grid_images = np.stack([np.asarray(c) for c in columns], axis=1).reshape(k * cols, *x0.shape[1:])
     grid = make_grid(grid_images, nrow=cols)
 
-    fig = plt.figure(figsize=(4 + 1.1 * cols, max(3.0, 1.1 * k + 1)))
+    fig = new_figure(figsize=(4 + 1.1 * cols, max(3.0, 1.1 * k + 1)))
     ax_img = fig.add_axes([0.02, 0.1, 0.55, 0.8])
     ax_img.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
     cell = grid.shape[1] / cols

@@ -63,3 +63,43 @@ def test_plot_forward_process(tmp_path):
     path = plotting.plot_forward_process(x0, schedule, tmp_path / "fwd.png", timesteps=(0, 50, 99))
     with Image.open(path) as im:
         assert im.size[0] > 300
+
+
+LIBRARY_FIGURES = """
+import json, pathlib, sys
+import numpy as np
+from ddpm_jax import plotting, schedules
+from ddpm_jax.evaluation import conditional, judge, likelihood
+from ddpm_jax.pipelines import cross_attention
+from ddpm_jax.training import autoencoder, clip
+out = pathlib.Path(sys.argv[1])
+(out / "m.jsonl").write_text("".join(json.dumps(dict(step=i, loss=1.0 / (i + 1))) + "\\n" for i in range(5)))
+images = np.zeros((2, 8, 8, 1))
+paths = [
+    plotting.plot_loss_curve(out / "m.jsonl", out / "loss.png"),
+    plotting.plot_forward_process(images, schedules.get_schedule("linear", 100), out / "forward.png"),
+    likelihood.plot_vlb_terms(np.ones(10), out / "vlb.png"),
+    judge.save_labelled_grid(images, np.array([3, 4]), out / "judged.png"),
+    conditional.plot_guidance_sweep(dict(kind="class", per_class=1, rows=[dict(guidance=0.0, accuracy=0.5,
+                                    classifier_fid=9.0)]), out / "sweep.png"),
+    autoencoder.save_latent_scatter(np.zeros((4, 2)), np.arange(4), out / "scatter.png"),
+    clip.plot_similarity_matrix(images, ["a", "b"], np.eye(2), out / "similarity.png"),
+    cross_attention.save_attention_overlays(images, np.ones((2, 2, 2, 1)), ["a"], out / "attention.png"),
+]
+assert all(p.is_file() for p in paths), paths
+print("pyplot" if "matplotlib.pyplot" in sys.modules else "no pyplot", __import__("matplotlib").get_backend())
+"""
+
+
+def test_library_figures_never_touch_pyplot_or_the_backend(tmp_path):
+    """Every library figure is a ``matplotlib.figure.Figure`` outside pyplot (issue 14, item 1): drawing and
+    saving one neither imports pyplot nor switches the backend, so a notebook's inline backend keeps showing
+    its own figures."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    out = subprocess.run([sys.executable, "-c", LIBRARY_FIGURES, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["no", "pyplot", "module://matplotlib_inline.backend_inline"], out.stdout

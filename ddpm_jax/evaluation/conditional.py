@@ -21,14 +21,13 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ddpm_jax.data import DIGIT_NAMES
 from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.evaluation import judge as judge_lib
 from ddpm_jax.pipelines.generate import generate
-from ddpm_jax.plotting import save_figure, save_image_grid
+from ddpm_jax.plotting import new_figure, save_figure, save_image_grid
 from ddpm_jax.progress import progress_bar
 
 
@@ -80,7 +79,8 @@ def guidance_sweep(model: DiffusionModel, scales: Sequence[float] = DEFAULT_SCAL
 def plot_guidance_sweep(sweep: dict[str, Any], path: str | os.PathLike) -> pathlib.Path:
     """Accuracy (left axis) and classifier FID (right axis) against the guidance scale w. PNG."""
     w = [r["guidance"] for r in sweep["rows"]]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = new_figure(figsize=(5, 3.4))
+    ax = fig.subplots()
     ax.plot(w, [100 * r["accuracy"] for r in sweep["rows"]], "o-", color="tab:blue")
     ax.set_xlabel("guidance scale w")
     ax.set_ylabel("judged as the intended digit (%)", color="tab:blue")

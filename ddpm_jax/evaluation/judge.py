@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax import data
+from ddpm_jax import data, plotting
 from ddpm_jax.evaluation.frechet import feature_statistics, frechet_distance
 from ddpm_jax.progress import progress_bar
 
@@ -420,24 +420,19 @@ def format_report(report: dict[str, Any]) -> str:
 def save_labelled_grid(images: np.ndarray, predicted: np.ndarray, path: str | os.PathLike,
                        max_images: int = 100) -> pathlib.Path:
     """A PNG grid of (up to ``max_images``) samples, each titled with the judge's predicted class."""
-    import matplotlib.pyplot as plt
-
     images = np.asarray(images)[:max_images]
     n = images.shape[0]
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 1.0), squeeze=False)
+    fig = plotting.new_figure(figsize=(cols * 0.9, rows * 1.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if i < n:
             ax.imshow((images[i, ..., 0] + 1) / 2, cmap="gray", vmin=0, vmax=1)
             ax.set_title(str(int(predicted[i])), fontsize=8, pad=1)
     fig.tight_layout(pad=0.2)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path, dpi=80)
 
 
 __all__ = ["JudgeCNN", "Judge", "check_images", "split_digits", "train_judge", "save_judge", "load_judge",

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, plotting
 from ddpm_jax.diffusion import EpsFn, prior_bpd, q_sample, vlb_term_bpd
 from ddpm_jax.progress import progress_bar
 from ddpm_jax.schedules import Schedule
@@ -171,15 +171,14 @@ def plot_vlb_terms(terms: np.ndarray | jax.Array, path: str, *, title: str | Non
 
     ``terms`` is [T] (e.g. ``DatasetBPD.terms``) or [T, B] (averaged over B). Returns ``path``.
     """
-    import matplotlib.pyplot as plt
-
     terms = np.asarray(terms, np.float64)
     if terms.ndim == 2:
         terms = terms.mean(axis=1)
     if terms.ndim != 1:
         raise ValueError(f"terms must be [T] or [T, B], got shape {terms.shape}")
     t = np.arange(1, terms.shape[0] + 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = plotting.new_figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(t, np.maximum(terms, 1e-12), lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("t (paper's timestep; t = 1 is the decoder L_0)")
@@ -187,9 +186,7 @@ def plot_vlb_terms(terms: np.ndarray | jax.Array, path: str, *, title: str | Non
     ax.set_title(title or f"variational bound terms, total {terms.sum():.3f} bits/dim (excl. L_T)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path, dpi=100)
 
 
 __all__ = ["VLBResult", "DatasetBPD", "vlb_bpd", "dataset_bpd", "plot_vlb_terms"]

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ddpm_jax import plotting
@@ -57,7 +56,8 @@ def save_attention_overlays(images: np.ndarray, maps: np.ndarray, tokens: Sequen
                             path: str | os.PathLike) -> pathlib.Path:
     """One row per image: the image, then its map for each token overlaid (hot = attended). PNG."""
     rows, cols = len(images), len(tokens) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig = plotting.new_figure(figsize=(1.6 * cols, 1.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(rows):
         gray = (np.asarray(images[i]).mean(axis=-1) + 1) / 2                              # [H, W] in [0, 1]
         axes[i, 0].imshow(gray, cmap="gray", vmin=0, vmax=1)

@@ -479,9 +479,8 @@ def latent_map(module: GaussianVAE, params: PyTree, n: int = 15) -> np.ndarray:
 
 def save_latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: str | os.PathLike) -> pathlib.Path:
     """The held-out digits' posterior means μ (2-D), coloured by class."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig = plotting.new_figure(figsize=(5, 4.5))
+    ax = fig.subplots()
     points = ax.scatter(mu[:, 0], mu[:, 1], c=labels if labels is not None else "C0", cmap="tab10", s=6)
     if labels is not None:
         fig.colorbar(points, ax=ax, label="digit")
@@ -489,11 +488,7 @@ def save_latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: str | o
     ax.set_ylabel("μ₂")
     ax.set_title("q(z|x) means of held-out digits")
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save_figure(fig, path)
 
 
 # ================================================================================================

@@ -263,10 +263,8 @@ def plot_similarity_matrix(images: np.ndarray, captions: Sequence[str], similari
                            path: str | os.PathLike, title: str = "") -> pathlib.Path:
     """The contrastive matrix: cosine similarity of caption i (row) and image j (column), the images
     drawn above their columns; a trained CLIP has its largest entries on the diagonal."""
-    import matplotlib.pyplot as plt
-
     n = len(captions)
-    fig = plt.figure(figsize=(5.5 + 0.7 * n, 1.4 + 0.6 * n))
+    fig = plotting.new_figure(figsize=(5.5 + 0.7 * n, 1.4 + 0.6 * n))
     grid = fig.add_gridspec(2, 1, height_ratios=[1, n], hspace=0.03, left=0.45, right=0.97, top=0.93, bottom=0.03)
     strip = plotting.make_grid(np.asarray(images), nrow=n, padding=1)  # [h, w, C] uint8
     ax_images = fig.add_subplot(grid[0])
