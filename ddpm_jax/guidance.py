@@ -68,6 +68,18 @@ def guide(eps_cond: Array, eps_uncond: Array, guidance_scale: float | Array) -> 
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def rescale_guidance(guided: Array, cond: Array, guidance_rescale: float | Array) -> Array:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps Are Flawed"), Eqs. 15–16 (diffusers'
+    ``rescale_noise_cfg``): x_rescaled = x_cfg · σ(x_pos) / σ(x_cfg) (Eq. 15), x_final = φ x_rescaled + (1 − φ) x_cfg
+    (Eq. 16), σ the standard deviation of each example over all its entries; guided = x_cfg [B, …] (Eq. 6),
+    cond = x_pos [B, …]; φ = ``guidance_rescale`` (0 = plain guidance, exactly). Against over-exposure of
+    v-prediction models at large w."""
+    axes = tuple(range(1, guided.ndim))
+    phi = jnp.asarray(guidance_rescale, jnp.float32).astype(guided.dtype)
+    rescaled = guided * (jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True))  # Eq. 15
+    return jnp.where(phi > 0, phi * rescaled + (1 - phi) * guided, guided)                               # Eq. 16
+
+
 def _batched(cond: Any, batch: int, what: str) -> Any:
     """Every leaf with leading dim ``batch``; a leading 1 (one condition for all) is broadcast."""
 
@@ -80,7 +92,8 @@ def _batched(cond: Any, batch: int, what: str) -> Any:
     return jax.tree.map(leaf, cond)
 
 
-def guided_eps_fn(model_fn: ModelFn, cond: Any, uncond: Any, guidance_scale: float | Array) -> EpsFn:
+def guided_eps_fn(model_fn: ModelFn, cond: Any, uncond: Any, guidance_scale: float | Array,
+                  guidance_rescale: float | Array = 0.0) -> EpsFn:
     """Classifier-free guidance as an ``eps_fn(x_t, t)`` for the samplers (Ho & Salimans 2021, Eq. 6).
 
     Args:
@@ -89,6 +102,7 @@ def guided_eps_fn(model_fn: ModelFn, cond: Any, uncond: Any, guidance_scale: flo
       cond: the condition c, leaves with leading dim B (the batch of x_t) or 1 (shared by the batch).
       uncond: the same structure: the null condition ∅ (unconditional), or a negative prompt.
       guidance_scale: w, a Python float or a (traced) scalar array; 1 = no guidance.
+      guidance_rescale: φ of Lin et al. 2024 Eq. 16 (``rescale_guidance``), traced too; 0 = none.
     Returns:
       ``eps_fn(x_t, t) = ε(x_t, ∅) + w (ε(x_t, c) − ε(x_t, ∅))`` computed with ONE call of model_fn on
       the doubled batch [x_t; x_t], [t; t], [c; ∅].
@@ -108,7 +122,7 @@ def guided_eps_fn(model_fn: ModelFn, cond: Any, uncond: Any, guidance_scale: flo
         )  # leaves [2B, …]: c first, ∅ second
         out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), both)  # [2B, H, W, C]
         eps_cond, eps_uncond = jnp.split(out, 2)  # [B, H, W, C] each
-        return guide(eps_cond, eps_uncond, w.astype(out.dtype))
+        return rescale_guidance(guide(eps_cond, eps_uncond, w.astype(out.dtype)), eps_cond, guidance_rescale)
 
     return eps_fn
 

@@ -11,7 +11,6 @@ new prompts and guidance scales, seed determinism, sharding over 8 simulated dev
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -28,58 +27,35 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from ddpm_jax import tokenizer as tok_lib  # noqa: E402
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
+
+from _sd_fixtures import VAE, copy_bpe_files, perturb, write_tokenizer  # noqa: E402
 
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]
-MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
-VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
-           sample_size=SIZE)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                  steps_offset=1, set_alpha_to_one=False)
-
-
-def _perturb(model, seed):
-    """Random weights on their own scale (diffusers zero-initialises some output layers)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * (p.std() if p.ndim > 1 and p.numel() > 1 and p.std() > 0 else 0.05))
-    return model.eval()
-
-
-def _write_tokenizer(path):
-    byte_tokens = list(tok_lib.bytes_to_unicode().values())
-    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
-    return len(tokens)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    vocab_size = _write_tokenizer(root / "tok")
+    vocab_size = write_tokenizer(root / "tok")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1))
     pipe = diffusers.StableDiffusionPipeline(
-        vae=_perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=_perturb(text, 2), tokenizer=tokenizer,
-        unet=_perturb(diffusers.UNet2DConditionModel(**UNET), 3), scheduler=diffusers.PNDMScheduler(**SCHEDULER),
+        vae=perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=perturb(text, 2), tokenizer=tokenizer,
+        unet=perturb(diffusers.UNet2DConditionModel(**UNET), 3), scheduler=diffusers.PNDMScheduler(**SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "model", safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # transformers v5 writes tokenizer.json only; SD folders have these
-        (root / "model" / "tokenizer" / name).write_bytes((root / "tok" / name).read_bytes())
+    copy_bpe_files(root / "tok", root / "model" / "tokenizer")
     return root / "model"
 
 

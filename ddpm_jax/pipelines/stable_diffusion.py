@@ -294,15 +294,15 @@ class StableDiffusion:
             self._bar.refresh()
 
     def _program(self, num_steps: int, start: int, scale_init: bool, keep_trajectory: bool, sharded: bool) -> Callable:
-        """The compiled sampler: (params, c, ∅, w, z, key) → (images, z_0, trajectory). One per static setting."""
+        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z_0, trajectory). One per static setting."""
         key = (num_steps, start, scale_init, keep_trajectory, sharded)
         if key in self._programs:
             return self._programs[key]
 
-        def run(params, cond, uncond, guidance_scale, z, rng):
+        def run(params, cond, uncond, guidance_scale, guidance_rescale, z, rng):
             self.trace_count += 1                                                     # Python: runs at trace time only
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
-                                            {"context": cond}, {"context": uncond}, guidance_scale)
+                                            {"context": cond}, {"context": uncond}, guidance_scale, guidance_rescale)
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
             out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, x_is_noise=scale_init,
                                  on_step=self._on_step, return_trajectory=keep_trajectory)
@@ -312,15 +312,19 @@ class StableDiffusion:
 
         if sharded:
             batch, rep = parallel.batch_sharding(self.mesh), self._replicated
-            program = jax.jit(run, in_shardings=(rep, batch, batch, rep, batch, rep))
+            program = jax.jit(run, in_shardings=(rep, batch, batch, rep, rep, batch, rep))
         else:
             program = jax.jit(run)
         self._programs[key] = program
         return program
 
     def _sample(self, prompts: list[str], cond: Array, uncond: Array, guidance_scale: float, z: Array, key: Array,
-                num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool) -> dict[str, Any]:
+                num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
+                guidance_rescale: float = 0.0) -> dict[str, Any]:
         guidance.check_guidance_scale(guidance_scale)
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1] (φ of Lin et al. 2024 Eq. 16; 0.7 is theirs), "
+                             f"got {guidance_rescale}")
         if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         sharded = z.shape[0] % self.mesh.devices.size == 0 and self.mesh.devices.size > 1
@@ -329,7 +333,8 @@ class StableDiffusion:
         if progress:
             self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
-            images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale), z, key)
+            images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale),
+                                                jnp.float32(guidance_rescale), z, key)
             images = np.asarray(images)
         finally:
             if self._bar is not None:
@@ -344,14 +349,15 @@ class StableDiffusion:
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                 guidance_scale: float = 7.5, num_steps: int = 50, height: int = 512, width: int = 512, seed: int = 0,
                 latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, guidance_rescale: float = 0.0) -> dict[str, Any]:
         """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
         with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
         "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
         averaged over heads, layers and steps; ``cross_attention.token_attention_maps``) and "tokens" (per prompt).
 
         ``latents``: the initial noise z_T ~ N(0, I) [B, h, w, 4] (NHWC; diffusers' ``latents`` are NCHW),
-        else drawn from ``seed``. The same seed gives the same images.
+        else drawn from ``seed``. The same seed gives the same images. ``guidance_rescale``: φ of Lin et al.
+        2024 Eq. 16 (``guidance.rescale_guidance``; 0.7 for SD 2.x v-prediction models), traced like w.
         """
         prompts, cond, uncond = self._conditions(prompts, negative_prompts)
         shape = self.latent_shape(len(prompts), height, width)
@@ -363,7 +369,7 @@ class StableDiffusion:
                              f"got {tuple(np.shape(latents))}")
         keep = return_latents or return_attention
         result = self._sample(prompts, cond, uncond, guidance_scale, jnp.asarray(latents, jnp.float32), key_steps,
-                              num_steps, 0, True, keep, progress)
+                              num_steps, 0, True, keep, progress, guidance_rescale)
         if return_attention:
             self._add_attention(result, prompts)
         return result
@@ -371,7 +377,7 @@ class StableDiffusion:
     def img2img(self, images: Array, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 7.5, num_steps: int = 50,
                 seed: int = 0, init_latents: Array | None = None, noise: Array | None = None,
-                return_latents: bool = False, progress: bool = False) -> dict[str, Any]:
+                return_latents: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
         grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
         latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (both for tests).
@@ -403,7 +409,7 @@ class StableDiffusion:
         state = self.scheduler.init_state(num_steps, init_latents)
         z = self.scheduler.add_noise(state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
         return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
-                            return_latents, progress)
+                            return_latents, progress, guidance_rescale)
 
     # --------------------------------------------------------------------------------------------
     def _add_attention(self, result: dict[str, Any], prompts: list[str]) -> None:
