@@ -58,6 +58,15 @@ CONFIGS = {
         freq_shift=1,
         mid_block_scale_factor=2**0.5,
     ),
+    # (d) SDXL's layout: no attention at the first level, transformer depth per level (1 there, 2 below and
+    # in the mid block), linear projections, heads per level.
+    "sdxl-transformer-depths": dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+    ),
 }
 
 

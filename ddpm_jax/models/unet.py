@@ -113,7 +113,7 @@ class UNetConfig:
     mid_block_type: str = "UNetMidBlock2D"  # or "UNetMidBlock2DCrossAttn" (ResNet → Transformer2D → ResNet)
     cross_attention_dim: int | None = None  # feature size D_ctx of the context (768: CLIP ViT-L/14 text)
     num_attention_heads: int | tuple[int, ...] = 8  # heads of the transformers, one value or one per level
-    transformer_layers_per_block: int = 1  # BasicTransformerBlocks in each Transformer2D
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # BasicTransformerBlocks per Transformer2D, one or per level
     use_linear_projection: bool = False  # Transformer2D proj_in/out: Dense (SD 2.x) or 1×1 conv (SD 1.x)
     # --- class conditioning (added to the timestep embedding) ---
     num_class_embeds: int | None = None  # a table of this many class embeddings; class_labels int [B]
@@ -127,6 +127,8 @@ class UNetConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.num_attention_heads, (list, tuple)):
             object.__setattr__(self, "num_attention_heads", tuple(self.num_attention_heads))
+        if isinstance(self.transformer_layers_per_block, (list, tuple)):
+            object.__setattr__(self, "transformer_layers_per_block", tuple(self.transformer_layers_per_block))
         if isinstance(self.sample_size, list):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         self._validate()
@@ -179,8 +181,12 @@ class UNetConfig:
                     f"block_out_channels {self.block_out_channels} must be divisible by num_attention_heads="
                     f"{heads} (not: {bad})"
                 )
-        if self.transformer_layers_per_block < 1:
-            raise ValueError(f"transformer_layers_per_block must be >= 1, got {self.transformer_layers_per_block}")
+        layers = self.transformer_layers_per_block
+        if isinstance(layers, tuple) and len(layers) != self.num_levels:
+            raise ValueError(f"transformer_layers_per_block needs one entry per level ({self.num_levels}) or one int, "
+                             f"got {layers}")
+        if min(self.level_transformer_layers) < 1:
+            raise ValueError(f"transformer_layers_per_block must be >= 1, got {layers}")
         if self.class_embed_type not in CLASS_EMBED_TYPES:
             raise ValueError(f"unsupported class_embed_type {self.class_embed_type!r}; supported: {CLASS_EMBED_TYPES}")
         if self.class_embed_type == "projection":
@@ -213,6 +219,13 @@ class UNetConfig:
         """Transformer heads of each down level (the up path uses them reversed, the mid block the last)."""
         heads = self.num_attention_heads
         return heads if isinstance(heads, tuple) else (heads,) * self.num_levels
+
+    @property
+    def level_transformer_layers(self) -> tuple[int, ...]:
+        """BasicTransformerBlocks of each down level (as ``level_heads``: up path reversed, mid block the last;
+        SDXL: (1, 2, 10))."""
+        layers = self.transformer_layers_per_block
+        return layers if isinstance(layers, tuple) else (layers,) * self.num_levels
 
     def input_specs(self, batch: int = 1, context_length: int = 1) -> tuple[Any, ...]:
         """Shapes ``(x, t, context, class_labels)`` of a smallest valid call (None: input not used).
@@ -375,7 +388,8 @@ def _resnet(config: UNetConfig, out_channels: int, name: str, scale: float = 1.0
     )
 
 
-def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: float = 1.0, heads: int = 1) -> nn.Module:
+def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: float = 1.0, heads: int = 1,
+               layers: int = 1) -> nn.Module:
     """The attention layer of type ``kind`` (see DOWN_BLOCK_ATTENTION) over ``channels`` features."""
     if kind == "self":
         head_dim = config.attention_head_dim or channels
@@ -393,7 +407,7 @@ def _attention(config: UNetConfig, kind: str, channels: int, name: str, scale: f
         return Transformer2D(
             num_heads=heads,
             head_dim=channels // heads,
-            num_layers=config.transformer_layers_per_block,
+            num_layers=layers,
             use_linear_projection=config.use_linear_projection,
             norm_num_groups=config.norm_num_groups,
             dtype=config.dtype,
@@ -417,6 +431,7 @@ class DownBlock(nn.Module):
     attention: str | None  # None, "self" or "cross"
     add_downsample: bool
     num_heads: int = 1  # of the "cross" attention's transformer
+    num_layers: int = 1  # its BasicTransformerBlocks
 
     @nn.compact
     def __call__(
@@ -429,7 +444,8 @@ class DownBlock(nn.Module):
         for i in range(cfg.layers_per_block):
             h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train, dropout_keys=dropout_keys)  # [B, H, W, C_out]
             if self.attention:
-                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
+                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads,
+                                   layers=self.num_layers)
                 h = _attend(layer, self.attention, h, context)
             skips.append(h)
         if self.add_downsample:
@@ -452,7 +468,8 @@ class MidBlock(nn.Module):
         kind = MID_BLOCK_ATTENTION[cfg.mid_block_type]
         h = _resnet(cfg, channels, "resnets_0", scale)(h, temb, train=train, dropout_keys=dropout_keys)
         if kind == "cross" or cfg.add_attention:
-            layer = _attention(cfg, kind, channels, "attentions_0", scale, heads=cfg.level_heads[-1])
+            layer = _attention(cfg, kind, channels, "attentions_0", scale, heads=cfg.level_heads[-1],
+                                layers=cfg.level_transformer_layers[-1])
             h = _attend(layer, kind, h, context)
         return _resnet(cfg, channels, "resnets_1", scale)(h, temb, train=train, dropout_keys=dropout_keys)
 
@@ -465,6 +482,7 @@ class UpBlock(nn.Module):
     attention: str | None
     add_upsample: bool
     num_heads: int = 1
+    num_layers: int = 1
 
     @nn.compact
     def __call__(
@@ -477,7 +495,8 @@ class UpBlock(nn.Module):
             h = jnp.concatenate([h, skip], axis=-1)  # [B, H, W, C_prev + C_skip]
             h = _resnet(cfg, self.out_channels, f"resnets_{i}")(h, temb, train=train, dropout_keys=dropout_keys)  # [B, H, W, C_out]
             if self.attention:
-                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads)
+                layer = _attention(cfg, self.attention, self.out_channels, f"attentions_{i}", heads=self.num_heads,
+                                   layers=self.num_layers)
                 h = _attend(layer, self.attention, h, context)
         if self.add_upsample:
             h = Upsample(self.out_channels, cfg.dtype, name="upsamplers_0")(h)  # [B, 2H, 2W, C_out]
@@ -569,6 +588,7 @@ class UNet(nn.Module):
                 attention=DOWN_BLOCK_ATTENTION[block_type],
                 add_downsample=level < cfg.num_levels - 1,
                 num_heads=cfg.level_heads[level],
+                num_layers=cfg.level_transformer_layers[level],
                 name=f"down_blocks_{level}",
             )(h, temb, context, train=train, dropout_keys=dropout_keys)
             skips += level_skips
@@ -576,7 +596,7 @@ class UNet(nn.Module):
         h = MidBlock(cfg, name="mid_block")(h, temb, context, train=train, dropout_keys=dropout_keys)  # [B, H/2^(L-1), W/2^(L-1), C_last]
 
         # Up path, from the lowest resolution; each level consumes layers_per_block + 1 skips.
-        up_channels, up_heads = cfg.block_out_channels[::-1], cfg.level_heads[::-1]
+        up_channels, up_heads, up_layers = cfg.block_out_channels[::-1], cfg.level_heads[::-1], cfg.level_transformer_layers[::-1]
         for level, (block_type, channels) in enumerate(zip(cfg.up_block_types, up_channels)):
             n = cfg.layers_per_block + 1
             skips, level_skips = skips[:-n], skips[-n:]
@@ -586,6 +606,7 @@ class UNet(nn.Module):
                 attention=UP_BLOCK_ATTENTION[block_type],
                 add_upsample=level < cfg.num_levels - 1,
                 num_heads=up_heads[level],
+                num_layers=up_layers[level],
                 name=f"up_blocks_{level}",
             )(h, level_skips, temb, context, train=train, dropout_keys=dropout_keys)
 

@@ -170,7 +170,12 @@ def _unet2d_condition_config(diffusers_config: Mapping[str, Any]) -> UNetConfig:
             raise ValueError(
                 f"config.json sets {key} with {unsupported}, not implemented (supported: {sorted(_CONDITION_BLOCK_TYPES)})"
             )
-    for key in ("cross_attention_dim", "layers_per_block", "transformer_layers_per_block"):
+    layers = fields["transformer_layers_per_block"]
+    if isinstance(layers, (list, tuple)) and any(not isinstance(n, int) for n in layers):
+        raise ValueError(f"config.json sets transformer_layers_per_block={layers!r}: nested per-block lists are not "
+                         f"implemented (one int, or one per level)")
+    fields["transformer_layers_per_block"] = tuple(layers) if isinstance(layers, (list, tuple)) else layers
+    for key in ("cross_attention_dim", "layers_per_block"):
         if not isinstance(fields[key], int):
             raise ValueError(f"config.json sets {key}={fields[key]!r}: only one int for all levels is implemented")
     if fields["norm_num_groups"] is None:
