@@ -38,3 +38,26 @@ def copy_bpe_files(tok, folder):
     """transformers v5 writes tokenizer.json only; SD folders have vocab.json and merges.txt too."""
     for name in ("vocab.json", "merges.txt"):
         (folder / name).write_bytes((tok / name).read_bytes())
+
+
+def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu"):
+    """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
+    2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
+    (a diffusers scheduler object). Returns the folder."""
+    import diffusers
+    import transformers
+
+    vocab_size = write_tokenizer(root / "tok")
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77, **extra)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1 if pad_token is None else tokenizer.pad_token_id))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=perturb(text, 2), tokenizer=tokenizer,
+        unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "model", safe_serialization=True)
+    copy_bpe_files(root / "tok", root / "model" / "tokenizer")
+    return root / "model"

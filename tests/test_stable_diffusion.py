@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import VAE, copy_bpe_files, perturb, write_tokenizer  # noqa: E402
+from _sd_fixtures import VAE, write_sd_folder  # noqa: E402
 
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
@@ -43,20 +43,7 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    vocab_size = write_tokenizer(root / "tok")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=perturb(text, 2), tokenizer=tokenizer,
-        unet=perturb(diffusers.UNet2DConditionModel(**UNET), 3), scheduler=diffusers.PNDMScheduler(**SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "model", safe_serialization=True)
-    copy_bpe_files(root / "tok", root / "model" / "tokenizer")
-    return root / "model"
+    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET, diffusers.PNDMScheduler(**SCHEDULER))
 
 
 @pytest.fixture(scope="module")
