@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ddpm_jax import tokenizer as tok_lib
@@ -61,3 +62,19 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
     pipe.save_pretrained(root / "model", safe_serialization=True)
     copy_bpe_files(root / "tok", root / "model" / "tokenizer")
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    """diffusers' pipeline over the test module's ``folder`` fixture."""
+    import diffusers
+
+    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sd(folder):
+    """Ours over the test module's ``folder`` fixture."""
+    from ddpm_jax.pipelines.stable_diffusion import StableDiffusion
+
+    return StableDiffusion.from_pretrained(folder)

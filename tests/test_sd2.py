@@ -15,10 +15,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from _sd_fixtures import write_sd_folder  # noqa: E402
+from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
 
 from ddpm_jax import guidance  # noqa: E402
-from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
@@ -34,16 +33,6 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_sd_folder(tmp_path_factory.mktemp("sd2"), UNET, diffusers.DDIMScheduler(**SCHEDULER), pad_token="!", hidden_act="gelu")
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module")
-def sd(folder):
-    return StableDiffusion.from_pretrained(folder)
 
 
 def test_sd2_folder_reads_as_sd2(sd, pipe):

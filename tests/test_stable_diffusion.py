@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import VAE, write_sd_folder  # noqa: E402
+from _sd_fixtures import VAE, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
 
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
@@ -44,16 +44,6 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET, diffusers.PNDMScheduler(**SCHEDULER))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module")
-def sd(folder):
-    return StableDiffusion.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
