@@ -54,7 +54,7 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1 if pad_token is None else tokenizer.pad_token_id))
+        eos_token_id=vocab_size - 1, pad_token_id=tokenizer.pad_token_id))
     pipe = diffusers.StableDiffusionPipeline(
         vae=perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=perturb(text, 2), tokenizer=tokenizer,
         unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler,
