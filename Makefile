@@ -30,9 +30,11 @@ venv-test: $(VENV)/.test
 demo: $(VENV)/.base
 	$(VENV)/bin/ddpm-jax demo --workdir $(WORKDIR)
 
-## make test: the whole test suite (what CI runs)
+## make test: the whole test suite (what CI runs), on TEST_WORKERS pytest-xdist workers (one per core of CI's two;
+## each test module on one worker, see tests/conftest.py); `make test TEST_WORKERS=0` runs it in one process
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests $(PYTEST_ARGS)
 
 ## make notebooks: open the lecture notebooks in JupyterLab, with this project's .venv as the kernel
 .PHONY: notebooks

@@ -49,8 +49,11 @@ CACHE_ENV = {
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The current environment plus the shared compilation cache, the repo on PYTHONPATH and ``extra``."""
+    """The current environment plus the shared compilation cache, the repo on PYTHONPATH and ``extra``
+    (``XLA_FLAGS`` in ``extra`` is added to the current flags, e.g. the suite's optimisation level)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "XLA_FLAGS" in extra:
+        extra = dict(extra, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), extra["XLA_FLAGS"]])))
     env = dict(os.environ, **CACHE_ENV, **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     return env

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
 _spec = importlib.util.spec_from_file_location("bench_unet", _PATH)  # works without the repo on sys.path
 bench_unet = importlib.util.module_from_spec(_spec)

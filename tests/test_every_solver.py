@@ -30,6 +30,8 @@ from ddpm_jax.pipelines import generate, training_data
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.workdir import diffusion_model_from_config
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 SIX = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++")
 STEPS = 3
 STOCHASTIC = ("ddpm", "euler_ancestral")  # the solvers that draw fresh noise z at every step

@@ -12,6 +12,8 @@ from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.samplers import ddim_sample
 from ddpm_jax.schedules import get_schedule
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 B, H, W, C = 3, 8, 8, 4
 
 

@@ -19,6 +19,8 @@ from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fi
 
 from ddpm_jax import guidance  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]

@@ -30,6 +30,9 @@ from safetensors.numpy import save_file  # noqa: E402
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 from _sd_fixtures import VAE, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+from _training_fixtures import subprocess_env  # noqa: E402
+
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
@@ -231,6 +234,7 @@ def test_compvis_single_file_loads_to_identical_params(sd, pipe, folder, tmp_pat
         StableDiffusion.from_pretrained(path)
 
 
+@pytest.mark.full_optimization  # bf16 arithmetic runs emulated on the CPU: unoptimised it is slower than its compile
 def test_fp16_variant_and_bf16(folder, tmp_path, by_scheduler):
     import shutil
 
@@ -310,6 +314,7 @@ def test_hub_id_without_network_says_pass_a_local_folder(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.full_optimization  # 8-device programs in a subprocess: execution-bound
 def test_sharded_over_8_devices_equals_one_device(folder):
     """The batch split over 8 simulated CPU devices gives the single-device images (a fresh process)."""
     code = textwrap.dedent(f"""
@@ -325,7 +330,7 @@ def test_sharded_over_8_devices_equals_one_device(folder):
         np.testing.assert_allclose(a, b, atol=1e-4)  # float rounding of per-device batch sizes (seen: 2e-5)
         print("OK", np.abs(a - b).max())
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout

@@ -27,6 +27,8 @@ from ddpm_jax.models.unet import (  # noqa: E402
 )
 from ddpm_jax.pretrained.diffusers import UNET2D_CONDITION_DEFAULTS, load_unet, unet_config_from_diffusers  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 CROSS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
