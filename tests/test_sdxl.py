@@ -63,7 +63,8 @@ def test_sdxl_folder_reads_as_sdxl(sd, pipe):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sdxl_txt2img_equals_diffusers_pipeline(sd, pipe, name):
-    """Same latents, prompts, negative prompts and time ids → the same images to ≤ 1e-3 (2 steps, w = 5)."""
+    """Same latents, prompts, negative prompts and time ids → the same images to ≤ 1e-3 (2 steps, w = 5), both at
+    the model's default size (U-Net sample_size 16 × the VAE's f = 2)."""
     cls, negative, sizes = CASES[name]
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)
     latents = np.random.default_rng(0).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)  # NHWC
@@ -71,10 +72,9 @@ def test_sdxl_txt2img_equals_diffusers_pipeline(sd, pipe, name):
         negative = [negative] * len(PROMPTS)
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=negative, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
-                        num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np",
-                        **sizes).images
-    ours = sd.with_scheduler(name).txt2img(PROMPTS, negative, guidance_scale=5.0, num_steps=2, height=SIZE,
-                                           width=SIZE, latents=latents, **sizes)
+                        num_inference_steps=2, guidance_scale=5.0, output_type="np", **sizes).images
+    ours = sd.with_scheduler(name).txt2img(PROMPTS, negative, guidance_scale=5.0, num_steps=2, latents=latents, **sizes)
+    assert ours["images"].shape == expected.shape == (2, SIZE, SIZE, 3) and sd.default_size == (SIZE, SIZE)
     assert expected.std() > 0.05  # not a degenerate (saturated or constant) image
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
 

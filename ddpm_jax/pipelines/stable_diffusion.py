@@ -331,6 +331,14 @@ class StableDiffusion:
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsampling_factor                                    # f = 8
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the model was trained at, as diffusers' default: the U-Net's sample_size × f
+        (512 × 512 for SD v1, 768 for SD 2.x-v, 1024 for SDXL)."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """[B, H/f, W/f, 4]; one-line errors for sizes the VAE or the U-Net cannot take."""
         f, levels = self.vae_scale_factor, 2 ** (self.unet.config.num_levels - 1)
@@ -450,8 +458,8 @@ class StableDiffusion:
         return result
 
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
-                guidance_scale: float = 7.5, num_steps: int = 50, height: int = 512, width: int = 512, seed: int = 0,
-                latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
+                guidance_scale: float = 7.5, num_steps: int = 50, height: int | None = None, width: int | None = None,
+                seed: int = 0, latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
                 progress: bool = False, guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
                 crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
                 ) -> dict[str, Any]:
@@ -464,8 +472,10 @@ class StableDiffusion:
         else drawn from ``seed``. The same seed gives the same images. ``guidance_rescale``: φ of Lin et al.
         2024 Eq. 16 (``guidance.rescale_guidance``; 0.7 for SD 2.x v-prediction models), traced like w.
         SDXL only: ``original_size``, ``crops_coords_top_left``, ``target_size`` (h, w) pairs, its time ids
-        (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers').
+        (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'). ``height``,
+        ``width``: default ``default_size`` (the model's own).
         """
+        height, width = height or self.default_size[0], width or self.default_size[1]
         time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
         prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
         shape = self.latent_shape(len(prompts), height, width)
@@ -602,8 +612,8 @@ def read_image(path: str | Path, height: int | None = None, width: int | None = 
 
 def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | Path = "txt2img.png", *,
                      steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
-                     negative_prompts: Sequence[str] | None = None, height: int = 512, width: int = 512,
-                     attention_maps: bool = False) -> list[Path]:
+                     negative_prompts: Sequence[str] | None = None, height: int | None = None,
+                     width: int | None = None, attention_maps: bool = False) -> list[Path]:
     """One image per prompt as a PNG grid; the denoising loop is one compiled program, its tqdm bar fed by
     ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``."""
     result = pipe.txt2img(list(prompts), negative_prompts=negative_prompts or None, guidance_scale=guidance_scale,
