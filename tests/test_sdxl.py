@@ -3,10 +3,10 @@
 A tiny random SDXL folder saved by diffusers: two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection
 whose tokenizer pads with "!", both 32 wide → a 64-wide context of their penultimate states), the U-Net's added
 conditioning (addition_embed_type "text_time": pooled embedding [B, 32] + six time ids × 8 sinusoidal features),
-SDXL's U-Net layout (no attention at the first level, transformer depths (1, 2)), the VAE scale 0.13025,
-force_zeros_for_empty_prompt. Our txt2img from the same initial latents equals diffusers' to ≤ 1e-3 for Euler
-(SDXL's own), DPM-Solver++ and DDIM, with negative prompts (given, or none: zero embeddings), guidance and
-non-default time ids.
+SDXL's U-Net layout (no attention at the first level, linear projections; per-level transformer depths are
+checked in test_unet_condition.py), the VAE scale 0.13025, force_zeros_for_empty_prompt. Our txt2img from the
+same initial latents equals diffusers' to ≤ 1e-3 for Euler (SDXL's own), DPM-Solver++ and DDIM, with negative
+prompts (given, or none: zero embeddings), guidance and non-default time ids.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
             norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -73,7 +73,11 @@ def test_sdxl_txt2img_equals_diffusers_pipeline(sd, pipe, name):
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=negative, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
                         num_inference_steps=2, guidance_scale=5.0, output_type="np", **sizes).images
-    ours = sd.with_scheduler(name).txt2img(PROMPTS, negative, guidance_scale=5.0, num_steps=2, latents=latents, **sizes)
+    ours = sd.with_scheduler(name).txt2img(PROMPTS, negative, guidance_scale=5.0, num_steps=2, latents=latents,
+                                           return_attention=name == "euler", **sizes)
+    if name == "euler":  # per-token cross-attention maps, the U-Net re-run with the SDXL condition (context, pooled, ids)
+        assert ours["attention"].shape == (2, SIZE // 2, SIZE // 2, 77) and ours["tokens"][1] == ["<start>", "the", "dog", "<end>"]
+        np.testing.assert_allclose(ours["attention"].sum(-1), 1.0, atol=1e-5)
     assert ours["images"].shape == expected.shape == (2, SIZE, SIZE, 3) and sd.default_size == (SIZE, SIZE)
     assert expected.std() > 0.05  # not a degenerate (saturated or constant) image
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
