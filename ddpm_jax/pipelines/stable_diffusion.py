@@ -26,6 +26,13 @@ Randomness follows the library's noise-key rule (``schedulers.py``): ``key_x_T, 
 jax.random.split(jax.random.key(seed))``; txt2img draws z_T from ``key_x_T``, img2img splits ``key_x_T`` into
 the VAE's sampling key and the SDEdit noise; step i draws from ``fold_in(key_steps, i)``.
 
+SDXL base (Podell et al. 2023) is the same pipeline with a second text encoder (``text_encoder_2``: OpenCLIP
+ViT-bigG with its projection): c = [τ₁(y); τ₂(y)] (both penultimate layers, [B, 77, 2048]), plus the U-Net's added
+conditioning, the pooled embedding W_t τ₂(y)[eot] [B, 1280] and six time ids (``sdxl_time_ids``); ∅ = zeros when
+no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the VAE config's scaling factor).
+Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
+``tests/test_sdxl.py``.
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
@@ -429,8 +436,8 @@ class StableDiffusion:
         self._programs[key] = program
         return program
 
-    def _sample(self, prompts: list[str], cond: dict[str, Array], uncond: dict[str, Array], guidance_scale: float, z: Array, key: Array,
-                num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
+    def _sample(self, prompts: list[str], cond: dict[str, Array], uncond: dict[str, Array], guidance_scale: float,
+                z: Array, key: Array, num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
                 guidance_rescale: float = 0.0) -> dict[str, Any]:
         guidance.check_guidance_scale(guidance_scale)
         if not 0.0 <= float(guidance_rescale) <= 1.0:
