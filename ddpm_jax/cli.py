@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--workdir", help="a text-conditional run trained by ddpm-jax train")
     add_stable_diffusion(p, steps=None, guidance=None, scheduler=None)
     p.add_argument("--out", default=None, help="PNG grid (default txt2img.png, or <workdir>/txt2img.png)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default: the model's (U-Net sample_size × VAE factor: "
+                   "512 for SD v1, 1024 for SDXL)")
+    p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
 
     p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",

@@ -43,7 +43,8 @@ CONDITION_KINDS = ("none", "class", "text")
 
 @dataclasses.dataclass
 class TextEncoder:
-    """prompts → per-token states [B, L, D] for cross-attention (``layer`` -1: last, -2: "clip skip")."""
+    """prompts → per-token states [B, L, D] for cross-attention (``layer`` -1: last, -2: "clip skip"), and with
+    ``encode`` also the pooled sentence embedding [B, D_pool] (SDXL's second condition)."""
 
     tokenizer: Any                      # ddpm_jax.tokenizer.Tokenizer
     model: Any                          # a CLIP text tower (CLIPTextModel / CLIPTextModelWithProjection)
@@ -53,20 +54,30 @@ class TextEncoder:
     def __post_init__(self):
         if self.layer not in (-1, -2):
             raise ValueError(f"text encoder layer must be -1 (last) or -2 (penultimate), got {self.layer}")
-        self.encode_ids = jax.jit(self.states)
+        self.encode_ids = jax.jit(self.states_and_pooled)
+
+    def states_and_pooled(self, params: PyTree, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """τ(y): token ids [B, L] → (hidden states [B, L, D] of the chosen layer, pooled [B, D_pool]: the
+        end-of-text state, projected by W_t for a CLIPTextModelWithProjection, its ``embeds``)."""
+        out = self.model.apply({"params": params}, input_ids)
+        states = out.last_hidden_state if self.layer == -1 else out.hidden_states[-2]   # [B, L, D]
+        return states, out.pooled if out.embeds is None else out.embeds                 # [B, D_pool]
 
     def states(self, params: PyTree, input_ids: jax.Array) -> jax.Array:
         """τ(y): token ids [B, L] → hidden states [B, L, D] of the chosen layer."""
-        out = self.model.apply({"params": params}, input_ids)
-        return out.last_hidden_state if self.layer == -1 else out.hidden_states[-2]   # [B, L, D]
+        return self.states_and_pooled(params, input_ids)[0]
 
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.tokenizer.tokenize(list(prompts)))                      # [B, L] int
 
-    def __call__(self, prompts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def encode(self, prompts: Sequence[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """prompts → (states [B, L, D], pooled [B, D_pool]) (``states_and_pooled``), in batches."""
         ids = self.token_ids(prompts)
-        return np.concatenate([np.asarray(self.encode_ids(self.params, jnp.asarray(ids[i:i + batch_size])))
-                               for i in range(0, len(ids), batch_size)])               # [B, L, D]
+        parts = [self.encode_ids(self.params, jnp.asarray(ids[i:i + batch_size])) for i in range(0, len(ids), batch_size)]
+        return tuple(np.concatenate([np.asarray(part[k]) for part in parts]) for k in (0, 1))
+
+    def __call__(self, prompts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        return self.encode(prompts, batch_size)[0]                                     # [B, L, D]
 
 
 # ================================================================================================

@@ -44,7 +44,7 @@ from ddpm_jax.models.unet import UNet, check_condition
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array, Any], Array]  # (x_t, t, cond) -> model output; cond: a pytree with leading dim B
-UNET_CONDITION_KEYS = ("context", "class_labels")
+UNET_CONDITION_KEYS = ("context", "class_labels", "text_embeds", "time_ids")  # the U-Net's condition arguments
 
 
 def _concrete_float(value: Any) -> float | None:
@@ -129,7 +129,8 @@ def guided_eps_fn(model_fn: ModelFn, cond: Any, uncond: Any, guidance_scale: flo
 
 def unet_model_fn(unet: UNet, params: Any) -> ModelFn:
     """``(x_t, t, cond) -> unet.apply({"params": params}, x_t, t, **cond)``, cond a dict with "context"
-    ([N, L, D]) and/or "class_labels" ([N] or [N, D_proj]), the U-Net's keyword arguments."""
+    ([N, L, D]) and/or "class_labels" ([N] or [N, D_proj]), and for SDXL "text_embeds" [N, D_pooled] and
+    "time_ids" [N, 6]: the U-Net's keyword arguments (``UNET_CONDITION_KEYS``)."""
 
     def model_fn(x_t: Array, t: Array, cond: Mapping[str, Array]) -> Array:
         return unet.apply({"params": params}, x_t, t, **cond)
@@ -141,7 +142,7 @@ def _check_unet_condition(unet: UNet, cond: Any, name: str) -> None:
     if not isinstance(cond, Mapping) or set(cond) - set(UNET_CONDITION_KEYS):
         keys = sorted(cond) if isinstance(cond, Mapping) else type(cond).__name__
         raise ValueError(f"{name} must be a dict with keys among {UNET_CONDITION_KEYS} (the U-Net's inputs), got {keys}")
-    check_condition(unet.config, cond.get("context"), cond.get("class_labels"))
+    check_condition(unet.config, *(cond.get(key) for key in UNET_CONDITION_KEYS))
 
 
 def unet_guided_eps_fn(

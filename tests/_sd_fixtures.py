@@ -41,34 +41,50 @@ def copy_bpe_files(tok, folder):
         (folder / name).write_bytes((tok / name).read_bytes())
 
 
-def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu"):
+def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False):
     """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
     2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
-    (a diffusers scheduler object). Returns the folder."""
+    (a diffusers scheduler object). With ``sdxl`` a StableDiffusionXLPipeline folder: SDXL's VAE scale 0.13025,
+    and text_encoder_2 a CLIPTextModelWithProjection (GELU, projection 32; OpenCLIP ViT-bigG's layout) with
+    tokenizer_2 padding with "!", as SDXL's. Returns the folder."""
     import diffusers
     import transformers
 
     vocab_size = write_tokenizer(root / "tok")
-    extra = {} if pad_token is None else {"pad_token": pad_token}
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77, **extra)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=tokenizer.pad_token_id))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=perturb(diffusers.AutoencoderKL(**VAE), 1), text_encoder=perturb(text, 2), tokenizer=tokenizer,
-        unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def text_model(cls, pad, act, seed):
+        extra = {} if pad is None else {"pad_token": pad}
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77, **extra)
+        model = cls(transformers.CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act=act, bos_token_id=vocab_size - 2, projection_dim=32,
+            eos_token_id=vocab_size - 1, pad_token_id=tokenizer.pad_token_id))
+        return tokenizer, perturb(model, seed)
+
+    tokenizer, text = text_model(transformers.CLIPTextModel, pad_token, hidden_act, 2)
+    vae = perturb(diffusers.AutoencoderKL(**VAE, **({"scaling_factor": 0.13025} if sdxl else {})), 1)
+    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer,
+                 unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler)
+    if sdxl:
+        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
+                                                   force_zeros_for_empty_prompt=True)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
     pipe.save_pretrained(root / "model", safe_serialization=True)
-    copy_bpe_files(root / "tok", root / "model" / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        copy_bpe_files(root / "tok", root / "model" / name)
     return root / "model"
 
 
 @pytest.fixture(scope="module")
 def pipe(folder):
-    """diffusers' pipeline over the test module's ``folder`` fixture."""
+    """diffusers' pipeline over the test module's ``folder`` fixture (the class its model_index.json names)."""
     import diffusers
 
+    if diffusers.DiffusionPipeline.load_config(folder)["_class_name"] == "StableDiffusionXLPipeline":
+        return diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
     return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 

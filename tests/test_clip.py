@@ -107,14 +107,19 @@ def test_text_model_old_layout_and_projection(tmp_path):
         expected = reference(torch.tensor(ids))
     _close(module.apply({"params": params}, jnp.asarray(ids)).last_hidden_state, expected.last_hidden_state)
 
-    with_projection = _perturb(transformers.CLIPTextModelWithProjection(config), seed=3)
+    # SDXL's text_encoder_2 (OpenCLIP ViT-bigG in transformers' layout): GELU, the legacy eos_token_id 2 (argmax
+    # pooling), text_projection W_t (no bias) on the pooled output; SDXL reads embeds and hidden_states[-2].
+    bigg = transformers.CLIPTextConfig(**TEXT, eos_token_id=2, hidden_act="gelu")
+    with_projection = _perturb(transformers.CLIPTextModelWithProjection(bigg), seed=3)
     module, params = load_clip_text(_save(with_projection, tmp_path / "projection"))
     assert isinstance(module, CLIPTextModelWithProjection)
     with torch.no_grad():
-        expected = with_projection(torch.tensor(ids))
+        expected = with_projection(torch.tensor(ids), output_hidden_states=True)
     out = module.apply({"params": params}, jnp.asarray(ids))
     _close(out.embeds, expected.text_embeds)
     _close(out.last_hidden_state, expected.last_hidden_state)
+    _close(out.hidden_states[-2], expected.hidden_states[-2])
+    assert "bias" not in params["text_projection"]
 
 
 def test_text_model_variant_file(tmp_path):

@@ -183,7 +183,7 @@ def test_guidance_errors():
         unet_guided_eps_fn(unet, params, dict(good, context=jnp.zeros((B, 5, 5))), null, 2.0)
     with pytest.raises(ValueError, match="this U-Net has cross-attention"):
         unet_guided_eps_fn(unet, params, {"class_labels": good["class_labels"]}, {"class_labels": null["class_labels"]}, 2.0)
-    with pytest.raises(ValueError, match="cond must be a dict with keys among \\('context', 'class_labels'\\).*'labels'"):
+    with pytest.raises(ValueError, match="cond must be a dict with keys among \\('context', 'class_labels', 'text_embeds', 'time_ids'\\).*'labels'"):
         unet_guided_eps_fn(unet, params, {"labels": good["class_labels"]}, null, 2.0)
     with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
         unet_guided_eps_fn(unet, params, good, null, float("nan"))

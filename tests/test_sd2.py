@@ -39,7 +39,7 @@ def folder(tmp_path_factory):
 
 def test_sd2_folder_reads_as_sd2(sd, pipe):
     """The pieces that make it 2.x arrive: v-prediction, linear projections, heads per level, GELU, "!" padding."""
-    assert sd.scheduler.config.prediction_type == "v_prediction"
+    assert sd.scheduler.config.prediction_type == "v_prediction" and sd.vae.config.scaling_factor == 0.18215  # SD v1/2 VAE
     assert sd.unet.config.use_linear_projection and sd.unet.config.num_attention_heads == (2, 4)
     assert sd.text_encoder.config.hidden_act == "gelu"
     ids = np.asarray(sd.tokenizer(["the dog"]))

@@ -61,13 +61,17 @@ CONFIGS = {
         mid_block_scale_factor=2**0.5,
     ),
     # (d) SDXL's layout: no attention at the first level, transformer depth per level (1 there, 2 below and
-    # in the mid block), linear projections, heads per level.
-    "sdxl-transformer-depths": dict(
+    # in the mid block), linear projections, heads per level, and SDXL's added conditioning "text_time": a pooled
+    # text embedding [B, 12] and six time ids [B, 6], each id embedded with 8 sinusoidal features (12 + 6·8 = 60).
+    "sdxl-text-time": dict(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=60,
     ),
 }
 
@@ -92,19 +96,26 @@ def _inputs(name, batch=2, tokens=5):
         labels = np.array([4, 1][:batch])
     elif CONFIGS[name].get("class_embed_type") == "projection":
         labels = rng.standard_normal((batch, 12)).astype(np.float32)
-    return x, t, context, labels
+    added = {}
+    if CONFIGS[name].get("addition_embed_type") == "text_time":
+        # pooled text embedding; (original h, w), (crop top, left), (target h, w) as SDXL's pipeline passes them
+        added = {"text_embeds": rng.standard_normal((batch, 12)).astype(np.float32),
+                 "time_ids": np.array([[16, 16, 0, 0, 16, 16], [40, 24, 3, 5, 32, 32]][:batch], np.float32)}
+    return x, t, context, labels, added
 
 
-def _diffusers_eps(model, x, t, context, labels):
+def _diffusers_eps(model, x, t, context, labels, added):
     with torch.no_grad():
         labels = None if labels is None else torch.from_numpy(labels)
-        out = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), class_labels=labels)
+        out = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), class_labels=labels,
+                    added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()} or None)
     return out.sample.numpy()
 
 
-def _ours(module, params, x, t, context, labels):
+def _ours(module, params, x, t, context, labels, added):
     labels = None if labels is None else jnp.asarray(labels)
-    out = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(context), labels)
+    out = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(context),
+                       labels, **{k: jnp.asarray(v) for k, v in added.items()})
     return np.asarray(out).transpose(0, 3, 1, 2)  # NHWC → NCHW
 
 
@@ -121,15 +132,19 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_diffusers(saved, name):
     model, folder = saved[name]
-    x, t, context, labels = _inputs(name)
-    expected = _diffusers_eps(model, x, t, context, labels)
+    x, t, context, labels, added = _inputs(name)
+    expected = _diffusers_eps(model, x, t, context, labels, added)
     module, params = load_unet(folder)
-    got = _ours(module, params, x, t, context, labels)
+    got = _ours(module, params, x, t, context, labels, added)
     assert np.abs(expected).mean() > 0.1  # a meaningful comparison, not of two near-zero arrays
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     # The condition matters: another context (and, for class-conditional models, other labels) changes ε̂.
-    other = _ours(module, params, x, t, context[::-1], None if labels is None else labels[::-1])
+    other = _ours(module, params, x, t, context[::-1], None if labels is None else labels[::-1], added)
     assert np.abs(other - got).mean() > 1e-2
+    if added:  # and so does each added condition alone: the pooled embedding, the time ids
+        for key in added:
+            swapped = _ours(module, params, x, t, context, labels, dict(added, **{key: added[key][::-1]}))
+            assert np.abs(swapped - got).mean() > 1e-2, key
 
 
 def test_cross_attention_maps_match_diffusers(saved):
@@ -149,8 +164,8 @@ def test_cross_attention_maps_match_diffusers(saved):
                 return probs
 
             sub.get_attention_scores = record
-    x, t, context, labels = _inputs("conv-projection-two-levels", tokens=7)
-    expected_eps = _diffusers_eps(model, x, t, context, labels)
+    x, t, context, labels, added = _inputs("conv-projection-two-levels", tokens=7)
+    expected_eps = _diffusers_eps(model, x, t, context, labels, added)
 
     module, params = load_unet(folder)
     eps, maps = apply_with_attention_maps(
@@ -176,7 +191,7 @@ def test_context_shared_by_the_batch_and_scalar_labels(saved):
     """A context [1, L, D] and a scalar label mean the same condition for every example."""
     _, folder = saved["linear-projection-class-labels"]
     module, params = load_unet(folder)
-    x, t, context, _ = _inputs("linear-projection-class-labels")
+    x, t, context, _, _ = _inputs("linear-projection-class-labels")
     x = jnp.asarray(x.transpose(0, 2, 3, 1))
     shared = module.apply({"params": params}, x, t, jnp.asarray(context[:1]), 3)
     repeated = module.apply({"params": params}, x, t, jnp.asarray(np.repeat(context[:1], 2, 0)), jnp.array([3, 3]))
@@ -187,7 +202,7 @@ def test_out_of_range_label_under_jit_gives_nan(saved):
     """Inside jit the label values cannot be checked; an out-of-range label gives NaN, not another class."""
     _, folder = saved["linear-projection-class-labels"]
     module, params = load_unet(folder)
-    x, t, context, _ = _inputs("linear-projection-class-labels")
+    x, t, context, _, _ = _inputs("linear-projection-class-labels")
     apply = jax.jit(lambda labels: module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), t, context, labels))
     out = np.asarray(apply(jnp.array([1, 5])))  # num_class_embeds = 5
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
@@ -308,6 +323,29 @@ def test_bad_condition_values_and_unused_conditions():
     check_condition(SMALL, jnp.zeros((1, 5, 16)), jnp.array([0, 2]), batch=2)  # fine: no error
 
 
+def test_added_condition_errors():
+    """SDXL's text_embeds/time_ids: required by a "text_time" U-Net (called without them: one clear error), their
+    widths must fill projection_class_embeddings_input_dim, refused by a U-Net without added conditioning."""
+    sdxl = dataclasses.replace(SMALL, num_class_embeds=None, addition_embed_type="text_time", addition_time_embed_dim=4,
+                               projection_class_embeddings_input_dim=36)  # 12 + 6·4
+    context, pooled, ids = jnp.zeros((2, 5, 16)), jnp.zeros((2, 12)), jnp.zeros((2, 6))
+    x, t, context_spec, labels, pooled_spec, ids_spec = sdxl.input_specs(batch=2, context_length=5)
+    assert pooled_spec.shape == (2, 12) and ids_spec.shape == (2, 6) and labels is None
+    with pytest.raises(ValueError, match="SDXL's added conditioning .*pass text_embeds=.* missing: text_embeds and time_ids"):
+        jax.eval_shape(UNet(sdxl).init, jax.random.key(0), x, t, context_spec)
+    with pytest.raises(ValueError, match="missing: time_ids$"):
+        check_condition(sdxl, context, text_embeds=pooled)
+    with pytest.raises(ValueError, match="give 12 \\+ 5·4 = 32 features, but .*projection_class_embeddings_input_dim=36"):
+        check_condition(sdxl, context, text_embeds=pooled, time_ids=jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="one B \\(1 or the image batch\\), got shapes \\(2, 12\\) and \\(3, 6\\)"):
+        check_condition(sdxl, context, text_embeds=pooled, time_ids=jnp.zeros((3, 6)), batch=2)
+    with pytest.raises(ValueError, match="time ids × 4 leave no room for the pooled text embedding"):
+        sdxl.input_specs(num_time_ids=9)
+    with pytest.raises(ValueError, match="text_embeds/time_ids were given but this U-Net has no added conditioning"):
+        check_condition(SMALL, context, jnp.array([0, 1]), time_ids=ids)
+    check_condition(sdxl, context, text_embeds=pooled, time_ids=ids, batch=2)  # fine: no error
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -320,6 +358,8 @@ def test_bad_condition_values_and_unused_conditions():
         (dict(class_embed_type="projection"), "needs projection_class_embeddings_input_dim"),
         (dict(class_embed_type="projection", projection_class_embeddings_input_dim=4), "not both"),
         (dict(num_class_embeds=0), "num_class_embeds must be >= 1"),
+        (dict(addition_embed_type="text"), "unsupported addition_embed_type 'text'"),
+        (dict(addition_embed_type="text_time"), "needs addition_time_embed_dim \\(256 in SDXL\\)"),
     ],
 )
 def test_bad_configs(change, message):
@@ -348,7 +388,7 @@ def test_loader_errors(tmp_path):
 
 def test_bfloat16_compute_keeps_float32_params_output_and_maps():
     config = dataclasses.replace(SMALL, dtype=jnp.bfloat16)
-    x, t, context, labels = config.input_specs(batch=2, context_length=5)
+    x, t, context, labels, _, _ = config.input_specs(batch=2, context_length=5)
     x = jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.float32)
     params = jax.eval_shape(UNet(config).init, jax.random.key(0), x, t, context, labels)["params"]
     assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}

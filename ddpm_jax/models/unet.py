@@ -29,7 +29,11 @@ after each ResNet block a spatial transformer lets every pixel attend to a conte
 condition is added to the timestep embedding: ``num_class_embeds`` gives a learned table
 (class labels [B]), ``class_embed_type="projection"`` a two-layer MLP of a vector [B, D].
 
-Call: ``UNet(config).apply({"params": params}, x_t, t, context=None, class_labels=None, train=False)``.
+SDXL (Podell et al. 2023) adds a second vector condition, ``addition_embed_type="text_time"``: the pooled
+text embedding and the "time ids" (image sizes and crop), embedded and added to the timestep embedding too.
+
+Call: ``UNet(config).apply({"params": params}, x_t, t, context=None, class_labels=None, text_embeds=None,
+time_ids=None, train=False)``.
 ``apply_with_attention_maps`` also returns every cross-attention's probabilities [B, heads, H·W, L].
 """
 
@@ -68,6 +72,7 @@ UP_BLOCK_ATTENTION: dict[str, str | None] = {"UpBlock2D": None, "AttnUpBlock2D":
 # Mid block type → its attention between the two ResNet blocks ("self" only if add_attention).
 MID_BLOCK_ATTENTION: dict[str, str] = {"UNetMidBlock2D": "self", "UNetMidBlock2DCrossAttn": "cross"}
 CLASS_EMBED_TYPES = (None, "projection")
+ADDITION_EMBED_TYPES = (None, "text_time")  # "text_time": SDXL's pooled text embedding + "time ids"
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +123,12 @@ class UNetConfig:
     # --- class conditioning (added to the timestep embedding) ---
     num_class_embeds: int | None = None  # a table of this many class embeddings; class_labels int [B]
     class_embed_type: str | None = None  # None, or "projection": MLP of a vector class_labels [B, D_proj]
-    projection_class_embeddings_input_dim: int | None = None  # D_proj for class_embed_type="projection"
+    # D_proj for class_embed_type="projection"; for addition_embed_type="text_time" the add_embedding's input
+    # width D_pooled + N·addition_time_embed_dim (SDXL base: 1280 + 6·256 = 2816)
+    projection_class_embeddings_input_dim: int | None = None
+    # --- added conditioning (SDXL's micro-conditioning, Podell et al. 2023 §2.2; also added to the timestep embedding) ---
+    addition_embed_type: str | None = None  # None, or "text_time": text_embeds [B, D_pooled] + time_ids [B, N]
+    addition_time_embed_dim: int | None = None  # width of each time id's sinusoidal embedding (256 in SDXL)
     dtype: Any = jnp.float32  # computation dtype; parameters are always float32
 
     def __post_init__(self):
@@ -196,6 +206,12 @@ class UNetConfig:
                 raise ValueError('set either num_class_embeds or class_embed_type="projection", not both')
         if self.num_class_embeds is not None and self.num_class_embeds < 1:
             raise ValueError(f"num_class_embeds must be >= 1 (or None), got {self.num_class_embeds}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"unsupported addition_embed_type {self.addition_embed_type!r}; supported: {ADDITION_EMBED_TYPES}")
+        if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim and
+                                                            self.projection_class_embeddings_input_dim):
+            raise ValueError('addition_embed_type="text_time" needs addition_time_embed_dim (256 in SDXL) and '
+                             'projection_class_embeddings_input_dim (D_pooled + N·addition_time_embed_dim)')
 
     @property
     def num_levels(self) -> int:
@@ -227,11 +243,13 @@ class UNetConfig:
         layers = self.transformer_layers_per_block
         return layers if isinstance(layers, tuple) else (layers,) * self.num_levels
 
-    def input_specs(self, batch: int = 1, context_length: int = 1) -> tuple[Any, ...]:
-        """Shapes ``(x, t, context, class_labels)`` of a smallest valid call (None: input not used).
+    def input_specs(self, batch: int = 1, context_length: int = 1, num_time_ids: int = 6) -> tuple[Any, ...]:
+        """Shapes ``(x, t, context, class_labels, text_embeds, time_ids)`` of a smallest valid call (None:
+        input not used); ``num_time_ids`` N of the added conditioning (6 in SDXL base: original size, crop
+        top-left, target size), text_embeds then [B, projection_class_embeddings_input_dim − N·addition_time_embed_dim].
 
         For ``jax.eval_shape(UNet(config).init, key, *config.input_specs())``: the params do not
-        depend on the image size or the context length.
+        depend on the image size, the context length nor on how the add_embedding's input splits into text and ids.
         """
         size = 2 ** (self.num_levels - 1)
         x = jax.ShapeDtypeStruct((batch, size, size, self.in_channels), jnp.float32)
@@ -244,7 +262,16 @@ class UNetConfig:
             "labels": jax.ShapeDtypeStruct((batch,), jnp.int32),
             "projection": jax.ShapeDtypeStruct((batch, self.projection_class_embeddings_input_dim), jnp.float32),
         }[self.class_conditioning]
-        return x, t, context, labels
+        text_embeds = time_ids = None
+        if self.addition_embed_type == "text_time":
+            pooled = self.projection_class_embeddings_input_dim - num_time_ids * self.addition_time_embed_dim
+            if pooled < 1:
+                raise ValueError(f"{num_time_ids} time ids × {self.addition_time_embed_dim} leave no room for the pooled "
+                                 f"text embedding in projection_class_embeddings_input_dim="
+                                 f"{self.projection_class_embeddings_input_dim}; pass fewer num_time_ids")
+            text_embeds = jax.ShapeDtypeStruct((batch, pooled), jnp.float32)
+            time_ids = jax.ShapeDtypeStruct((batch, num_time_ids), jnp.float32)
+        return x, t, context, labels, text_embeds, time_ids
 
     @property
     def time_embed_dim(self) -> int:
@@ -304,9 +331,10 @@ def _is_concrete(a: Any) -> bool:
 
 
 def check_condition(
-    config: UNetConfig, context: Array | None = None, class_labels: Array | None = None, batch: int | None = None
+    config: UNetConfig, context: Array | None = None, class_labels: Array | None = None,
+    text_embeds: Array | None = None, time_ids: Array | None = None, batch: int | None = None,
 ) -> None:
-    """Raise a one-line ValueError when ``context``/``class_labels`` do not fit ``config``.
+    """Raise a one-line ValueError when the condition inputs do not fit ``config``.
 
     Shapes are always checked (they are static). Class-label VALUES are checked only on concrete
     arrays, i.e. outside ``jax.jit``: call this before jitting (``guidance.unet_guided_eps_fn``
@@ -316,28 +344,40 @@ def check_condition(
       context: [B, L, cross_attention_dim] (B may be 1: shared by the batch), or None.
       class_labels: integers, scalar or [B], in [0, num_class_embeds); or, with
         class_embed_type="projection", vectors [B, projection_class_embeddings_input_dim].
+      text_embeds, time_ids: SDXL's added conditioning (addition_embed_type="text_time"): the pooled text
+        embedding [B, D_pooled] and the time ids [B, N], D_pooled + N·addition_time_embed_dim =
+        projection_class_embeddings_input_dim.
       batch: the image batch size, when known.
     """
-    batch_ok = lambda n: batch is None or n in (1, batch)
-    if config.has_cross_attention:
-        if context is None:
-            raise ValueError(
-                f"this U-Net has cross-attention (cross_attention_dim={config.cross_attention_dim}): pass "
-                f"context=[B, L, {config.cross_attention_dim}] (e.g. text-encoder hidden states)"
-            )
-        shape = tuple(jnp.shape(context))
-        if len(shape) != 3:
-            raise ValueError(f"context must be [B, L, D_ctx], got shape {shape}")
-        if shape[-1] != config.cross_attention_dim:
-            raise ValueError(
-                f"context has last dimension {shape[-1]} but the U-Net's cross_attention_dim is "
-                f"{config.cross_attention_dim} (context shape {shape})"
-            )
-        if not batch_ok(shape[0]):
-            raise ValueError(f"context batch {shape[0]} must be 1 or the image batch {batch} (context shape {shape})")
-    elif context is not None:
-        raise ValueError("context was given but this U-Net has no cross-attention blocks (cross_attention_dim=None)")
+    batch_ok = lambda n: batch is None or n in (1, batch)  # noqa: E731
+    _check_context(config, context, batch, batch_ok)
+    _check_class_labels(config, class_labels, batch, batch_ok)
+    _check_added_condition(config, text_embeds, time_ids, batch_ok)
 
+
+def _check_context(config: UNetConfig, context: Array | None, batch: int | None, batch_ok: Any) -> None:
+    if not config.has_cross_attention:
+        if context is not None:
+            raise ValueError("context was given but this U-Net has no cross-attention blocks (cross_attention_dim=None)")
+        return
+    if context is None:
+        raise ValueError(
+            f"this U-Net has cross-attention (cross_attention_dim={config.cross_attention_dim}): pass "
+            f"context=[B, L, {config.cross_attention_dim}] (e.g. text-encoder hidden states)"
+        )
+    shape = tuple(jnp.shape(context))
+    if len(shape) != 3:
+        raise ValueError(f"context must be [B, L, D_ctx], got shape {shape}")
+    if shape[-1] != config.cross_attention_dim:
+        raise ValueError(
+            f"context has last dimension {shape[-1]} but the U-Net's cross_attention_dim is "
+            f"{config.cross_attention_dim} (context shape {shape})"
+        )
+    if not batch_ok(shape[0]):
+        raise ValueError(f"context batch {shape[0]} must be 1 or the image batch {batch} (context shape {shape})")
+
+
+def _check_class_labels(config: UNetConfig, class_labels: Array | None, batch: int | None, batch_ok: Any) -> None:
     kind = config.class_conditioning
     if kind is None:
         if class_labels is not None:
@@ -369,6 +409,33 @@ def check_condition(
                 f"class_labels must be in [0, {config.num_class_embeds}) (num_class_embeds), got values from "
                 f"{values.min()} to {values.max()}"
             )
+
+
+def _check_added_condition(config: UNetConfig, text_embeds: Array | None, time_ids: Array | None,
+                           batch_ok: Any) -> None:
+    if config.addition_embed_type is None:
+        if text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds/time_ids were given but this U-Net has no added conditioning "
+                             "(addition_embed_type=None)")
+        return
+    d_t, width = config.addition_time_embed_dim, config.projection_class_embeddings_input_dim
+    if text_embeds is None or time_ids is None:
+        missing = " and ".join(n for n, a in (("text_embeds", text_embeds), ("time_ids", time_ids)) if a is None)
+        raise ValueError(
+            f"this U-Net has SDXL's added conditioning (addition_embed_type='text_time'): pass text_embeds=[B, D_pooled] "
+            f"(the pooled text embedding) and time_ids=[B, N] (SDXL: original size, crop top-left, target size) with "
+            f"D_pooled + N·{d_t} = {width}; missing: {missing}"
+        )
+    pooled, ids = tuple(jnp.shape(text_embeds)), tuple(jnp.shape(time_ids))
+    if len(pooled) != 2 or len(ids) != 2 or pooled[0] != ids[0] or not batch_ok(pooled[0]):
+        raise ValueError(f"text_embeds must be [B, D_pooled] and time_ids [B, N], one B (1 or the image batch), got "
+                         f"shapes {pooled} and {ids}")
+    if pooled[1] + ids[1] * d_t != width:
+        raise ValueError(
+            f"text_embeds [B, {pooled[1]}] and time_ids [B, {ids[1]}] give {pooled[1]} + {ids[1]}·{d_t} = "
+            f"{pooled[1] + ids[1] * d_t} features, but the U-Net's add_embedding takes "
+            f"projection_class_embeddings_input_dim={width}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,14 +583,16 @@ class UNet(nn.Module):
     with x [B, H, W, in_channels] (NHWC), integer timesteps t [B] (or a scalar, used for the whole
     batch), context [B or 1, L, cross_attention_dim] when the config has cross-attention blocks, and
     class_labels (integers [B] or a scalar; vectors [B, D] for class_embed_type="projection") when it
-    is class-conditional. With ``train=True``, dropout is active: with ``dropout_keys`` [B] (one typed
+    is class-conditional, and text_embeds [B, D_pooled] and time_ids [B, N] when it has SDXL's added conditioning
+    (addition_embed_type="text_time", ``_added_embedding``). With ``train=True``, dropout is active: with ``dropout_keys`` [B] (one typed
     key per example, ``layers.ExampleDropout``) example b's masks come from its own key, otherwise they
     draw from the "dropout" rng collection. See ``check_condition`` for what is checked where.
     """
 
     config: UNetConfig
 
-    def _check_inputs(self, x: Array, t: Array, context: Array | None, class_labels: Array | None) -> None:
+    def _check_inputs(self, x: Array, t: Array, context: Array | None, class_labels: Array | None,
+                      text_embeds: Array | None, time_ids: Array | None) -> None:
         cfg = self.config
         if x.ndim != 4:
             raise ValueError(f"x must be [B, H, W, C] (NHWC), got shape {tuple(x.shape)}")
@@ -539,7 +608,7 @@ class UNet(nn.Module):
             )
         if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != x.shape[0]):
             raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got shape {jnp.shape(t)}")
-        check_condition(cfg, context, class_labels, batch=x.shape[0])
+        check_condition(cfg, context, class_labels, text_embeds, time_ids, batch=x.shape[0])
 
     def _class_embedding(self, class_labels: Array, batch: int, features: int) -> Array:
         """The class condition as a vector [B, features], added to the timestep embedding."""
@@ -554,6 +623,23 @@ class UNet(nn.Module):
         labels = jnp.where((labels >= 0) & (labels < n), labels, n)
         return nn.Embed(n, features, dtype=cfg.dtype, name="class_embedding")(labels)  # [B, features]
 
+    def _added_embedding(self, text_embeds: Array, time_ids: Array, batch: int, features: int) -> Array:
+        """SDXL's micro-conditioning (Podell et al. 2023, §2.2; diffusers' ``add_time_proj`` + ``add_embedding``):
+        each of the N time ids (SDXL base: c_size = (h_orig, w_orig), c_crop = (top, left), target (h, w)) goes
+        through the timestep's sinusoidal embedding of width D_t = addition_time_embed_dim ("Fourier feature
+        encoding"), the N embeddings are flattened, concatenated with the pooled text embedding, and a
+        two-layer MLP maps them to the timestep-embedding width, to which they are added:
+
+            e_add = MLP([text_embeds; emb(id_1); …; emb(id_N)])                          [B, features]
+        """
+        cfg = self.config
+        n = time_ids.shape[-1]
+        ids = jnp.broadcast_to(time_ids, (batch, n)).reshape(-1)  # [B·N]
+        emb = timestep_embedding(ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)  # [B·N, D_t]
+        pooled = jnp.broadcast_to(text_embeds, (batch, text_embeds.shape[-1])).astype(jnp.float32)  # [B, D_pooled]
+        add = jnp.concatenate([pooled, emb.reshape(batch, n * cfg.addition_time_embed_dim)], axis=-1)  # [B, D_pooled + N·D_t]
+        return TimestepMLP(features, cfg.dtype, name="add_embedding")(add.astype(cfg.dtype))  # [B, features]
+
     @nn.compact
     def __call__(
         self,
@@ -561,12 +647,14 @@ class UNet(nn.Module):
         t: Array,
         context: Array | None = None,
         class_labels: Array | None = None,
+        text_embeds: Array | None = None,
+        time_ids: Array | None = None,
         *,
         train: bool = False,
         dropout_keys: Array | None = None,
     ) -> Array:
         cfg = self.config
-        self._check_inputs(x, t, context, class_labels)
+        self._check_inputs(x, t, context, class_labels, text_embeds, time_ids)
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))  # [B]
         if context is not None:
@@ -577,6 +665,8 @@ class UNet(nn.Module):
         temb = TimestepMLP(cfg.time_embed_dim, cfg.dtype, name="time_embedding")(temb.astype(cfg.dtype))  # [B, D]
         if cfg.class_conditioning is not None:
             temb = temb + self._class_embedding(class_labels, batch, cfg.time_embed_dim)  # [B, D]
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + self._added_embedding(text_embeds, time_ids, batch, cfg.time_embed_dim)  # [B, D]
 
         # Down path; keep every activation for the skip connections.
         h = Conv3x3(cfg.block_out_channels[0], dtype=cfg.dtype, name="conv_in")(x.astype(cfg.dtype))  # [B, H, W, C0]
@@ -640,11 +730,14 @@ def apply_with_attention_maps(
     t: Array,
     context: Array,
     class_labels: Array | None = None,
+    text_embeds: Array | None = None,
+    time_ids: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Run the U-Net and return ``(eps_hat, cross_attention_maps)``; the maps as in ``cross_attention_maps``.
 
     Computing the maps uses an explicit softmax instead of the fused attention kernel; the output is
     the same up to float rounding.
     """
-    out, state = unet.apply({"params": params}, x, t, context, class_labels, mutable=["intermediates"])
+    out, state = unet.apply({"params": params}, x, t, context, class_labels, text_embeds, time_ids,
+                            mutable=["intermediates"])
     return out, cross_attention_maps(state["intermediates"])

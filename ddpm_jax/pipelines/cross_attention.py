@@ -25,22 +25,25 @@ from ddpm_jax.pipelines.generate import generate
 
 
 def token_attention_maps(model: DiffusionModel, trajectory: np.ndarray, prompts: Sequence[str],
-                         timesteps: np.ndarray) -> np.ndarray:
+                         timesteps: np.ndarray, condition: dict[str, jax.Array] | None = None) -> np.ndarray:
     """Per-token cross-attention maps averaged over heads, layers and sampling steps.
 
     ``trajectory`` [S, B, h, w, c] are the x_t the sampler visited at ``timesteps`` [S]; the U-Net is
     re-run on each with the prompts' context (conditional branch) to read its attention probabilities.
     Each layer's [B, heads, h_l·w_l, L] is averaged over heads, resized to h × w and averaged over layers
     and steps. Returns [B, h, w, L]: for each image and token, where that token was looked at.
+    ``condition``: the U-Net's condition arguments for the prompts (default {"context": text_encoder(prompts)};
+    SDXL's pipeline passes its context, text_embeds and time_ids).
     """
     if model.text_encoder is None:
         raise ValueError("attention maps need a text-conditional model (condition.kind='text')")
-    context = jnp.asarray(model.text_encoder(list(prompts)))                              # [B, L, D]
+    if condition is None:
+        condition = {"context": jnp.asarray(model.text_encoder(list(prompts)))}          # [B, L, D]
     h, w = trajectory.shape[2:4]
 
     @jax.jit
     def maps_at(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        _, maps = apply_with_attention_maps(model.unet, model.params, x_t, jnp.full((x_t.shape[0],), t), context)
+        _, maps = apply_with_attention_maps(model.unet, model.params, x_t, jnp.full((x_t.shape[0],), t), **condition)
         per_layer = []
         for probs in maps.values():                                                      # [B, heads, hw_l, L]
             side = int(round(np.sqrt(probs.shape[2] * w / h)))

@@ -26,6 +26,13 @@ Randomness follows the library's noise-key rule (``schedulers.py``): ``key_x_T, 
 jax.random.split(jax.random.key(seed))``; txt2img draws z_T from ``key_x_T``, img2img splits ``key_x_T`` into
 the VAE's sampling key and the SDEdit noise; step i draws from ``fold_in(key_steps, i)``.
 
+SDXL base (Podell et al. 2023) is the same pipeline with a second text encoder (``text_encoder_2``: OpenCLIP
+ViT-bigG with its projection): c = [τ₁(y); τ₂(y)] (both penultimate layers, [B, 77, 2048]), plus the U-Net's added
+conditioning, the pooled embedding W_t τ₂(y)[eot] [B, 1280] and six time ids (``sdxl_time_ids``); ∅ = zeros when
+no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the VAE config's scaling factor).
+Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
+``tests/test_sdxl.py``.
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
@@ -49,7 +56,7 @@ from PIL import Image
 
 from ddpm_jax import guidance, parallel, plotting, schedulers
 from ddpm_jax.diffusion_model import TextEncoder
-from ddpm_jax.models.clip import CLIPTextTransformer
+from ddpm_jax.models.clip import CLIPTextModelWithProjection, CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
@@ -63,6 +70,10 @@ from ddpm_jax.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer
 Array = jax.Array
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")  # + OpenCLIP ViT-bigG and its tokenizer
+# SDXL's six "time ids" (Podell et al. 2023 §2.2), in the order the U-Net reads them (``sdxl_time_ids``)
+SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name we read
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 # Stable Diffusion v1's scheduler_config.json (PNDM), for single-file checkpoints that carry none.
@@ -110,8 +121,9 @@ def resolve_path(path: str | Path, variant: str | None = None) -> Path:
     except ImportError:
         raise ValueError(f"{path!r} is not a local folder and huggingface_hub is not installed: {hint}") from None
     suffix = f".{variant}" if variant else ""
-    patterns = ["*.json", "tokenizer/*", f"unet/diffusion_pytorch_model{suffix}.safetensors",
-                f"vae/diffusion_pytorch_model{suffix}.safetensors", f"text_encoder/model{suffix}.safetensors"]
+    patterns = ["*.json", "tokenizer/*", "tokenizer_2/*", f"unet/diffusion_pytorch_model{suffix}.safetensors",
+                f"vae/diffusion_pytorch_model{suffix}.safetensors", f"text_encoder/model{suffix}.safetensors",
+                f"text_encoder_2/model{suffix}.safetensors"]
     try:
         return Path(huggingface_hub.snapshot_download(str(path), allow_patterns=patterns))
     except Exception as err:  # offline, unknown repo, gated, …: all mean "use a local folder"
@@ -119,17 +131,27 @@ def resolve_path(path: str | Path, variant: str | None = None) -> Path:
                          f"({type(err).__name__}): {hint}") from None
 
 
-def check_folder(folder: Path) -> None:
-    """A diffusers Stable Diffusion folder: model_index.json and the five component folders."""
-    missing = [name + "/" for name in COMPONENTS if not (folder / name).is_dir()]
-    missing = (["model_index.json"] if not (folder / "model_index.json").is_file() else []) + missing
+def check_folder(folder: Path) -> dict[str, Any]:
+    """A diffusers Stable Diffusion folder: model_index.json and the five component folders (SDXL's seven: its
+    ``_class_name`` StableDiffusionXLPipeline adds text_encoder_2/ and tokenizer_2/). Returns model_index.json."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    class_name = index.get("_class_name")
+    if class_name is not None and class_name not in PIPELINE_CLASSES:
+        refiner = " (the SDXL refiner: not implemented yet; pass the SDXL base folder)" if "XL" in class_name else ""
+        raise ValueError(f"{index_file} is a {class_name}{refiner}; StableDiffusion reads {' and '.join(PIPELINE_CLASSES)} "
+                         f"folders")
+    components = SDXL_COMPONENTS if class_name == "StableDiffusionXLPipeline" else COMPONENTS
+    missing = [name + "/" for name in components if not (folder / name).is_dir()]
+    missing = (["model_index.json"] if not index_file.is_file() else []) + missing
     if missing:
-        raise FileNotFoundError(f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
-                                f"(expected model_index.json, {', '.join(c + '/' for c in COMPONENTS)})")
-    index = json.loads((folder / "model_index.json").read_text())
+        kind = "SDXL" if components == SDXL_COMPONENTS else "Stable Diffusion"
+        raise FileNotFoundError(f"{folder} is not a diffusers {kind} folder: missing {', '.join(missing)} "
+                                f"(expected model_index.json, {', '.join(c + '/' for c in components)})")
     unet_class = (index.get("unet") or [None, None])[1]
     if unet_class not in (None, "UNet2DConditionModel"):
         raise ValueError(f"{folder}/model_index.json has unet {unet_class!r}; Stable Diffusion needs UNet2DConditionModel")
+    return index
 
 
 def load_text_encoder(folder: Path, variant: str | None = None) -> tuple[CLIPTextTransformer, Params]:
@@ -138,6 +160,16 @@ def load_text_encoder(folder: Path, variant: str | None = None) -> tuple[CLIPTex
     if not isinstance(module, CLIPTextTransformer):
         raise ValueError(f"{folder} holds a CLIPTextModelWithProjection; Stable Diffusion v1's text encoder is a "
                          f"CLIPTextModel")
+    return module, params
+
+
+def load_text_encoder_2(folder: Path, variant: str | None = None) -> tuple[CLIPTextModelWithProjection, Params]:
+    """SDXL's ``text_encoder_2/``: a transformers CLIPTextModelWithProjection (OpenCLIP ViT-bigG in transformers'
+    layout), whose projected pooled output is the U-Net's ``text_embeds``."""
+    module, params = load_clip_text(folder, variant=variant)
+    if not isinstance(module, CLIPTextModelWithProjection):
+        raise ValueError(f"{folder} holds a CLIPTextModel; SDXL's text_encoder_2 is a CLIPTextModelWithProjection "
+                         f"(its pooled, projected output conditions the U-Net)")
     return module, params
 
 
@@ -153,8 +185,15 @@ def _cast(params: Params, dtype: Any) -> Params:
 class StableDiffusion:
     """Tokenizer → CLIP text encoder → U-Net with cross-attention stepped by a scheduler → VAE decoder.
 
-    ``params`` = {"text_encoder", "unet", "vae"}; ``trace_count`` counts compilations of the sampling
-    program (for tests: new prompts or guidance scales must not add any).
+    SDXL (Podell et al. 2023) is the same pipeline with a second text encoder, ``text_encoder_2`` (OpenCLIP
+    ViT-bigG, a CLIPTextModelWithProjection) and its ``tokenizer_2``: both encoders' penultimate states are
+    concatenated into the context, the second one's projected pooled output is the U-Net's ``text_embeds``, and
+    the six ``time_ids`` (``sdxl_time_ids``) complete the U-Net's added conditioning; with
+    ``force_zeros_for_empty_prompt`` (model_index.json; true for SDXL base) ∅ is zeros when no negative prompt
+    is given, as in diffusers.
+
+    ``params`` = {"text_encoder", "unet", "vae"} (+ "text_encoder_2"); ``trace_count`` counts compilations of
+    the sampling program (for tests: new prompts or guidance scales must not add any).
     """
 
     tokenizer: Tokenizer
@@ -164,16 +203,53 @@ class StableDiffusion:
     scheduler: schedulers.Scheduler
     params: dict[str, Params]
     mesh: Any = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None   # SDXL only
+    tokenizer_2: Tokenizer | None = None                        # SDXL only
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self):
+        self._check_components()
         self.mesh = self.mesh if self.mesh is not None else parallel.make_mesh()
         self._replicated = parallel.replicated_sharding(self.mesh)
         if self.mesh.devices.size > 1:
             self.params = jax.device_put(self.params, self._replicated)
-        self.text = TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"])
+        layer = -2 if self.is_sdxl else -1  # SDXL reads both encoders' penultimate states (hidden_states[-2])
+        self.text = TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"], layer)
+        self.text_2 = (TextEncoder(self.tokenizer_2, self.text_encoder_2, self.params["text_encoder_2"], -2)
+                       if self.is_sdxl else None)
         self._programs: dict[tuple, Callable] = {}
         self._bar = None
         self.trace_count = 0
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL (two text encoders, the U-Net's added conditioning)."""
+        return self.text_encoder_2 is not None
+
+    def _check_components(self) -> None:
+        """One clear error for components that do not fit together (an SDXL U-Net with one text encoder, …)."""
+        unet = self.unet.config
+        if unet.addition_embed_type == "text_time" and not self.is_sdxl:
+            raise ValueError("this U-Net takes SDXL's added conditioning (addition_embed_type='text_time': pooled text "
+                             "embedding + time ids) but the pipeline has one text encoder (SD v1/2.x): SDXL needs "
+                             "text_encoder_2 (a CLIPTextModelWithProjection) and tokenizer_2; load the whole SDXL folder")
+        if not self.is_sdxl:
+            return
+        if unet.addition_embed_type != "text_time":
+            raise ValueError("text_encoder_2 was given but the U-Net has no SDXL added conditioning "
+                             "(addition_embed_type=None): it is not an SDXL U-Net")
+        if self.tokenizer_2 is None or "text_encoder_2" not in self.params:
+            raise ValueError("SDXL's text_encoder_2 needs tokenizer_2 and params['text_encoder_2'] too")
+        widths = (self.text_encoder.config.hidden_size, self.text_encoder_2.config.hidden_size)
+        if sum(widths) != unet.cross_attention_dim:
+            raise ValueError(f"the two text encoders give {widths[0]} + {widths[1]} = {sum(widths)} context features, but "
+                             f"the U-Net's cross_attention_dim is {unet.cross_attention_dim}")
+        pooled, n = self.text_encoder_2.config.projection_dim, len(SDXL_TIME_IDS)
+        if pooled + n * unet.addition_time_embed_dim != unet.projection_class_embeddings_input_dim:
+            raise ValueError(f"text_encoder_2's pooled embedding ({pooled}) and {n} time ids × {unet.addition_time_embed_dim} "
+                             f"give {pooled + n * unet.addition_time_embed_dim} features, but the U-Net's add_embedding "
+                             f"takes {unet.projection_class_embeddings_input_dim}: not an SDXL base U-Net (the refiner's "
+                             f"takes 5 time ids)")
 
     # --------------------------------------------------------------------------------------------
     @classmethod
@@ -196,11 +272,12 @@ class StableDiffusion:
         """
         dtype = resolve_dtype(dtype)
         path = resolve_path(path, variant)
+        sdxl: dict[str, Any] = {}  # SDXL's text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt
         if path.is_file():
             tokenizer_obj, text_encoder, unet, vae, scheduler_config, params = _load_single_file(
                 path, config_folder, tokenizer, use_ema)
         else:
-            check_folder(path)
+            index = check_folder(path)
             text_encoder, text_params = load_text_encoder(path / "text_encoder", variant)
             unet, unet_params = load_unet(path / "unet", variant)
             vae, vae_params = load_vae(path / "vae", variant)
@@ -209,6 +286,8 @@ class StableDiffusion:
                                            context_length=text_encoder.config.max_position_embeddings)
             scheduler_config = schedulers.read_scheduler_config(path / "scheduler")
             params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+            if index.get("_class_name") == "StableDiffusionXLPipeline":
+                sdxl, params["text_encoder_2"] = _load_sdxl_parts(path, variant, index)
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
             scheduler = schedulers.get_scheduler(scheduler, scheduler_config)
         if dtype != jnp.float32:
@@ -216,7 +295,9 @@ class StableDiffusion:
             unet = UNet(dataclasses.replace(unet.config, dtype=dtype))
             vae = AutoencoderKL(dataclasses.replace(vae.config, dtype=dtype))
             text_encoder = CLIPTextTransformer(text_encoder.config, dtype=dtype)
-        return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh)
+            if sdxl:
+                sdxl["text_encoder_2"] = CLIPTextModelWithProjection(sdxl["text_encoder_2"].config, dtype=dtype)
+        return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh, **sdxl)
 
     @classmethod
     def from_configs(cls, unet_config: Any, vae_config: Any, text_config: Any, scheduler: Any = None,
@@ -248,14 +329,22 @@ class StableDiffusion:
         """The same weights with another scheduler (configured like the current one unless ``config``)."""
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
-        other = StableDiffusion(self.tokenizer, self.text_encoder, self.unet, self.vae, scheduler, self.params, self.mesh)
-        other.text = self.text  # share the compiled text encoder
+        other = dataclasses.replace(self, scheduler=scheduler)
+        other.text, other.text_2 = self.text, self.text_2  # share the compiled text encoders
         return other
 
     # --------------------------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsampling_factor                                    # f = 8
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the model was trained at, as diffusers' default: the U-Net's sample_size × f
+        (512 × 512 for SD v1, 768 for SD 2.x-v, 1024 for SDXL)."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """[B, H/f, W/f, 4]; one-line errors for sizes the VAE or the U-Net cannot take."""
@@ -268,15 +357,39 @@ class StableDiffusion:
                              f"by 2^(levels−1) = {levels}), got {height}×{width}")
         return batch, height // f, width // f, self.unet.config.in_channels
 
-    def encode_prompt(self, prompts: Sequence[str]) -> Array:
-        """prompts → the text encoder's last hidden states [B, 77, D] (what cross-attention reads)."""
-        return jnp.asarray(self.text(list(prompts)))
+    def prompt_condition(self, prompts: Sequence[str]) -> dict[str, Array]:
+        """prompts → the U-Net's text conditions: {"context": the text encoder's last hidden states [B, 77, D]}
+        (SD v1: D = 768); SDXL: "context" = [τ₁(y); τ₂(y)], both encoders' penultimate states concatenated along
+        the features ([B, 77, 768 + 1280]), and "text_embeds" = text_encoder_2's projected pooled output [B, 1280]."""
+        prompts = list(prompts)
+        if not self.is_sdxl:
+            return {"context": jnp.asarray(self.text(prompts))}                           # [B, 77, D]
+        states_2, pooled = self.text_2.encode(prompts)                                      # [B, 77, D₂], [B, P]
+        return {"context": jnp.concatenate([jnp.asarray(self.text(prompts)), jnp.asarray(states_2)], axis=-1),
+                "text_embeds": jnp.asarray(pooled)}
 
-    def _conditions(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None
-                    ) -> tuple[list[str], Array, Array]:
+    def encode_prompt(self, prompts: Sequence[str]) -> Array:
+        """prompts → the context [B, 77, D] that cross-attention reads (``prompt_condition``'s "context")."""
+        return self.prompt_condition(prompts)["context"]
+
+    def time_ids(self, height: int, width: int, original_size: Sequence[int] | None = None,
+                 crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
+                 ) -> np.ndarray | None:
+        """SDXL's ``sdxl_time_ids`` for an image of height × width; None (and no size arguments) for SD v1/2.x."""
+        if self.is_sdxl:
+            return sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)
+        if (original_size, crops_coords_top_left, target_size) != (None, None, None):
+            raise ValueError("original_size, crops_coords_top_left and target_size are SDXL's micro-conditioning; this "
+                             "U-Net has none (addition_embed_type=None)")
+        return None
+
+    def _conditions(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None,
+                    time_ids: np.ndarray | None = None) -> tuple[list[str], dict[str, Array], dict[str, Array]]:
+        """(prompts, c, ∅): the U-Net's condition dicts (``prompt_condition`` + SDXL's time ids, the same for both)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
+        zeros = negative_prompts is None and self.force_zeros_for_empty_prompt   # diffusers: only when none is given
         if negative_prompts is None:
             negative_prompts = [""] * len(prompts)              # ∅ = the states of the empty prompt
         elif isinstance(negative_prompts, str):
@@ -285,7 +398,11 @@ class StableDiffusion:
         if len(negative_prompts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; give one "
                              f"negative prompt per prompt (or one string for all)")
-        return prompts, self.encode_prompt(prompts), self.encode_prompt(negative_prompts)
+        cond = self.prompt_condition(prompts)
+        uncond = jax.tree.map(jnp.zeros_like, cond) if zeros else self.prompt_condition(negative_prompts)
+        if time_ids is not None:                                                     # SDXL: [B, 6]
+            cond["time_ids"] = uncond["time_ids"] = jnp.broadcast_to(jnp.asarray(time_ids), (len(prompts), len(time_ids)))
+        return prompts, cond, uncond
 
     # --------------------------------------------------------------------------------------------
     def _on_step(self, i: Any) -> None:
@@ -294,7 +411,8 @@ class StableDiffusion:
             self._bar.refresh()
 
     def _program(self, num_steps: int, start: int, scale_init: bool, keep_trajectory: bool, sharded: bool) -> Callable:
-        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z_0, trajectory). One per static setting."""
+        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z_0, trajectory), c and ∅ dicts of U-Net
+        condition arguments (``_conditions``). One per static setting."""
         key = (num_steps, start, scale_init, keep_trajectory, sharded)
         if key in self._programs:
             return self._programs[key]
@@ -302,7 +420,7 @@ class StableDiffusion:
         def run(params, cond, uncond, guidance_scale, guidance_rescale, z, rng):
             self.trace_count += 1                                                     # Python: runs at trace time only
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
-                                            {"context": cond}, {"context": uncond}, guidance_scale, guidance_rescale)
+                                            cond, uncond, guidance_scale, guidance_rescale)
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
             out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, x_is_noise=scale_init,
                                  on_step=self._on_step, return_trajectory=keep_trajectory)
@@ -318,8 +436,8 @@ class StableDiffusion:
         self._programs[key] = program
         return program
 
-    def _sample(self, prompts: list[str], cond: Array, uncond: Array, guidance_scale: float, z: Array, key: Array,
-                num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
+    def _sample(self, prompts: list[str], cond: dict[str, Array], uncond: dict[str, Array], guidance_scale: float,
+                z: Array, key: Array, num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
                 guidance_rescale: float = 0.0) -> dict[str, Any]:
         guidance.check_guidance_scale(guidance_scale)
         if not 0.0 <= float(guidance_rescale) <= 1.0:
@@ -347,9 +465,11 @@ class StableDiffusion:
         return result
 
     def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
-                guidance_scale: float = 7.5, num_steps: int = 50, height: int = 512, width: int = 512, seed: int = 0,
-                latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
-                progress: bool = False, guidance_rescale: float = 0.0) -> dict[str, Any]:
+                guidance_scale: float = 7.5, num_steps: int = 50, height: int | None = None, width: int | None = None,
+                seed: int = 0, latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
+                progress: bool = False, guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
+                crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
+                ) -> dict[str, Any]:
         """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
         with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
         "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
@@ -358,8 +478,13 @@ class StableDiffusion:
         ``latents``: the initial noise z_T ~ N(0, I) [B, h, w, 4] (NHWC; diffusers' ``latents`` are NCHW),
         else drawn from ``seed``. The same seed gives the same images. ``guidance_rescale``: φ of Lin et al.
         2024 Eq. 16 (``guidance.rescale_guidance``; 0.7 for SD 2.x v-prediction models), traced like w.
+        SDXL only: ``original_size``, ``crops_coords_top_left``, ``target_size`` (h, w) pairs, its time ids
+        (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'). ``height``,
+        ``width``: default ``default_size`` (the model's own).
         """
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        height, width = height or self.default_size[0], width or self.default_size[1]
+        time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
         shape = self.latent_shape(len(prompts), height, width)
         key_latents, key_steps = jax.random.split(jax.random.key(seed))
         if latents is None:
@@ -371,7 +496,7 @@ class StableDiffusion:
         result = self._sample(prompts, cond, uncond, guidance_scale, jnp.asarray(latents, jnp.float32), key_steps,
                               num_steps, 0, True, keep, progress, guidance_rescale)
         if return_attention:
-            self._add_attention(result, prompts)
+            self._add_attention(result, prompts, cond)
         return result
 
     def img2img(self, images: Array, prompts: str | Sequence[str], strength: float = 0.8,
@@ -380,7 +505,8 @@ class StableDiffusion:
                 return_latents: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
         grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
-        latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (both for tests).
+        latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (both for tests). SDXL's
+        time ids are the defaults for the image's size.
         """
         name = self.scheduler.name
         if name not in IMG2IMG_SCHEDULERS:
@@ -388,7 +514,7 @@ class StableDiffusion:
                              f"use sd.with_scheduler('ddim') (or --scheduler ddim)")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo), got {strength}")
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         key_x_T, key_steps = jax.random.split(jax.random.key(seed))                    # the noise-key rule
         key_encode, key_noise = jax.random.split(key_x_T)
         if init_latents is None:
@@ -400,6 +526,9 @@ class StableDiffusion:
             init_latents = jax.jit(lambda p, x, k: self.vae.apply({"params": p}, x, k, method=AutoencoderKL.encode_latents)
                                    )(self.params["vae"], images, key_encode)            # [B, h, w, 4]
         init_latents = jnp.asarray(init_latents, jnp.float32)
+        f = self.vae_scale_factor
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts,
+                                                 self.time_ids(init_latents.shape[1] * f, init_latents.shape[2] * f))
         # diffusers' get_timesteps: redo the last ⌊strength·N⌋ steps of the N-step grid
         start = num_steps - min(int(num_steps * strength), num_steps)
         if start >= num_steps:
@@ -412,10 +541,12 @@ class StableDiffusion:
                             return_latents, progress, guidance_rescale)
 
     # --------------------------------------------------------------------------------------------
-    def _add_attention(self, result: dict[str, Any], prompts: list[str]) -> None:
-        """Per-token cross-attention maps averaged over heads, layers and steps (cross_attention.token_attention_maps)."""
+    def _add_attention(self, result: dict[str, Any], prompts: list[str], cond: dict[str, Array]) -> None:
+        """Per-token cross-attention maps averaged over heads, layers and steps (cross_attention.token_attention_maps),
+        the U-Net run with the prompts' condition ``cond``."""
         model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=self.params["unet"])
-        result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"])       # [B, h, w, 77]
+        result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"],
+                                                   condition=cond)                    # [B, h, w, 77]
         result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]
 
 
@@ -425,6 +556,31 @@ def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
     symbols = list(bytes_to_unicode().values())
     tokens = (symbols + [s + "</w>" for s in symbols])[: max(vocab_size, 4) - 2] + ["<|startoftext|>", "<|endoftext|>"]
     return Tokenizer({t: i for i, t in enumerate(tokens)}, [])
+
+
+def sdxl_time_ids(height: int, width: int, original_size: Sequence[int] | None = None,
+                  crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
+                  ) -> np.ndarray:
+    """SDXL's micro-conditioning (Podell et al. 2023 §2.2), the U-Net's ``time_ids`` [6] (``SDXL_TIME_IDS``):
+    c_size = ``original_size`` (h, w) of the training image before any resizing, c_crop = ``crops_coords_top_left``
+    (top, left) of the crop, and the ``target_size`` (h, w); diffusers' defaults (height, width), (0, 0),
+    (height, width) ask for an uncropped image of the requested size."""
+    parts = [(height, width) if original_size is None else original_size,
+             (0, 0) if crops_coords_top_left is None else crops_coords_top_left,
+             (height, width) if target_size is None else target_size]
+    if any(len(tuple(part)) != 2 for part in parts):
+        raise ValueError(f"original_size, crops_coords_top_left and target_size must be (h, w) / (top, left) pairs, "
+                         f"got {parts}")
+    return np.asarray([float(v) for part in parts for v in part], np.float32)            # [6]
+
+
+def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> tuple[dict[str, Any], Params]:
+    """An SDXL folder's text_encoder_2/, tokenizer_2/ and model_index.json's ``force_zeros_for_empty_prompt``
+    (diffusers' default: true), as ``StableDiffusion`` fields, and text_encoder_2's params."""
+    text_encoder_2, params = load_text_encoder_2(path / "text_encoder_2", variant)
+    tokenizer_2 = load_tokenizer(path / "tokenizer_2", context_length=text_encoder_2.config.max_position_embeddings)
+    return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}, params
 
 
 def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool):
@@ -441,8 +597,8 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
     return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
 
 
-__all__ = ["StableDiffusion", "byte_tokenizer", "img2img_to_files", "load_text_encoder", "read_image", "resolve_dtype",
-           "resolve_path", "txt2img_to_files"]
+__all__ = ["SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "img2img_to_files", "load_text_encoder",
+           "load_text_encoder_2", "read_image", "resolve_dtype", "resolve_path", "sdxl_time_ids", "txt2img_to_files"]
 
 
 # ================================================================================================
@@ -463,8 +619,8 @@ def read_image(path: str | Path, height: int | None = None, width: int | None = 
 
 def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | Path = "txt2img.png", *,
                      steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
-                     negative_prompts: Sequence[str] | None = None, height: int = 512, width: int = 512,
-                     attention_maps: bool = False) -> list[Path]:
+                     negative_prompts: Sequence[str] | None = None, height: int | None = None,
+                     width: int | None = None, attention_maps: bool = False) -> list[Path]:
     """One image per prompt as a PNG grid; the denoising loop is one compiled program, its tqdm bar fed by
     ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``."""
     result = pipe.txt2img(list(prompts), negative_prompts=negative_prompts or None, guidance_scale=guidance_scale,

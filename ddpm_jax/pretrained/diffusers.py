@@ -96,6 +96,8 @@ UNET2D_CONDITION_DEFAULTS = {
     "num_class_embeds": None,
     "time_embedding_dim": None,
     "projection_class_embeddings_input_dim": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
 }
 
 # Options of UNet2DConditionModel that this U-Net implements only with these values (the defaults;
@@ -110,7 +112,7 @@ UNET2D_CONDITION_REQUIRED = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "class_embed_type": (None, "projection"),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),  # "text_time": SDXL's pooled text embedding + time ids
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1, 1.0),
@@ -217,6 +219,7 @@ def _unet2d_condition_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     out.update({key: getattr(config, key) for key in UNET2D_CONDITION_DEFAULTS})
     out.update({key: allowed[0] for key, allowed in UNET2D_CONDITION_REQUIRED.items()})
     out.update(mid_block_type=config.mid_block_type, class_embed_type=config.class_embed_type,
+               addition_embed_type=config.addition_embed_type,
                attention_head_dim=config.num_attention_heads, num_attention_heads=None)  # heads: see the quirk above
     return _json_ready(out)
 

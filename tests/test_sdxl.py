@@ -1,0 +1,117 @@
+"""Stable Diffusion XL base (Podell et al. 2023) in stable_diffusion.py against diffusers' StableDiffusionXLPipeline.
+
+A tiny random SDXL folder saved by diffusers: two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection
+whose tokenizer pads with "!", both 32 wide → a 64-wide context of their penultimate states), the U-Net's added
+conditioning (addition_embed_type "text_time": pooled embedding [B, 32] + six time ids × 8 sinusoidal features),
+SDXL's U-Net layout (no attention at the first level, linear projections; per-level transformer depths are
+checked in test_unet_condition.py), the VAE scale 0.13025, force_zeros_for_empty_prompt. Our txt2img from the
+same initial latents equals diffusers' to ≤ 1e-3 for Euler (SDXL's own), DPM-Solver++ and DDIM, with negative
+prompts (given, or none: zero embeddings), guidance and non-default time ids; img2img equals diffusers'
+StableDiffusionXLImg2ImgPipeline over the same components.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+
+from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
+
+SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
+PROMPTS = ["a cat on the dog", "the dog"]
+UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
+            norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                 timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)  # SDXL base's Euler
+CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id arguments)
+    "euler": ("EulerDiscreteScheduler", ["the cat", ""], {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", None, {}),  # no negative prompt: ∅ = zeros (force_zeros)
+    "ddim": ("DDIMScheduler", "the cat", dict(original_size=(64, 48), crops_coords_top_left=(4, 2),
+                                              target_size=(32, 32))),
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), UNET, diffusers.EulerDiscreteScheduler(**SCHEDULER),
+                           sdxl=True)
+
+
+def test_sdxl_folder_reads_as_sdxl(sd, pipe):
+    """The components say what they are: two encoders (the second with projection), the added conditioning,
+    force_zeros_for_empty_prompt, the VAE scale from its config; the condition shapes."""
+    assert sd.is_sdxl and sd.force_zeros_for_empty_prompt and pipe.config.force_zeros_for_empty_prompt
+    assert sd.unet.config.addition_embed_type == "text_time" and sd.unet.config.addition_time_embed_dim == 8
+    assert sd.vae.config.scaling_factor == pipe.vae.config.scaling_factor == 0.13025
+    assert sd.tokenizer_2(["the dog"])[0][-1] == pipe.tokenizer_2.convert_tokens_to_ids("!")
+    cond = sd.prompt_condition(PROMPTS)
+    assert cond["context"].shape == (2, 77, 64) and cond["text_embeds"].shape == (2, 32)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    np.testing.assert_allclose(cond["context"], embeds.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cond["text_embeds"], pooled.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(sd.time_ids(32, 24), [32, 24, 0, 0, 32, 24])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sdxl_txt2img_equals_diffusers_pipeline(sd, pipe, name):
+    """Same latents, prompts, negative prompts and time ids → the same images to ≤ 1e-3 (2 steps, w = 5), both at
+    the model's default size (U-Net sample_size 16 × the VAE's f = 2)."""
+    cls, negative, sizes = CASES[name]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)
+    latents = np.random.default_rng(0).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)  # NHWC
+    if isinstance(negative, str):
+        negative = [negative] * len(PROMPTS)
+    with torch.no_grad():
+        expected = pipe(PROMPTS, negative_prompt=negative, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                        num_inference_steps=2, guidance_scale=5.0, output_type="np", **sizes).images
+    ours = sd.with_scheduler(name).txt2img(PROMPTS, negative, guidance_scale=5.0, num_steps=2, latents=latents, **sizes)
+    assert ours["images"].shape == expected.shape == (2, SIZE, SIZE, 3) and sd.default_size == (SIZE, SIZE)
+    assert expected.std() > 0.05  # not a degenerate (saturated or constant) image
+    np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
+
+
+def test_sdxl_img2img_equals_diffusers_img2img_pipeline(sd, pipe):
+    """SDEdit from given latents and noise with the base's components: diffusers' StableDiffusionXLImg2ImgPipeline
+    (requires_aesthetics_score=False: the same six time ids for the image's size), DDIM, ≤ 1e-3."""
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=False)
+    img2img.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    init = np.random.default_rng(1).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)  # NHWC latents
+    noise = torch.randn((2, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = img2img(PROMPTS, image=torch.from_numpy(init.transpose(0, 3, 1, 2)), strength=0.6, num_inference_steps=4,
+                           guidance_scale=4.0, negative_prompt=["the cat", ""], output_type="np",
+                           generator=torch.Generator().manual_seed(7)).images
+    ours = sd.with_scheduler("ddim").img2img(None, PROMPTS, strength=0.6, guidance_scale=4.0, num_steps=4,
+                                             negative_prompts=["the cat", ""], init_latents=init,
+                                             noise=noise.numpy().transpose(0, 2, 3, 1))
+    assert expected.std() > 0.05
+    np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
+
+
+def test_sdxl_bad_inputs_are_one_clear_error(sd, folder, tmp_path):
+    """An SDXL U-Net with one (v1) text encoder; an SDXL folder without text_encoder_2/; the refiner as the base."""
+    with pytest.raises(ValueError, match="SDXL's added conditioning .* but the pipeline has one text encoder"):
+        StableDiffusion(sd.tokenizer, sd.text_encoder, sd.unet, sd.vae, sd.scheduler, sd.params)
+    broken = tmp_path / "no_text_encoder_2"
+    broken.mkdir()
+    for child in folder.iterdir():
+        if child.name != "text_encoder_2":
+            (broken / child.name).symlink_to(child)
+    with pytest.raises(FileNotFoundError, match="not a diffusers SDXL folder: missing text_encoder_2/"):
+        StableDiffusion.from_pretrained(broken)
+    (broken / "model_index.json").unlink()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline \\(the SDXL refiner: not implemented yet"):
+        StableDiffusion.from_pretrained(broken)
+    with pytest.raises(ValueError, match="original_size, crops_coords_top_left and target_size must be"):
+        sd.txt2img("the dog", num_steps=1, height=SIZE, width=SIZE, original_size=(32,))
