@@ -23,6 +23,8 @@ from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fi
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+
 SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
