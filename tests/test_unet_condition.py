@@ -250,6 +250,51 @@ def test_stable_diffusion_v1_config_and_parameter_count():
     assert head["ff"]["net_0"]["proj"]["kernel"].shape == (320, 2 * 4 * 320)  # GEGLU: value and gate halves
 
 
+SDXL_CONFIG_JSON = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the options it sets)
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def test_sdxl_base_config_and_parameter_count():
+    """``UNetConfig.sdxl_base()`` is what SDXL base's config.json reads as, with diffusers' parameter count (the
+    modules built on torch's meta device: no memory, no initialisation) and the added embedding's 2816-wide input."""
+    config = unet_config_from_diffusers(SDXL_CONFIG_JSON)
+    assert config == UNetConfig.sdxl_base()
+    assert config.level_heads == (5, 10, 20) and config.level_transformer_layers == (1, 2, 10)
+    shapes = jax.eval_shape(UNet(config).init, jax.random.key(0), *config.input_specs())["params"]
+    ours = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel(**{k: v for k, v in SDXL_CONFIG_JSON.items() if not k.startswith("_")})
+    assert ours == sum(p.numel() for p in reference.parameters()) == 2_567_463_684
+    assert shapes["add_embedding"]["linear_1"]["kernel"].shape == (2816, 1280)
+    assert "attentions_0" not in shapes["down_blocks_0"]  # no attention at the first level
+    assert len([k for k in shapes["mid_block"]["attentions_0"] if k.startswith("transformer_blocks_")]) == 10
+
+
 def test_num_attention_heads_and_per_level_heads():
     base = dict(SD_V1_CONFIG_JSON, block_out_channels=[320, 640, 1280, 1280])
     sd2 = unet_config_from_diffusers(dict(base, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True))

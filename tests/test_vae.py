@@ -251,6 +251,8 @@ def test_sd_v1_config_has_the_sd_vae_parameter_count():
     assert AutoencoderKLConfig.sd_v1().downsampling_factor == 8
     assert sum(np.prod(p.shape) for p in jax.tree.leaves(params)) == 83_653_863  # diffusers' SD v1 AutoencoderKL
     assert AutoencoderKLConfig.mnist_f4().downsampling_factor == 4
+    sdxl = AutoencoderKLConfig.sdxl()  # SDXL's VAE: the same layout, other weights, latents scaled by 0.13025
+    assert sdxl.block_out_channels == AutoencoderKLConfig.sd_v1().block_out_channels and sdxl.scaling_factor == 0.13025
 
 
 def test_autoencoder_kl_bad_input():

@@ -232,6 +232,12 @@ class AutoencoderKLConfig:
         )
 
     @classmethod
+    def sdxl(cls) -> AutoencoderKLConfig:
+        """SDXL's VAE: the kl-f8 architecture of ``sd_v1`` retrained (Podell et al. 2023, Sec. 2.4), 1024×1024 images,
+        latents scaled by 0.13025 (also the fp16-fix VAE's config: same layout and scale)."""
+        return dataclasses.replace(cls.sd_v1(), sample_size=1024, scaling_factor=0.13025)
+
+    @classmethod
     def mnist_f4(cls) -> AutoencoderKLConfig:
         """A small f = 4 autoencoder for MNIST (padded 32×32 → 8×8×4 latents); scaling_factor to be measured."""
         return cls(
