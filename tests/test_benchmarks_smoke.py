@@ -15,11 +15,16 @@ import pytest
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
-_spec = importlib.util.spec_from_file_location("bench_unet", _PATH)  # works without the repo on sys.path
-bench_unet = importlib.util.module_from_spec(_spec)
-sys.modules["bench_unet"] = bench_unet  # dataclasses look their module up here
-_spec.loader.exec_module(bench_unet)
+def _load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (works without the repo on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_unet = _load_benchmark("bench_unet")
 
 
 def _positive(value):
@@ -69,10 +74,7 @@ def test_diffusers_model_from_our_config_has_our_parameter_count(name):
 
 def test_layer_profile_runs_on_a_tiny_shape():
     """benchmarks/bench_layers.py (the conv/GroupNorm profile) on one tiny shape, one iteration."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layers.py"
-    spec = importlib.util.spec_from_file_location("bench_layers", path)
-    bench_layers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_layers)
+    bench_layers = _load_benchmark("bench_layers")
     rows = bench_layers.main(["--shapes", "2x8x8x8", "--groups", "4", "--iters", "1"])
     assert {row["op"] for row in rows} == {"conv_fwd", "conv_fwd_bwd", "group_norm", "group_norm_fwd_bwd",
                                           "group_norm_flax", "group_norm_flax_fwd_bwd"}
@@ -87,10 +89,7 @@ def test_stable_diffusion_benchmark_runs_on_a_tiny_config(tmp_path, config):
     """benchmarks/bench_stable_diffusion.py with --config tiny (SD v1's layout, with the whole txt2img) and tiny-sdxl
     (SDXL's: added "text_time" conditioning, no attention at the first level): every timing positive, the same
     U-Net as diffusers' built from ``unet_config_to_diffusers``."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stable_diffusion.py"
-    spec = importlib.util.spec_from_file_location("bench_stable_diffusion", path)
-    bench_sd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_sd)
+    bench_sd = _load_benchmark("bench_stable_diffusion")
     out = tmp_path / "sd.json"
     report = bench_sd.main(["--config", config, "--iters", "1", "--steps", "2", "--json", str(out)])
     ours = report["rows"][0]
