@@ -33,6 +33,13 @@ no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the
 Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
 ``tests/test_sdxl.py``.
 
+The SDXL refiner (Podell et al. 2023 §2.5) is the same pipeline with ``text_encoder_2`` alone (c = τ₂(y),
+[B, 77, 1280]) and five time ids, an aesthetic score in place of the target size (``refiner_time_ids``); base →
+refiner (the "ensemble of expert denoisers") cuts one N-step grid where diffusers does, at t_c = round(T − f·T):
+the base's ``txt2img(denoising_end=f)`` stops there and returns the latents undecoded, the refiner's
+``img2img(init_latents=…, denoising_start=f)`` runs the rest (``txt2img_with_refiner``; checked against diffusers'
+two-pipeline run in ``tests/test_sdxl_refiner.py``).
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
