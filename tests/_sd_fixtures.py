@@ -9,6 +9,9 @@ import torch
 
 from ddpm_jax import tokenizer as tok_lib
 
+SIZE = 32  # image side of the tiny pipelines: the tiny VAE has f = 2 → 16×16×4 latents
+PROMPTS = ["a cat on the dog", "the dog"]
+NEGATIVE = ["the cat", ""]
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
 VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
@@ -95,6 +98,15 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
     for name in ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
         copy_bpe_files(root / "tok", root / "model" / name)
     return root / "model"
+
+
+def write_sdxl_folder(root, refiner=False):
+    """The tiny SDXL base (``SDXL_UNET``) or, with ``refiner``, the tiny SDXL refiner (``REFINER_UNET``) folder under
+    ``root``, both with SDXL base's Euler (``SDXL_SCHEDULER``); test_sdxl's and test_sdxl_refiner's."""
+    import diffusers
+
+    return write_sd_folder(root, REFINER_UNET if refiner else SDXL_UNET, diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
+                           sdxl=not refiner, refiner=refiner)
 
 
 @pytest.fixture(scope="module")

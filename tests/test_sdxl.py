@@ -19,15 +19,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from _sd_fixtures import SDXL_SCHEDULER, SDXL_UNET, pipe, sd  # noqa: E402,F401 (module fixtures over `folder`)
-from _sd_fixtures import write_sd_folder  # noqa: E402
+from _sd_fixtures import pipe, sd  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import PROMPTS, SIZE, write_sdxl_folder  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
-SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
-PROMPTS = ["a cat on the dog", "the dog"]
 CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id arguments)
     "euler": ("EulerDiscreteScheduler", ["the cat", ""], {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", None, {}),  # no negative prompt: ∅ = zeros (force_zeros)
@@ -38,8 +36,7 @@ CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id ar
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), SDXL_UNET,
-                           diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER), sdxl=True)
+    return write_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def test_sdxl_folder_reads_as_sdxl(sd, pipe):

@@ -18,30 +18,25 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from _cli import run_cli  # noqa: E402
-from _sd_fixtures import REFINER_UNET, SDXL_SCHEDULER, SDXL_UNET, pipe, sd  # noqa: E402,F401 (fixtures over `folder`)
-from _sd_fixtures import write_sd_folder  # noqa: E402
+from _sd_fixtures import NEGATIVE, PROMPTS, SIZE, write_sdxl_folder  # noqa: E402
+from _sd_fixtures import pipe, sd  # noqa: E402,F401 (module fixtures over `folder`)
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion, txt2img_with_refiner  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
-SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
-PROMPTS = ["a cat on the dog", "the dog"]
-NEGATIVE = ["the cat", ""]
 STEPS = 4  # the "leading" grid 751, 501, 251, 1: a cut at 0.8 (t_c = 200) leaves the base 3 steps, the refiner 1
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """The refiner (``pipe`` and ``sd`` are over it)."""
-    return write_sd_folder(tmp_path_factory.mktemp("refiner"), REFINER_UNET,
-                           diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER), refiner=True)
+    return write_sdxl_folder(tmp_path_factory.mktemp("refiner"), refiner=True)
 
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), SDXL_UNET, diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
-                           sdxl=True)
+    return write_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.fixture(scope="module")

@@ -542,8 +542,8 @@ class StableDiffusion:
         fall below round(T − denoising_end·T) (``denoising_end_index``) and return {"latents"} there, undecoded.
         """
         if self.is_refiner:
-            raise ValueError("this is the SDXL refiner (an img2img model trained on the low noise levels; Podell et al. "
-                             "2023 §2.5): txt2img needs the SDXL base; pass the refiner as its refiner (--refiner)")
+            raise ValueError("this is the SDXL refiner (an img2img model for the low noise levels, Podell et al. 2023 "
+                             "§2.5): txt2img needs the SDXL base; run base → refiner (--model <base> --refiner <this>)")
         height, width = height or self.default_size[0], width or self.default_size[1]
         time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
         prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
