@@ -10,6 +10,7 @@
     ddpm-jax train-vae | train-clip | train-flow | train-gan --config experiments/… --workdir runs/…
     ddpm-jax train-tokenizer --out tokenizer/
     ddpm-jax txt2img --model sd-v1-5 "a photo of a cat" [--scheduler ddpm]   # or --workdir (text-conditional run)
+    ddpm-jax txt2img --model sdxl-base --refiner sdxl-refiner "a photo of a cat" [--high-noise-frac 0.8]
     ddpm-jax img2img --model sd-v1-5 --image in.png "a painting"
 
 =====================  ===========================================================================
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "512 for SD v1, 1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner folder: base → refiner (--model the SDXL base)")
+    p.add_argument("--high-noise-frac", type=float, default=0.8,
+                   help="with --refiner: the fraction of the denoising the base does (denoising_end/start)")
 
     p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",
                        description=sd.img2img_to_files.__doc__)
@@ -254,9 +258,10 @@ def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
     return negative * num_prompts if negative and len(negative) == 1 else negative
 
 
-def load_stable_diffusion(args: argparse.Namespace) -> sd.StableDiffusion:
-    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
-    return sd.StableDiffusion.from_pretrained(args.model, dtype=args.dtype, scheduler=args.scheduler,
+def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) -> sd.StableDiffusion:
+    model = model or args.model
+    print(f"loading {model} ({args.dtype}) ...", file=sys.stderr)
+    return sd.StableDiffusion.from_pretrained(model, dtype=args.dtype, scheduler=args.scheduler,
                                               tokenizer=args.tokenizer)
 
 
@@ -300,7 +305,9 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         return sd.txt2img_to_files(
             load_stable_diffusion(args), args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
             guidance_scale=7.5 if args.guidance is None else args.guidance, seed=args.seed,
-            negative_prompts=negative, height=args.height, width=args.width, attention_maps=args.attention_maps)
+            negative_prompts=negative, height=args.height, width=args.width, attention_maps=args.attention_maps,
+            refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
+            high_noise_frac=args.high_noise_frac)
     return sd.img2img_to_files(
         load_stable_diffusion(args), args.image, args.prompts, args.out, strength=args.strength, steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, negative_prompts=negative, height=args.height, width=args.width)

@@ -941,7 +941,7 @@ def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | Sch
 
 
 class Trajectory(NamedTuple):
-    """A run of :func:`run`, step by step (S = the number of steps run, N − start)."""
+    """A run of :func:`run`, step by step (S = the number of steps run, end − start)."""
 
     x: jax.Array            # [S+1, B, ...] the sample at the start grid point, then after each step (x[-1] = result)
     model_input: jax.Array  # [S, B, ...]   scale_model_input(x_i): what the model saw at step i
@@ -949,13 +949,14 @@ class Trajectory(NamedTuple):
 
 
 def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None, num_steps: int, *,
-        start: int = 0, x_is_noise: bool = True, on_step: Callable[[jax.Array], None] | None = None,
+        start: int = 0, end: int | None = None, x_is_noise: bool = True,
+        on_step: Callable[[jax.Array], None] | None = None,
         return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
-    """THE sampling loop: steps ``start … n−1`` of the scheduler's grid for ``num_steps`` as ONE ``lax.scan``,
-    as diffusers' pipelines run them::
+    """THE sampling loop: steps ``start … end−1`` (default ``end`` = n) of the scheduler's grid for ``num_steps``
+    as ONE ``lax.scan``, as diffusers' pipelines run them::
 
         x = x_T · init_noise_sigma                                  (x_is_noise)
-        for i, t in enumerate(timesteps[start:], start):
+        for i, t in enumerate(timesteps[start:end], start):
             x = step(state, eps_fn(scale_model_input(x, i), t), i, x, fold_in(key, i))
 
     Args:
@@ -966,6 +967,8 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
       eps_fn: ``eps_fn(x, t)`` gets x [B, ...] and t [B] (int32, or float32 for the Euler schedulers) and returns
         the model output (ε̂, v̂ or x̂_0, per the config's ``prediction_type``); e.g. a classifier-free-guided model.
       num_steps: static (with ``start``); n = len(timesteps) is num_steps, or num_steps + 1 for PNDM.
+      end: static; stop before grid point ``end`` and return the sample there (SDXL's base → refiner split,
+        ``denoising_end``: the rest of the grid is another model's).
       on_step: ``on_step(i)`` runs on the host after step i (``jax.debug.callback``: a progress bar without
         splitting the program).
 
@@ -980,6 +983,9 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
     batch, n = x.shape[0], state.timesteps.shape[0]
     if not 0 <= start < n:
         raise ValueError(f"start must be in [0, {n - 1}] (the grid has {n} points), got {start}")
+    end = n if end is None else end
+    if not start < end <= n:
+        raise ValueError(f"end must be in [{start + 1}, {n}] (after start {start}; the grid has {n} points), got {end}")
     if x_is_noise:
         x = x * state.init_noise_sigma
     if key is None:
@@ -994,8 +1000,8 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
             jax.debug.callback(on_step, i)
         return (x_next, state), ((x_in, x_next) if return_trajectory else None)
 
-    (x_end, _), steps = jax.lax.scan(body, (x, state), jnp.arange(start, n, dtype=jnp.int32))
+    (x_end, _), steps = jax.lax.scan(body, (x, state), jnp.arange(start, end, dtype=jnp.int32))
     if not return_trajectory:
         return x_end
     model_inputs, xs = steps                                                  # [S, B, ...] each
-    return x_end, Trajectory(jnp.concatenate([x[None], xs]), model_inputs, state.timesteps[start:])
+    return x_end, Trajectory(jnp.concatenate([x[None], xs]), model_inputs, state.timesteps[start:end])

@@ -9,10 +9,24 @@ import torch
 
 from ddpm_jax import tokenizer as tok_lib
 
+SIZE = 32  # image side of the tiny pipelines: the tiny VAE has f = 2 → 16×16×4 latents
+PROMPTS = ["a cat on the dog", "the dog"]
+NEGATIVE = ["the cat", ""]
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
 VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
            sample_size=32)
+# A tiny SDXL base U-Net (SDXL's layout: no attention at the first level, linear projections; context 32 + 32 = 64
+# wide; added conditioning: pooled embedding [B, 32] + six time ids × 8 sinusoidal features) and SDXL base's Euler.
+SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
+                 norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8)
+# The refiner's: context τ₂(y) alone (32 wide), five time ids (the aesthetic score in place of the target size).
+REFINER_UNET = SDXL_UNET | dict(cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
 
 
 def perturb(model, seed):
@@ -41,12 +55,14 @@ def copy_bpe_files(tok, folder):
         (folder / name).write_bytes((tok / name).read_bytes())
 
 
-def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False):
+def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, refiner=False):
     """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
     2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
     (a diffusers scheduler object). With ``sdxl`` a StableDiffusionXLPipeline folder: SDXL's VAE scale 0.13025,
     and text_encoder_2 a CLIPTextModelWithProjection (GELU, projection 32; OpenCLIP ViT-bigG's layout) with
-    tokenizer_2 padding with "!", as SDXL's. Returns the folder."""
+    tokenizer_2 padding with "!", as SDXL's. With ``refiner`` the SDXL refiner's StableDiffusionXLImg2ImgPipeline
+    folder: text_encoder_2 alone (the same weights as the base's, as in SDXL 1.0), requires_aesthetics_score,
+    force_zeros_for_empty_prompt false (as stabilityai/stable-diffusion-xl-refiner-1.0). Returns the folder."""
     import diffusers
     import transformers
 
@@ -62,10 +78,16 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
         return tokenizer, perturb(model, seed)
 
     tokenizer, text = text_model(transformers.CLIPTextModel, pad_token, hidden_act, 2)
-    vae = perturb(diffusers.AutoencoderKL(**VAE, **({"scaling_factor": 0.13025} if sdxl else {})), 1)
+    vae = perturb(diffusers.AutoencoderKL(**VAE, **({"scaling_factor": 0.13025} if sdxl or refiner else {})), 1)
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer,
-                 unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler)
-    if sdxl:
+                 unet=perturb(diffusers.UNet2DConditionModel(**unet), 5 if refiner else 3), scheduler=scheduler)
+    if refiner:
+        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts | dict(text_encoder=None, tokenizer=None),
+                                                          text_encoder_2=text_2, tokenizer_2=tokenizer_2,
+                                                          requires_aesthetics_score=True,
+                                                          force_zeros_for_empty_prompt=False)
+    elif sdxl:
         tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
         pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
                                                    force_zeros_for_empty_prompt=True)
@@ -73,9 +95,18 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
         pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
     pipe.save_pretrained(root / "model", safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+    for name in ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
         copy_bpe_files(root / "tok", root / "model" / name)
     return root / "model"
+
+
+def write_sdxl_folder(root, refiner=False):
+    """The tiny SDXL base (``SDXL_UNET``) or, with ``refiner``, the tiny SDXL refiner (``REFINER_UNET``) folder under
+    ``root``, both with SDXL base's Euler (``SDXL_SCHEDULER``); test_sdxl's and test_sdxl_refiner's."""
+    import diffusers
+
+    return write_sd_folder(root, REFINER_UNET if refiner else SDXL_UNET, diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
+                           sdxl=not refiner, refiner=refiner)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +114,9 @@ def pipe(folder):
     """diffusers' pipeline over the test module's ``folder`` fixture (the class its model_index.json names)."""
     import diffusers
 
-    if diffusers.DiffusionPipeline.load_config(folder)["_class_name"] == "StableDiffusionXLPipeline":
-        return diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    class_name = diffusers.DiffusionPipeline.load_config(folder)["_class_name"]
+    if class_name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+        return getattr(diffusers, class_name).from_pretrained(folder)
     return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
 
 

@@ -19,21 +19,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import pipe, sd  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import PROMPTS, SIZE, write_sdxl_folder  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
-SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
-PROMPTS = ["a cat on the dog", "the dog"]
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
-            norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                 timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)  # SDXL base's Euler
 CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id arguments)
     "euler": ("EulerDiscreteScheduler", ["the cat", ""], {}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", None, {}),  # no negative prompt: ∅ = zeros (force_zeros)
@@ -44,8 +36,7 @@ CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id ar
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), UNET, diffusers.EulerDiscreteScheduler(**SCHEDULER),
-                           sdxl=True)
+    return write_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def test_sdxl_folder_reads_as_sdxl(sd, pipe):
@@ -101,7 +92,7 @@ def test_sdxl_img2img_equals_diffusers_img2img_pipeline(sd, pipe):
 
 
 def test_sdxl_bad_inputs_are_one_clear_error(sd, folder, tmp_path):
-    """An SDXL U-Net with one (v1) text encoder; an SDXL folder without text_encoder_2/; the refiner as the base."""
+    """An SDXL U-Net with one (v1) text encoder; an SDXL base or refiner folder without text_encoder_2/."""
     with pytest.raises(ValueError, match="SDXL's added conditioning .* but the pipeline has one text encoder"):
         StableDiffusion(sd.tokenizer, sd.text_encoder, sd.unet, sd.vae, sd.scheduler, sd.params)
     broken = tmp_path / "no_text_encoder_2"
@@ -112,8 +103,9 @@ def test_sdxl_bad_inputs_are_one_clear_error(sd, folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a diffusers SDXL folder: missing text_encoder_2/"):
         StableDiffusion.from_pretrained(broken)
     (broken / "model_index.json").unlink()
-    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
-    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline \\(the SDXL refiner: not implemented yet"):
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline", '
+                                             '"text_encoder": [null, null], "requires_aesthetics_score": true}')
+    with pytest.raises(FileNotFoundError, match="not a diffusers SDXL refiner folder: missing text_encoder_2/"):
         StableDiffusion.from_pretrained(broken)
     with pytest.raises(ValueError, match="original_size, crops_coords_top_left and target_size must be"):
         sd.txt2img("the dog", num_steps=1, height=SIZE, width=SIZE, original_size=(32,))

@@ -33,6 +33,13 @@ no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the
 Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
 ``tests/test_sdxl.py``.
 
+The SDXL refiner (Podell et al. 2023 §2.5) is the same pipeline with ``text_encoder_2`` alone (c = τ₂(y),
+[B, 77, 1280]) and five time ids, an aesthetic score in place of the target size (``refiner_time_ids``); base →
+refiner (the "ensemble of expert denoisers") cuts one N-step grid where diffusers does, at t_c = round(T − f·T):
+the base's ``txt2img(denoising_end=f)`` stops there and returns the latents undecoded, the refiner's
+``img2img(init_latents=…, denoising_start=f)`` runs the rest (``txt2img_with_refiner``; checked against diffusers'
+two-pipeline run in ``tests/test_sdxl_refiner.py``).
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
@@ -71,9 +78,13 @@ Array = jax.Array
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")  # + OpenCLIP ViT-bigG and its tokenizer
+REFINER_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2")  # the SDXL refiner: ViT-bigG only
 # SDXL's six "time ids" (Podell et al. 2023 §2.2), in the order the U-Net reads them (``sdxl_time_ids``)
 SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name we read
+# the refiner's five (§2.5, diffusers' requires_aesthetics_score): the target size replaced by an aesthetic score
+REFINER_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",  # model_index.json _class_name we read
+                    "StableDiffusionXLImg2ImgPipeline")                      # (the SDXL refiner's)
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 # Stable Diffusion v1's scheduler_config.json (PNDM), for single-file checkpoints that carry none.
@@ -131,21 +142,28 @@ def resolve_path(path: str | Path, variant: str | None = None) -> Path:
                          f"({type(err).__name__}): {hint}") from None
 
 
+def folder_components(index: dict[str, Any]) -> tuple[str, ...]:
+    """The component folders model_index.json asks for: SD v1/2.x's five, SDXL base's seven, the SDXL refiner's five
+    (a StableDiffusionXLImg2ImgPipeline whose text_encoder and tokenizer are null: text_encoder_2 alone)."""
+    class_name = index.get("_class_name")
+    if class_name == "StableDiffusionXLImg2ImgPipeline" and (index.get("text_encoder") or [None])[0] is None:
+        return REFINER_COMPONENTS
+    return SDXL_COMPONENTS if class_name in PIPELINE_CLASSES[1:] else COMPONENTS
+
+
 def check_folder(folder: Path) -> dict[str, Any]:
-    """A diffusers Stable Diffusion folder: model_index.json and the five component folders (SDXL's seven: its
-    ``_class_name`` StableDiffusionXLPipeline adds text_encoder_2/ and tokenizer_2/). Returns model_index.json."""
+    """A diffusers Stable Diffusion folder: model_index.json and the component folders it needs
+    (``folder_components``). Returns model_index.json."""
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     class_name = index.get("_class_name")
     if class_name is not None and class_name not in PIPELINE_CLASSES:
-        refiner = " (the SDXL refiner: not implemented yet; pass the SDXL base folder)" if "XL" in class_name else ""
-        raise ValueError(f"{index_file} is a {class_name}{refiner}; StableDiffusion reads {' and '.join(PIPELINE_CLASSES)} "
-                         f"folders")
-    components = SDXL_COMPONENTS if class_name == "StableDiffusionXLPipeline" else COMPONENTS
+        raise ValueError(f"{index_file} is a {class_name}; StableDiffusion reads {', '.join(PIPELINE_CLASSES)} folders")
+    components = folder_components(index)
     missing = [name + "/" for name in components if not (folder / name).is_dir()]
     missing = (["model_index.json"] if not index_file.is_file() else []) + missing
     if missing:
-        kind = "SDXL" if components == SDXL_COMPONENTS else "Stable Diffusion"
+        kind = {SDXL_COMPONENTS: "SDXL", REFINER_COMPONENTS: "SDXL refiner"}.get(components, "Stable Diffusion")
         raise FileNotFoundError(f"{folder} is not a diffusers {kind} folder: missing {', '.join(missing)} "
                                 f"(expected model_index.json, {', '.join(c + '/' for c in components)})")
     unet_class = (index.get("unet") or [None, None])[1]
@@ -192,12 +210,19 @@ class StableDiffusion:
     ``force_zeros_for_empty_prompt`` (model_index.json; true for SDXL base) ∅ is zeros when no negative prompt
     is given, as in diffusers.
 
-    ``params`` = {"text_encoder", "unet", "vae"} (+ "text_encoder_2"); ``trace_count`` counts compilations of
-    the sampling program (for tests: new prompts or guidance scales must not add any).
+    The SDXL refiner (Podell et al. 2023 §2.5; diffusers' StableDiffusionXLImg2ImgPipeline with
+    ``requires_aesthetics_score``) has ``text_encoder_2`` alone (no ``text_encoder``/``tokenizer``: its context is
+    τ₂(y), 1280 wide) and five time ids, an aesthetic score in place of the target size (``refiner_time_ids``).
+    It is an img2img model, trained on the low noise levels: base → refiner is ``txt2img(denoising_end=0.8)`` then
+    ``img2img(init_latents=…, denoising_start=0.8)`` (``txt2img_with_refiner``).
+
+    ``params`` = {"text_encoder", "unet", "vae"} (+ "text_encoder_2"; the refiner: no "text_encoder");
+    ``trace_count`` counts compilations of the sampling program (for tests: new prompts or guidance scales must not
+    add any).
     """
 
-    tokenizer: Tokenizer
-    text_encoder: CLIPTextTransformer
+    tokenizer: Tokenizer | None                                 # None: the SDXL refiner
+    text_encoder: CLIPTextTransformer | None                    # None: the SDXL refiner
     unet: UNet
     vae: AutoencoderKL
     scheduler: schedulers.Scheduler
@@ -206,6 +231,7 @@ class StableDiffusion:
     text_encoder_2: CLIPTextModelWithProjection | None = None   # SDXL only
     tokenizer_2: Tokenizer | None = None                        # SDXL only
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False                     # the SDXL refiner's time ids (REFINER_TIME_IDS)
 
     def __post_init__(self):
         self._check_components()
@@ -214,7 +240,8 @@ class StableDiffusion:
         if self.mesh.devices.size > 1:
             self.params = jax.device_put(self.params, self._replicated)
         layer = -2 if self.is_sdxl else -1  # SDXL reads both encoders' penultimate states (hidden_states[-2])
-        self.text = TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"], layer)
+        self.text = (TextEncoder(self.tokenizer, self.text_encoder, self.params["text_encoder"], layer)
+                     if self.text_encoder is not None else None)
         self.text_2 = (TextEncoder(self.tokenizer_2, self.text_encoder_2, self.params["text_encoder_2"], -2)
                        if self.is_sdxl else None)
         self._programs: dict[tuple, Callable] = {}
@@ -223,8 +250,13 @@ class StableDiffusion:
 
     @property
     def is_sdxl(self) -> bool:
-        """True for SDXL (two text encoders, the U-Net's added conditioning)."""
+        """True for SDXL (two text encoders, the U-Net's added conditioning), base or refiner."""
         return self.text_encoder_2 is not None
+
+    @property
+    def is_refiner(self) -> bool:
+        """True for the SDXL refiner: time ids with an aesthetic score (``requires_aesthetics_score``)."""
+        return self.requires_aesthetics_score
 
     def _check_components(self) -> None:
         """One clear error for components that do not fit together (an SDXL U-Net with one text encoder, …)."""
@@ -233,6 +265,11 @@ class StableDiffusion:
             raise ValueError("this U-Net takes SDXL's added conditioning (addition_embed_type='text_time': pooled text "
                              "embedding + time ids) but the pipeline has one text encoder (SD v1/2.x): SDXL needs "
                              "text_encoder_2 (a CLIPTextModelWithProjection) and tokenizer_2; load the whole SDXL folder")
+        if self.text_encoder is None and not self.is_sdxl:
+            raise ValueError("the pipeline has no text encoder: give text_encoder (SD v1/2.x, SDXL base) or "
+                             "text_encoder_2 (the SDXL refiner)")
+        if self.is_refiner and not self.is_sdxl:
+            raise ValueError("requires_aesthetics_score is the SDXL refiner's time ids; this pipeline has no text_encoder_2")
         if not self.is_sdxl:
             return
         if unet.addition_embed_type != "text_time":
@@ -240,16 +277,17 @@ class StableDiffusion:
                              "(addition_embed_type=None): it is not an SDXL U-Net")
         if self.tokenizer_2 is None or "text_encoder_2" not in self.params:
             raise ValueError("SDXL's text_encoder_2 needs tokenizer_2 and params['text_encoder_2'] too")
-        widths = (self.text_encoder.config.hidden_size, self.text_encoder_2.config.hidden_size)
+        widths = [enc.config.hidden_size for enc in (self.text_encoder, self.text_encoder_2) if enc is not None]
         if sum(widths) != unet.cross_attention_dim:
-            raise ValueError(f"the two text encoders give {widths[0]} + {widths[1]} = {sum(widths)} context features, but "
-                             f"the U-Net's cross_attention_dim is {unet.cross_attention_dim}")
-        pooled, n = self.text_encoder_2.config.projection_dim, len(SDXL_TIME_IDS)
+            raise ValueError(f"the text encoders give {' + '.join(map(str, widths))} context features, but the U-Net's "
+                             f"cross_attention_dim is {unet.cross_attention_dim}")
+        pooled, n = self.text_encoder_2.config.projection_dim, len(REFINER_TIME_IDS if self.is_refiner else SDXL_TIME_IDS)
         if pooled + n * unet.addition_time_embed_dim != unet.projection_class_embeddings_input_dim:
+            hint = ("the base's take 6 (requires_aesthetics_score=False)" if self.is_refiner else
+                    "the refiner's take 5 (requires_aesthetics_score=True in its model_index.json)")
             raise ValueError(f"text_encoder_2's pooled embedding ({pooled}) and {n} time ids × {unet.addition_time_embed_dim} "
                              f"give {pooled + n * unet.addition_time_embed_dim} features, but the U-Net's add_embedding "
-                             f"takes {unet.projection_class_embeddings_input_dim}: not an SDXL base U-Net (the refiner's "
-                             f"takes 5 time ids)")
+                             f"takes {unet.projection_class_embeddings_input_dim}: {hint}")
 
     # --------------------------------------------------------------------------------------------
     @classmethod
@@ -278,15 +316,17 @@ class StableDiffusion:
                 path, config_folder, tokenizer, use_ema)
         else:
             index = check_folder(path)
-            text_encoder, text_params = load_text_encoder(path / "text_encoder", variant)
             unet, unet_params = load_unet(path / "unet", variant)
             vae, vae_params = load_vae(path / "vae", variant)
-            # prompts padded to the text tower's positions (77 in SD; fewer in an exported small run)
-            tokenizer_obj = load_tokenizer(path / "tokenizer",
-                                           context_length=text_encoder.config.max_position_embeddings)
             scheduler_config = schedulers.read_scheduler_config(path / "scheduler")
-            params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
-            if index.get("_class_name") == "StableDiffusionXLPipeline":
+            params = {"unet": unet_params, "vae": vae_params}
+            tokenizer_obj = text_encoder = None                  # the SDXL refiner has text_encoder_2 alone
+            if "text_encoder" in folder_components(index):
+                text_encoder, params["text_encoder"] = load_text_encoder(path / "text_encoder", variant)
+                # prompts padded to the text tower's positions (77 in SD; fewer in an exported small run)
+                tokenizer_obj = load_tokenizer(path / "tokenizer",
+                                               context_length=text_encoder.config.max_position_embeddings)
+            if "text_encoder_2" in folder_components(index):
                 sdxl, params["text_encoder_2"] = _load_sdxl_parts(path, variant, index)
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
             scheduler = schedulers.get_scheduler(scheduler, scheduler_config)
@@ -294,7 +334,7 @@ class StableDiffusion:
             params = _cast(params, dtype)
             unet = UNet(dataclasses.replace(unet.config, dtype=dtype))
             vae = AutoencoderKL(dataclasses.replace(vae.config, dtype=dtype))
-            text_encoder = CLIPTextTransformer(text_encoder.config, dtype=dtype)
+            text_encoder = CLIPTextTransformer(text_encoder.config, dtype=dtype) if text_encoder is not None else None
             if sdxl:
                 sdxl["text_encoder_2"] = CLIPTextModelWithProjection(sdxl["text_encoder_2"].config, dtype=dtype)
         return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh, **sdxl)
@@ -360,12 +400,14 @@ class StableDiffusion:
     def prompt_condition(self, prompts: Sequence[str]) -> dict[str, Array]:
         """prompts → the U-Net's text conditions: {"context": the text encoder's last hidden states [B, 77, D]}
         (SD v1: D = 768); SDXL: "context" = [τ₁(y); τ₂(y)], both encoders' penultimate states concatenated along
-        the features ([B, 77, 768 + 1280]), and "text_embeds" = text_encoder_2's projected pooled output [B, 1280]."""
+        the features ([B, 77, 768 + 1280]), and "text_embeds" = text_encoder_2's projected pooled output [B, 1280];
+        the SDXL refiner: "context" = τ₂(y) alone [B, 77, 1280] (diffusers' encode_prompt over its one encoder)."""
         prompts = list(prompts)
         if not self.is_sdxl:
             return {"context": jnp.asarray(self.text(prompts))}                           # [B, 77, D]
         states_2, pooled = self.text_2.encode(prompts)                                      # [B, 77, D₂], [B, P]
-        return {"context": jnp.concatenate([jnp.asarray(self.text(prompts)), jnp.asarray(states_2)], axis=-1),
+        states = ([self.text(prompts)] if self.text is not None else []) + [states_2]     # refiner: τ₂ alone
+        return {"context": jnp.concatenate([jnp.asarray(x) for x in states], axis=-1),    # [B, 77, D₁ + D₂]
                 "text_embeds": jnp.asarray(pooled)}
 
     def encode_prompt(self, prompts: Sequence[str]) -> Array:
@@ -375,7 +417,11 @@ class StableDiffusion:
     def time_ids(self, height: int, width: int, original_size: Sequence[int] | None = None,
                  crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
                  ) -> np.ndarray | None:
-        """SDXL's ``sdxl_time_ids`` for an image of height × width; None (and no size arguments) for SD v1/2.x."""
+        """SDXL's ``sdxl_time_ids`` for an image of height × width; None (and no size arguments) for SD v1/2.x.
+        The refiner's are ``refiner_time_ids`` (``img2img``'s aesthetic scores)."""
+        if self.is_refiner:
+            raise ValueError("the SDXL refiner's time ids hold an aesthetic score, not a target size: use "
+                             "refiner_time_ids (img2img's aesthetic_score, negative_aesthetic_score)")
         if self.is_sdxl:
             return sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)
         if (original_size, crops_coords_top_left, target_size) != (None, None, None):
@@ -384,8 +430,10 @@ class StableDiffusion:
         return None
 
     def _conditions(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None,
-                    time_ids: np.ndarray | None = None) -> tuple[list[str], dict[str, Array], dict[str, Array]]:
-        """(prompts, c, ∅): the U-Net's condition dicts (``prompt_condition`` + SDXL's time ids, the same for both)."""
+                    time_ids: np.ndarray | None = None, negative_time_ids: np.ndarray | None = None
+                    ) -> tuple[list[str], dict[str, Array], dict[str, Array]]:
+        """(prompts, c, ∅): the U-Net's condition dicts (``prompt_condition`` + SDXL's time ids: the same for both
+        unless ``negative_time_ids``, the refiner's negative aesthetic score)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -400,8 +448,10 @@ class StableDiffusion:
                              f"negative prompt per prompt (or one string for all)")
         cond = self.prompt_condition(prompts)
         uncond = jax.tree.map(jnp.zeros_like, cond) if zeros else self.prompt_condition(negative_prompts)
-        if time_ids is not None:                                                     # SDXL: [B, 6]
-            cond["time_ids"] = uncond["time_ids"] = jnp.broadcast_to(jnp.asarray(time_ids), (len(prompts), len(time_ids)))
+        if time_ids is not None:                                          # SDXL: [B, 6]; the refiner: [B, 5]
+            negative_time_ids = time_ids if negative_time_ids is None else negative_time_ids
+            cond["time_ids"] = jnp.broadcast_to(jnp.asarray(time_ids), (len(prompts), len(time_ids)))
+            uncond["time_ids"] = jnp.broadcast_to(jnp.asarray(negative_time_ids), (len(prompts), len(time_ids)))
         return prompts, cond, uncond
 
     # --------------------------------------------------------------------------------------------
@@ -410,10 +460,13 @@ class StableDiffusion:
             self._bar.n = max(self._bar.n, int(i) + 1 - self._bar_start)
             self._bar.refresh()
 
-    def _program(self, num_steps: int, start: int, scale_init: bool, keep_trajectory: bool, sharded: bool) -> Callable:
-        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z_0, trajectory), c and ∅ dicts of U-Net
-        condition arguments (``_conditions``). One per static setting."""
-        key = (num_steps, start, scale_init, keep_trajectory, sharded)
+    def _program(self, num_steps: int, start: int, end: int | None, scale_init: bool, keep_trajectory: bool,
+                 sharded: bool, decode: bool = True) -> Callable:
+        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z, trajectory), c and ∅ dicts of U-Net
+        condition arguments (``_conditions``); grid steps start … end−1, z the sample after them (z_0 when the grid
+        is run to its end); images None without ``decode`` (SDXL's base part of base → refiner). One per static
+        setting."""
+        key = (num_steps, start, end, scale_init, keep_trajectory, sharded, decode)
         if key in self._programs:
             return self._programs[key]
 
@@ -422,9 +475,11 @@ class StableDiffusion:
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
                                             cond, uncond, guidance_scale, guidance_rescale)
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
-            out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, x_is_noise=scale_init,
-                                 on_step=self._on_step, return_trajectory=keep_trajectory)
+            out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, end=end,
+                                 x_is_noise=scale_init, on_step=self._on_step, return_trajectory=keep_trajectory)
             z0, trajectory = out if keep_trajectory else (out, None)                 # [B, h, w, 4], Trajectory
+            if not decode:
+                return None, z0, trajectory
             images = self.vae.apply({"params": params["vae"]}, z0, method=AutoencoderKL.decode_latents)
             return jnp.clip(images, -1.0, 1.0), z0, trajectory                       # [B, H, W, 3]
 
@@ -438,7 +493,9 @@ class StableDiffusion:
 
     def _sample(self, prompts: list[str], cond: dict[str, Array], uncond: dict[str, Array], guidance_scale: float,
                 z: Array, key: Array, num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
-                guidance_rescale: float = 0.0) -> dict[str, Any]:
+                guidance_rescale: float = 0.0, end: int | None = None) -> dict[str, Any]:
+        """Runs the program for grid steps start … end−1; with ``end`` (``denoising_end``) the latents at grid point
+        ``end`` come back undecoded: {"latents"} (+ the trajectory), no "images"."""
         guidance.check_guidance_scale(guidance_scale)
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1] (φ of Lin et al. 2024 Eq. 16; 0.7 is theirs), "
@@ -446,19 +503,19 @@ class StableDiffusion:
         if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         sharded = z.shape[0] % self.mesh.devices.size == 0 and self.mesh.devices.size > 1
-        program = self._program(int(num_steps), start, scale_init, keep, sharded)
-        n = self.scheduler.init_state(num_steps, z).timesteps.shape[0]
+        program = self._program(int(num_steps), start, end, scale_init, keep, sharded, decode=end is None)
+        n = self.scheduler.init_state(num_steps, z).timesteps.shape[0] if end is None else end
         if progress:
             self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
             images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale),
                                                 jnp.float32(guidance_rescale), z, key)
-            images = np.asarray(images)
+            z0 = np.asarray(z0)
         finally:
             if self._bar is not None:
                 self._bar.close()
             self._bar = None
-        result: dict[str, Any] = {"images": images, "latents": np.asarray(z0)}
+        result: dict[str, Any] = {"latents": z0} if images is None else {"images": np.asarray(images), "latents": z0}
         if keep:  # z after each step [S, B, h, w, 4] (Trajectory.x without its start point), what the U-Net saw, t
             result["trajectory"] = np.asarray(trajectory.x[1:])
             result["model_inputs"], result["timesteps"] = np.asarray(trajectory.model_input), np.asarray(trajectory.t)
@@ -468,8 +525,8 @@ class StableDiffusion:
                 guidance_scale: float = 7.5, num_steps: int = 50, height: int | None = None, width: int | None = None,
                 seed: int = 0, latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
                 progress: bool = False, guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
-                crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None
-                ) -> dict[str, Any]:
+                crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None,
+                denoising_end: float | None = None) -> dict[str, Any]:
         """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
         with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
         "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
@@ -481,7 +538,12 @@ class StableDiffusion:
         SDXL only: ``original_size``, ``crops_coords_top_left``, ``target_size`` (h, w) pairs, its time ids
         (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'). ``height``,
         ``width``: default ``default_size`` (the model's own).
+        ``denoising_end`` in (0, 1): SDXL base → refiner (``txt2img_with_refiner``): stop where the grid's timesteps
+        fall below round(T − denoising_end·T) (``denoising_end_index``) and return {"latents"} there, undecoded.
         """
+        if self.is_refiner:
+            raise ValueError("this is the SDXL refiner (an img2img model for the low noise levels, Podell et al. 2023 "
+                             "§2.5): txt2img needs the SDXL base; run base → refiner (--model <base> --refiner <this>)")
         height, width = height or self.default_size[0], width or self.default_size[1]
         time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
         prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
@@ -493,8 +555,10 @@ class StableDiffusion:
             raise ValueError(f"latents must have shape {shape} (NHWC) for {len(prompts)} prompts at {height}×{width}, "
                              f"got {tuple(np.shape(latents))}")
         keep = return_latents or return_attention
+        end = None if denoising_end is None else denoising_end_index(self.grid(num_steps), denoising_end,
+                                                                     self.scheduler.config.num_train_timesteps)
         result = self._sample(prompts, cond, uncond, guidance_scale, jnp.asarray(latents, jnp.float32), key_steps,
-                              num_steps, 0, True, keep, progress, guidance_rescale)
+                              num_steps, 0, True, keep, progress, guidance_rescale, end)
         if return_attention:
             self._add_attention(result, prompts, cond)
         return result
@@ -502,11 +566,19 @@ class StableDiffusion:
     def img2img(self, images: Array, prompts: str | Sequence[str], strength: float = 0.8,
                 negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 7.5, num_steps: int = 50,
                 seed: int = 0, init_latents: Array | None = None, noise: Array | None = None,
-                return_latents: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> dict[str, Any]:
+                return_latents: bool = False, progress: bool = False, guidance_rescale: float = 0.0,
+                denoising_start: float | None = None, aesthetic_score: float = 6.0,
+                negative_aesthetic_score: float = 2.5) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
         grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
-        latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (both for tests). SDXL's
-        time ids are the defaults for the image's size.
+        latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (for tests). SDXL's
+        time ids are the defaults for the image's size; the refiner's hold ``aesthetic_score`` for c and
+        ``negative_aesthetic_score`` for ∅ (diffusers' defaults 6.0 and 2.5; ``refiner_time_ids``).
+
+        ``denoising_start`` in (0, 1): the refiner's half of base → refiner (``txt2img_with_refiner``):
+        ``init_latents`` are the base's latents at that point of the same N-step grid, taken as they are (no noise
+        added, ``strength`` ignored); the steps run are those whose timestep is below round(T − denoising_start·T)
+        (``denoising_start_index``).
         """
         name = self.scheduler.name
         if name not in IMG2IMG_SCHEDULERS:
@@ -526,9 +598,16 @@ class StableDiffusion:
             init_latents = jax.jit(lambda p, x, k: self.vae.apply({"params": p}, x, k, method=AutoencoderKL.encode_latents)
                                    )(self.params["vae"], images, key_encode)            # [B, h, w, 4]
         init_latents = jnp.asarray(init_latents, jnp.float32)
-        f = self.vae_scale_factor
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts,
-                                                 self.time_ids(init_latents.shape[1] * f, init_latents.shape[2] * f))
+        size = (init_latents.shape[1] * self.vae_scale_factor, init_latents.shape[2] * self.vae_scale_factor)
+        if self.is_refiner:                       # c with the aesthetic score, ∅ with the negative one
+            time_ids = refiner_time_ids(*size, aesthetic_score), refiner_time_ids(*size, negative_aesthetic_score)
+        else:
+            time_ids = self.time_ids(*size), None
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts, *time_ids)
+        if denoising_start is not None:           # the refiner after the base: z is already the sample at t_start
+            start = denoising_start_index(self.grid(num_steps), denoising_start, self.scheduler.config.num_train_timesteps)
+            return self._sample(prompts, cond, uncond, guidance_scale, init_latents, key_steps, num_steps, start, False,
+                                return_latents, progress, guidance_rescale)
         # diffusers' get_timesteps: redo the last ⌊strength·N⌋ steps of the N-step grid
         start = num_steps - min(int(num_steps * strength), num_steps)
         if start >= num_steps:
@@ -539,6 +618,12 @@ class StableDiffusion:
         z = self.scheduler.add_noise(state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
         return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
                             return_latents, progress, guidance_rescale)
+
+    def grid(self, num_steps: int) -> np.ndarray:
+        """The scheduler's timesteps for ``num_steps`` [n] (the model's t at each grid point, in sampling order)."""
+        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        return np.asarray(self.scheduler.init_state(int(num_steps), jnp.zeros((1, 1))).timesteps)
 
     # --------------------------------------------------------------------------------------------
     def _add_attention(self, result: dict[str, Any], prompts: list[str], cond: dict[str, Array]) -> None:
@@ -574,13 +659,74 @@ def sdxl_time_ids(height: int, width: int, original_size: Sequence[int] | None =
     return np.asarray([float(v) for part in parts for v in part], np.float32)            # [6]
 
 
+def refiner_time_ids(height: int, width: int, aesthetic_score: float = 6.0,
+                     original_size: Sequence[int] | None = None, crops_coords_top_left: Sequence[int] | None = None
+                     ) -> np.ndarray:
+    """The SDXL refiner's micro-conditioning (Podell et al. 2023 §2.5; diffusers' ``requires_aesthetics_score``), its
+    ``time_ids`` [5] (``REFINER_TIME_IDS``): c_size, c_crop as in ``sdxl_time_ids`` and the aesthetic score a of the
+    training image, in place of the target size; diffusers asks for a = 6.0 with the prompt, 2.5 with ∅."""
+    return np.concatenate([sdxl_time_ids(height, width, original_size, crops_coords_top_left)[:4],
+                           np.asarray([aesthetic_score], np.float32)])                       # [5]
+
+
+def _timestep_cutoff(fraction: float, num_train_timesteps: int, name: str) -> int:
+    """diffusers' discrete cutoff of base → refiner: round(T − fraction·T), for a fraction in (0, 1)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (float, int, np.floating)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1) of the denoising (0.8: the base takes the first 80%), "
+                         f"got {fraction!r}")
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
+def denoising_end_index(timesteps: np.ndarray, denoising_end: float, num_train_timesteps: int) -> int:
+    """Where the SDXL base stops (diffusers' pipeline_stable_diffusion_xl.py, "Apply denoising_end"): it runs the
+    grid's steps with t ≥ t_c = round(T − denoising_end·T), the first ``end`` of them; returns ``end``."""
+    cutoff = _timestep_cutoff(denoising_end, num_train_timesteps, "denoising_end")
+    end = int(np.sum(np.asarray(timesteps) >= cutoff))
+    if end == 0:
+        raise ValueError(f"denoising_end={denoising_end} leaves no step of this {len(timesteps)}-point grid to the base "
+                         f"(its first timestep {float(timesteps[0]):g} < {cutoff}); raise denoising_end or the steps")
+    return end
+
+
+def denoising_start_index(timesteps: np.ndarray, denoising_start: float, num_train_timesteps: int) -> int:
+    """Where the SDXL refiner starts (diffusers' StableDiffusionXLImg2ImgPipeline.get_timesteps with
+    ``denoising_start``): it runs the grid's last steps, those with t < t_c = round(T − denoising_start·T); returns the
+    index of the first (for our first-order schedulers; diffusers adds one for a second-order one's pairs). With the
+    base's ``denoising_end`` equal, the refiner starts exactly where the base stopped."""
+    cutoff = _timestep_cutoff(denoising_start, num_train_timesteps, "denoising_start")
+    start = len(timesteps) - int(np.sum(np.asarray(timesteps) < cutoff))
+    if start == len(timesteps):
+        raise ValueError(f"denoising_start={denoising_start} leaves no step of this {len(timesteps)}-point grid to the "
+                         f"refiner (its last timestep {float(timesteps[-1]):g} ≥ {cutoff}); lower it or add steps")
+    return start
+
+
+def txt2img_with_refiner(base: StableDiffusion, refiner: StableDiffusion, prompts: str | Sequence[str],
+                         negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 5.0,
+                         num_steps: int = 40, high_noise_frac: float = 0.8, seed: int = 0, latents: Array | None = None,
+                         progress: bool = False, **txt2img_kwargs: Any) -> dict[str, Any]:
+    """SDXL's "ensemble of expert denoisers" (Podell et al. 2023 §2.5), as diffusers runs base → refiner: over the
+    same N-step grid the base takes the high-noise steps, ``txt2img(denoising_end=high_noise_frac)`` → latents
+    [B, h, w, 4] at the cut, undecoded; the refiner the rest, ``img2img(init_latents=those,
+    denoising_start=high_noise_frac)`` → images. Two compiled programs, one per model. ``txt2img_kwargs`` go to the
+    base (height, width, time ids, return_attention, …). Returns the refiner's result (+ "attention", "tokens")."""
+    first = base.txt2img(prompts, negative_prompts, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed,
+                         latents=latents, progress=progress, denoising_end=high_noise_frac, **txt2img_kwargs)
+    result = refiner.img2img(None, prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
+                             num_steps=num_steps, seed=seed, init_latents=first["latents"], progress=progress,
+                             denoising_start=high_noise_frac)
+    return result | {k: first[k] for k in ("attention", "tokens") if k in first}
+
+
 def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> tuple[dict[str, Any], Params]:
     """An SDXL folder's text_encoder_2/, tokenizer_2/ and model_index.json's ``force_zeros_for_empty_prompt``
-    (diffusers' default: true), as ``StableDiffusion`` fields, and text_encoder_2's params."""
+    (diffusers' default: true) and ``requires_aesthetics_score`` (the refiner's: true), as ``StableDiffusion``
+    fields, and text_encoder_2's params."""
     text_encoder_2, params = load_text_encoder_2(path / "text_encoder_2", variant)
     tokenizer_2 = load_tokenizer(path / "tokenizer_2", context_length=text_encoder_2.config.max_position_embeddings)
     return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}, params
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}, params
 
 
 def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool):
@@ -597,8 +743,10 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
     return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
 
 
-__all__ = ["SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "img2img_to_files", "load_text_encoder",
-           "load_text_encoder_2", "read_image", "resolve_dtype", "resolve_path", "sdxl_time_ids", "txt2img_to_files"]
+__all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",
+           "denoising_start_index", "folder_components", "img2img_to_files", "load_text_encoder", "load_text_encoder_2",
+           "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path", "sdxl_time_ids", "txt2img_to_files",
+           "txt2img_with_refiner"]
 
 
 # ================================================================================================
@@ -620,12 +768,16 @@ def read_image(path: str | Path, height: int | None = None, width: int | None = 
 def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | Path = "txt2img.png", *,
                      steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                      negative_prompts: Sequence[str] | None = None, height: int | None = None,
-                     width: int | None = None, attention_maps: bool = False) -> list[Path]:
+                     width: int | None = None, attention_maps: bool = False, refiner: StableDiffusion | None = None,
+                     high_noise_frac: float = 0.8) -> list[Path]:
     """One image per prompt as a PNG grid; the denoising loop is one compiled program, its tqdm bar fed by
-    ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``."""
-    result = pipe.txt2img(list(prompts), negative_prompts=negative_prompts or None, guidance_scale=guidance_scale,
-                          num_steps=steps, height=height, width=width, seed=seed, return_attention=attention_maps,
-                          progress=True)
+    ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``.
+    With an SDXL ``refiner``: base → refiner (``txt2img_with_refiner``), the base taking the first
+    ``high_noise_frac`` of the denoising (the attention maps are the base's)."""
+    kwargs = dict(negative_prompts=negative_prompts or None, guidance_scale=guidance_scale, num_steps=steps,
+                  height=height, width=width, seed=seed, return_attention=attention_maps, progress=True)
+    result = (pipe.txt2img(list(prompts), **kwargs) if refiner is None else
+              txt2img_with_refiner(pipe, refiner, list(prompts), high_noise_frac=high_noise_frac, **kwargs))
     out_path = Path(out)
     written = [plotting.save_image_grid(result["images"], out_path, min_tile=1)]
     if attention_maps:
