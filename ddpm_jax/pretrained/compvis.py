@@ -1,8 +1,18 @@
-"""Single-file Stable Diffusion v1 checkpoints (CompVis / LDM layout) → our params.
+"""Single-file Stable Diffusion checkpoints (SD v1, SD 2.x, SDXL base) → our params.
 
-The original Stable Diffusion release (``sd-v1-4.ckpt``, ``v1-5-pruned-emaonly.safetensors``, and
-most community fine-tunes) is ONE state dict of LDM's ``LatentDiffusion`` module, in which the three
-networks sit under three prefixes and carry the names of the CompVis code:
+The original releases (``sd-v1-4.ckpt``, ``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
+``sd_xl_base_1.0.safetensors``, and most community fine-tunes) are ONE state dict of the training code's model,
+in which the networks sit under prefixes and carry the names of that code (:data:`LAYOUTS`):
+
+* CompVis ldm (SD v1): ``model.diffusion_model.*`` (openaimodel.UNetModel), ``first_stage_model.*`` (taming's
+  autoencoder), ``cond_stage_model.transformer.*`` (FrozenCLIPEmbedder: a transformers CLIPTextModel);
+* Stability's stablediffusion (SD 2.x, the same ldm code): the text encoder is FrozenOpenCLIPEmbedder,
+  ``cond_stage_model.model.*`` in OpenCLIP's names (``transformer.resblocks.i.attn.in_proj_weight``, q, k, v fused);
+* Stability's sgm (generative-models, SDXL base): GeneralConditioner's ``conditioner.embedders.0.transformer.*``
+  (CLIP ViT-L, transformers' names) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, with its
+  ``text_projection``); the U-Net's added-conditioning MLP is ``label_emb.0.{0,2}``.
+
+The U-Net's and VAE's names are the same in all three:
 
 ==================================  ============================  ==================================
 CompVis key                          diffusers key                 ours (``flax_path``)
@@ -14,14 +24,17 @@ model.diffusion_model.output_blocks.2.1.conv         up_blocks.0.upsamplers.0.co
 first_stage_model.encoder.down.0.block.1.nin_shortcut  encoder.down_blocks.0.resnets.1.conv_shortcut
 first_stage_model.decoder.up.3.block.0.conv1         decoder.up_blocks.0.resnets.0.conv1   (levels reversed)
 first_stage_model.decoder.mid.attn_1.q               decoder.mid_block.attentions.0.to_q  (a 1×1 conv)
+model.diffusion_model.label_emb.0.0                  add_embedding.linear_1  (SDXL)
 cond_stage_model.transformer.text_model.encoder…     encoder…  (transformers' CLIPTextModel)
+cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight   encoder.layers.0.self_attn.{q,k,v}_proj (split)
+conditioner.embedders.1.model.text_projection        text_projection.weight  (transposed)
 ==================================  ============================  ==================================
 
-So loading is: rename each CompVis key to its diffusers key (the tables below, built from the
-configs), then the same ``convert.convert_state_dict`` as for a diffusers folder. The configs are
-not in the file: Stable Diffusion v1's are implied (``UNetConfig.stable_diffusion_v1()``,
-``AutoencoderKLConfig.sd_v1()``, CLIP ViT-L/14's text tower), or given. LDM's schedule buffers
-(``betas``, ``alphas_cumprod``, …) are ignored; ``model_ema.*`` holds the EMA copy of the U-Net
+So loading is: tell the layout from the keys (:func:`detect_layout`), rename each CompVis key to its diffusers
+key (the tables below, built from the configs) and each OpenCLIP key to its transformers key
+(:data:`OPENCLIP_NAMES`), then the same ``convert.convert_state_dict`` as for a diffusers folder. The configs
+are not in the file: the released model's of the layout are implied (:data:`IMPLIED_CONFIGS`), or given.
+LDM's schedule buffers (``betas``, ``alphas_cumprod``, …) are ignored; ``model_ema.*`` holds the EMA copy of the U-Net
 (in the "full" checkpoints; ``use_ema=True`` picks it). Any other key is reported as unexpected.
 
 The file is a ``.safetensors`` (safetensors' NumPy loader) or a ``.ckpt``/``.pt``/``.pth``/``.bin``
