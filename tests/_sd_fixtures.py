@@ -41,22 +41,22 @@ def copy_bpe_files(tok, folder):
         (folder / name).write_bytes((tok / name).read_bytes())
 
 
-def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, vae=None):
+def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, vae=None, width_2=32):
     """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
     2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
     (a diffusers scheduler object). With ``sdxl`` a StableDiffusionXLPipeline folder: SDXL's VAE scale 0.13025,
     and text_encoder_2 a CLIPTextModelWithProjection (GELU, projection 32; OpenCLIP ViT-bigG's layout) with
-    tokenizer_2 padding with "!", as SDXL's. ``vae``: AutoencoderKL arguments instead of VAE's. Returns the folder."""
+    tokenizer_2 padding with "!", as SDXL's. ``vae``: AutoencoderKL arguments instead of VAE's; ``width_2``: text_encoder_2's hidden size. Returns the folder."""
     import diffusers
     import transformers
 
     vocab_size = write_tokenizer(root / "tok")
 
-    def text_model(cls, pad, act, seed):
+    def text_model(cls, pad, act, seed, width=32):
         extra = {} if pad is None else {"pad_token": pad}
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77, **extra)
         model = cls(transformers.CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act=act, bos_token_id=vocab_size - 2, projection_dim=32,
             eos_token_id=vocab_size - 1, pad_token_id=tokenizer.pad_token_id))
         return tokenizer, perturb(model, seed)
@@ -66,7 +66,7 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer,
                  unet=perturb(diffusers.UNet2DConditionModel(**unet), 3), scheduler=scheduler)
     if sdxl:
-        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
+        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4, width_2)
         pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
                                                    force_zeros_for_empty_prompt=True)
     else:
@@ -232,7 +232,8 @@ def check_with_diffusers(state, folder, layout):
                  "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, _read(folder, "vae")[1])}
     for component, prefix, names in TEXT_PREFIXES[layout]:
         if names == "openclip":
-            model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=32))
+            width = _read(folder, component)[1]["hidden_size"]  # (used only when the file has no text_projection)
+            model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
             converted[component] = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
         else:
             converted[component] = sfu.convert_ldm_clip_checkpoint(checkpoint)
@@ -248,3 +249,17 @@ def check_with_diffusers(state, folder, layout):
         assert set(weights) == set(reference), (name, sorted(set(weights) ^ set(reference))[:5])
         for k, v in reference.items():
             assert torch.equal(weights[k].reshape(v.shape), v), (name, k)
+
+
+def check_with_diffusers_single_file_loader(path, folder):
+    """diffusers' StableDiffusionXLPipeline.from_single_file (configs from the local ``folder``) loads the file at
+    ``path`` to exactly the folder's weights. (Its text encoders are told apart by their widths: they must differ.)"""
+    import diffusers
+
+    single = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
+        assert set(a) == set(b), name
+        for k in b:
+            assert not a[k].is_meta and torch.equal(a[k], b[k]), (name, k)

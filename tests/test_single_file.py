@@ -21,7 +21,12 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from _sd_fixtures import check_with_diffusers, to_single_file, write_sd_folder  # noqa: E402
+from _sd_fixtures import (  # noqa: E402
+    check_with_diffusers,
+    check_with_diffusers_single_file_loader,
+    to_single_file,
+    write_sd_folder,
+)
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 from ddpm_jax.pretrained import compvis  # noqa: E402
@@ -31,7 +36,7 @@ pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs (tests/con
 SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                  attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-                 norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 norm_num_groups=16, cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=32 + 6 * 8)
 SD2_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -52,7 +57,8 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     return {
-        "sdxl": write_sd_folder(root / "sdxl", SDXL_UNET, diffusers.EulerDiscreteScheduler(**SCHEDULER), sdxl=True),
+        "sdxl": write_sd_folder(root / "sdxl", SDXL_UNET, diffusers.EulerDiscreteScheduler(**SCHEDULER), sdxl=True,
+                                width_2=48),  # (diffusers' from_single_file tells its two encoders apart by width)
         "sd_v2": write_sd_folder(root / "sd2", SD2_UNET, diffusers.DDIMScheduler(
             **SCHEDULER, prediction_type="v_prediction"), pad_token="!", hidden_act="gelu"),
         "sd_v1": write_sd_folder(root / "v1", V1_UNET, diffusers.PNDMScheduler(**SCHEDULER, skip_prk_steps=True),
@@ -91,6 +97,8 @@ def test_single_file_loads_to_identical_params(folders, reference, layout, tmp_p
         last = {k: v for k, v in state.items() if k.startswith(prefix + "transformer.resblocks.1.")}
         state |= {k.replace("resblocks.1.", "resblocks.2."): v for k, v in last.items()}
     save_file(state, tmp_path / "model.safetensors")
+    if layout == "sdxl":
+        check_with_diffusers_single_file_loader(tmp_path / "model.safetensors", folder)
     single = StableDiffusion.from_pretrained(tmp_path / "model.safetensors", config_folder=folder)
     assert_same_params(single.params, reference(layout))
     assert single.is_sdxl == (layout == "sdxl")
