@@ -203,7 +203,8 @@ def _text_to_openclip(state):
 
 def to_single_file(folder, layout):
     """A diffusers folder (write_sd_folder) → the NumPy state dict of its single file in ``layout`` ("sd_v1",
-    "sd_v2", "sdxl"), with one of LDM's schedule buffers (to be ignored)."""
+    "sd_v2", "sdxl"), with LDM's (sgm's) schedule buffer and OpenCLIP's logit_scale as real files have them (to be
+    ignored)."""
     import numpy as np
 
     unet, unet_config = _read(folder, "unet")
@@ -211,11 +212,11 @@ def to_single_file(folder, layout):
     out = _unet_to_ldm(unet, unet_config) | _vae_to_ldm(vae, vae_config)
     for component, prefix, names in TEXT_PREFIXES[layout]:
         text, _ = _read(folder, component)
-        if names == "openclip":
-            out |= {prefix + k: v for k, v in _text_to_openclip(text).items()}
+        if names == "openclip":  # (+ OpenCLIP's contrastive temperature, in real files too)
+            out |= {prefix + k: v for k, v in _text_to_openclip(text).items()} | {prefix + "logit_scale": np.array(4.6, np.float32)}
         else:  # FrozenCLIPEmbedder holds a transformers (v4) CLIPTextModel: text_model.…
             out |= {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in text.items()}
-    out["betas"] = np.linspace(0, 1, 1000, dtype=np.float32)
+    out["betas" if layout != "sdxl" else "denoiser.sigmas"] = np.linspace(0, 1, 1000, dtype=np.float32)
     return out
 
 

@@ -69,12 +69,13 @@ from ddpm_jax.pretrained.transformers_clip import clip_key, example_ids, text_co
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
-# LatentDiffusion's registered buffers: the DDPM schedule and the learned-logvar table.
+# LatentDiffusion's registered buffers: the DDPM schedule and the learned-logvar table (and sgm's σ table).
 LDM_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
     "model_ema.decay", "model_ema.num_updates",
+    "denoiser.sigmas",  # sgm's DiffusionEngine: its discrete denoiser's σ table (SDXL)
 })
 
 # Inside a ResNet block (openaimodel.ResBlock → diffusers ResnetBlock2D).
@@ -227,6 +228,7 @@ OPENCLIP_NAMES = (
     (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."),
     (".attn.out_proj.", ".self_attn.out_proj."), (".attn.in_proj_", ".self_attn.in_proj_"),
 )
+OPENCLIP_UNUSED = frozenset({"logit_scale"})  # CLIP's contrastive temperature: no part of the text tower
 OPENCLIP_PAD_TOKEN = "!"  # OpenCLIP pads prompts with token 0, "!" in CLIP's vocabulary (SD 2.x, SDXL's tokenizer_2)
 
 
@@ -244,12 +246,17 @@ def detect_layout(state: Mapping[str, np.ndarray], path: str | Path = "the check
                      f"known single-file layout ({known})")
 
 
+def network_prefixes(layout: str) -> dict[str, str]:
+    """{"unet": "model.diffusion_model.", "vae": "first_stage_model.", each text encoder's component: its prefix}."""
+    return {"unet": UNET_PREFIX, "vae": VAE_PREFIX} | {e.component: e.prefix for e in LAYOUTS[layout].text_encoders}
+
+
 def split_single_file(state: Mapping[str, np.ndarray], layout: str, use_ema: bool = False
                       ) -> dict[str, dict[str, np.ndarray]]:
     """A single-file state dict → {"unet", "vae", each text encoder's component, "unexpected"}, each keyed by
     the names under its prefix (prefix removed; ``position_ids`` buffers dropped). With ``use_ema`` the
     U-Net's weights are read from ``model_ema.<key without dots>`` (LDM's EMA copy), as diffusers' converter does."""
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX} | {e.component: e.prefix for e in LAYOUTS[layout].text_encoders}
+    prefixes = network_prefixes(layout)
     parts: dict[str, dict[str, np.ndarray]] = {name: {} for name in (*prefixes, "unexpected")}
     if use_ema and not any(k.startswith(EMA_PREFIX) and k not in LDM_BUFFERS for k in state):
         raise ValueError("use_ema=True but the checkpoint has no model_ema.* weights (an EMA-only file: "
@@ -274,9 +281,11 @@ def openclip_to_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.nd
     """OpenCLIP text-tower names → transformers' (without ``text_model.``): :data:`OPENCLIP_NAMES`, plus the two
     layout changes: ``attn.in_proj_weight`` [3W, W] (nn.MultiheadAttention's q; k; v stacked) → ``q_proj``,
     ``k_proj``, ``v_proj`` [W, W] each, and ``text_projection`` [W, P] (applied as x @ P) → a Linear's
-    ``text_projection.weight`` [P, W]."""
+    ``text_projection.weight`` [P, W]. ``logit_scale`` is dropped (:data:`OPENCLIP_UNUSED`)."""
     out = {}
     for key, value in state.items():
+        if key in OPENCLIP_UNUSED:
+            continue
         if key == "text_projection":
             out["text_projection.weight"] = np.asarray(value).T
             continue
@@ -374,7 +383,7 @@ def load_compvis(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | No
         projected = isinstance(module, CLIPTextModelWithProjection)
         renamed[entry.component] = text_encoder_state(parts[entry.component], entry, module.config, projected)
         targets[entry.component] = param_shapes(module, example_ids(module.config))
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX} | {e.component: e.prefix for e in LAYOUTS[layout].text_encoders}
+    prefixes = network_prefixes(layout)
     params, errors = {}, []
     if parts["unexpected"]:
         errors.append(f"{len(parts['unexpected'])} unexpected keys outside the networks ({_few(sorted(parts['unexpected']))})")
@@ -405,6 +414,7 @@ def load_single_file(path: str | Path, config_folder: str | Path | None = None, 
                    if (folder / name).is_dir()}
     return load_compvis(path, configs, use_ema=use_ema)
 
-__all__ = ["IMPLIED_CONFIGS", "LAYOUTS", "OPENCLIP_NAMES", "OPENCLIP_PAD_TOKEN", "CompVisModels", "Layout",
-           "TextEncoderEntry", "compvis_to_diffusers", "detect_layout", "load_compvis", "load_single_file",
-           "openclip_to_transformers", "split_single_file", "text_encoder_state", "unet_prefixes", "vae_prefixes"]
+__all__ = ["IMPLIED_CONFIGS", "LAYOUTS", "OPENCLIP_NAMES", "OPENCLIP_PAD_TOKEN", "OPENCLIP_UNUSED", "CompVisModels",
+           "Layout", "TextEncoderEntry", "compvis_to_diffusers", "detect_layout", "load_compvis", "load_single_file",
+           "network_prefixes", "openclip_to_transformers", "split_single_file", "text_encoder_state", "unet_prefixes",
+           "vae_prefixes"]
