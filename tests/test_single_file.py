@@ -115,8 +115,16 @@ def test_layouts_are_told_from_the_keys_with_the_released_configs(folders):
     """Without a config folder the keys choose the layout, whose released configs are implied."""
     for layout in ("sdxl", "sd_v2", "sd_v1"):
         assert compvis.detect_layout(to_single_file(folders[layout], layout)) == layout
-    from ddpm_jax.pretrained.diffusers import unet_config_from_diffusers
+    from ddpm_jax.models.clip import CLIPTextConfig
+    from ddpm_jax.models.unet import UNetConfig
+    from ddpm_jax.models.vae import AutoencoderKLConfig
+    from ddpm_jax.pretrained.diffusers import autoencoder_kl_config_from_diffusers, unet_config_from_diffusers
+    from ddpm_jax.pretrained.transformers_clip import text_config_from_transformers
 
+    v1 = compvis.IMPLIED_CONFIGS["sd_v1"]  # the same as the library's SD v1 presets
+    assert unet_config_from_diffusers(v1["unet"]) == UNetConfig.stable_diffusion_v1()
+    assert autoencoder_kl_config_from_diffusers(v1["vae"]) == AutoencoderKLConfig.sd_v1()
+    assert text_config_from_transformers(v1["text_encoder"]) == CLIPTextConfig()
     sdxl = unet_config_from_diffusers(compvis.IMPLIED_CONFIGS["sdxl"]["unet"])
     assert sdxl.cross_attention_dim == 2048 and sdxl.projection_class_embeddings_input_dim == 1280 + 6 * 256
     assert compvis.IMPLIED_CONFIGS["sd_v2"]["text_encoder"]["num_hidden_layers"] == 23  # ViT-H's 24th never runs
