@@ -130,6 +130,27 @@ def test_layouts_are_told_from_the_keys_with_the_released_configs(folders):
     assert compvis.IMPLIED_CONFIGS["sd_v2"]["text_encoder"]["num_hidden_layers"] == 23  # ViT-H's 24th never runs
 
 
+@pytest.mark.parametrize("layout", ["sdxl", "sd_v2"])
+def test_without_config_folder_the_layout_implies_configs_tokenizers_scheduler(folders, reference, layout, tmp_path,
+                                                                               monkeypatch):
+    """No config folder: the layout's implied configs (here the tiny folder's, patched in for the released ones),
+    one tokenizer folder for both encoders (the OpenCLIP one padding with "!"), the release's scheduler."""
+    import json
+
+    folder = folders[layout]
+    configs = {name: json.loads((folder / name / "config.json").read_text())
+               for name in ("unet", "vae", "text_encoder", "text_encoder_2") if (folder / name).is_dir()}
+    monkeypatch.setitem(compvis.IMPLIED_CONFIGS, layout, configs)
+    save_file(to_single_file(folder, layout), tmp_path / "model.safetensors")
+    single = StableDiffusion.from_pretrained(tmp_path / "model.safetensors", tokenizer=folders["sd_v1"] / "tokenizer")
+    assert_same_params(single.params, reference(layout))
+    if layout == "sdxl":
+        assert single.tokenizer.pad_token == "<|endoftext|>" and single.tokenizer_2.pad_token == "!"
+        assert single.scheduler.name == "euler" and single.force_zeros_for_empty_prompt
+    else:
+        assert single.tokenizer.pad_token == "!" and single.scheduler.config.prediction_type == "v_prediction"
+
+
 def test_ckpt_pickle_with_ema_copy(folders, reference, tmp_path):
     """A torch.save .ckpt ({"state_dict": …}, read by torch_pickle without torch) of a "full" checkpoint: the
     U-Net in model.diffusion_model.* (here noise) and its EMA copy in model_ema.* (the folder's weights)."""

@@ -35,7 +35,8 @@ Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``St
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
-CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
+checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base (Stability's sgm layout) (``pretrained/compvis.py``).
+Everything is checked against diffusers'
 ``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
 """
 
