@@ -164,6 +164,12 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.SCHEDULERS)} (default: the model's)")
     p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file checkpoint")
+    p.add_argument("--config-folder", default=None, help="for a single-file checkpoint (SD v1, 2.x or SDXL): a diffusers "
+                   "folder of the same kind whose configs, tokenizers and scheduler to use")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="for a single-file checkpoint (the keys do not show it; default: the config folder's, else "
+                   "v_prediction for SD 2.x, epsilon otherwise)")
+    p.add_argument("--use-ema", action="store_true", help="for a single full CompVis checkpoint: its model_ema.* U-Net")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +268,8 @@ def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) ->
     model = model or args.model
     print(f"loading {model} ({args.dtype}) ...", file=sys.stderr)
     return sd.StableDiffusion.from_pretrained(model, dtype=args.dtype, scheduler=args.scheduler,
-                                              tokenizer=args.tokenizer)
+                                              tokenizer=args.tokenizer, config_folder=args.config_folder,
+                                              prediction_type=args.prediction_type, use_ema=args.use_ema)
 
 
 def dispatch(args: argparse.Namespace) -> list[Any]:

@@ -4,7 +4,8 @@ CLIP (Radford et al. 2021, §2.4) uses "a lower-cased byte pair encoding (BPE) r
 text with a 49,152 vocab size" (Sennrich et al. 2016), bracketed with ``[SOS]`` and ``[EOS]``
 tokens, and a context length of 77. A tokenizer folder — the ``tokenizer/`` folder of every
 Stable Diffusion checkpoint, or one written by ``ddpm-jax train-tokenizer`` — holds ``vocab.json``
-(token → id) and ``merges.txt`` (the BPE merge rules, in priority order), optionally
+(token → id) and ``merges.txt`` (the BPE merge rules, in priority order) — or only the tokenizers library's
+``tokenizer.json``, which holds both (what transformers v5 writes) — optionally
 ``special_tokens_map.json`` / ``tokenizer_config.json`` (e.g. SD 2.x pads with ``"!"``).
 
 The whole tokenizer is written out here, in plain Python (no transformers, no ``regex``, no
@@ -295,18 +296,24 @@ def _read_pad_token(folder: Path) -> str:
 
 
 def load_tokenizer(folder: str | Path, context_length: int = CONTEXT_LENGTH) -> Tokenizer:
-    """Load a CLIP tokenizer folder (``vocab.json`` + ``merges.txt``, as shipped inside SD checkpoints).
+    """Load a CLIP tokenizer folder: ``vocab.json`` + ``merges.txt`` (as shipped inside SD checkpoints), or else
+    ``tokenizer.json`` alone (the Hugging Face tokenizers file that transformers v5 writes: its ``model`` holds
+    the same vocab and merges); the padding token from ``special_tokens_map.json`` / ``tokenizer_config.json``.
 
     Raises:
-      FileNotFoundError naming the missing file (transformers would silently build a tokenizer
+      FileNotFoundError naming the missing files (transformers would silently build a tokenizer
         without merges, i.e. one token per byte).
-      ValueError for a malformed vocab.json or merges.txt (naming the file and line), or a vocabulary
-        without the start/end/pad tokens.
+      ValueError for a malformed vocab.json, merges.txt or tokenizer.json (naming the file and line), or a
+        vocabulary without the start/end/pad tokens.
     """
     folder = Path(folder)
+    if not (folder / "vocab.json").is_file() and not (folder / "merges.txt").is_file() and (folder / "tokenizer.json").is_file():
+        vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        return Tokenizer(vocab, merges, pad_token=_read_pad_token(folder), context_length=context_length)
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"tokenizer folder {folder} has no {name} (a CLIP tokenizer needs vocab.json and merges.txt)")
+            raise FileNotFoundError(f"tokenizer folder {folder} has no {name} (a CLIP tokenizer needs vocab.json and "
+                                    f"merges.txt, or tokenizer.json)")
     try:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -322,6 +329,25 @@ def load_tokenizer(folder: str | Path, context_length: int = CONTEXT_LENGTH) -> 
             raise ValueError(f"{folder / 'merges.txt'} line {number} is {line!r}; each rule must be two symbols")
         merges.append((pair[0], pair[1]))
     return Tokenizer(vocab, merges, pad_token=_read_pad_token(folder), context_length=context_length)
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A tokenizers ``tokenizer.json`` of a BPE model → (vocab, merges); merges are written "a b" (older
+    tokenizers) or ["a", "b"] (tokenizers ≥ 0.20)."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise ValueError(f"{path} holds no BPE model with a vocab and merges (model.type={model.get('type')!r})")
+    pairs = []
+    for number, merge in enumerate(merges):
+        pair = merge.split() if isinstance(merge, str) else list(merge)
+        if len(pair) != 2:
+            raise ValueError(f"{path} model.merges[{number}] is {merge!r}; each rule must be two symbols")
+        pairs.append((pair[0], pair[1]))
+    return vocab, pairs
 
 
 # --------------------------------------------------------------------------------------------

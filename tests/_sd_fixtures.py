@@ -55,40 +55,42 @@ def copy_bpe_files(tok, folder):
         (folder / name).write_bytes((tok / name).read_bytes())
 
 
-def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, refiner=False):
+def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, refiner=False,
+                    vae=None, width_2=32):
     """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
     2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
     (a diffusers scheduler object). With ``sdxl`` a StableDiffusionXLPipeline folder: SDXL's VAE scale 0.13025,
     and text_encoder_2 a CLIPTextModelWithProjection (GELU, projection 32; OpenCLIP ViT-bigG's layout) with
     tokenizer_2 padding with "!", as SDXL's. With ``refiner`` the SDXL refiner's StableDiffusionXLImg2ImgPipeline
     folder: text_encoder_2 alone (the same weights as the base's, as in SDXL 1.0), requires_aesthetics_score,
-    force_zeros_for_empty_prompt false (as stabilityai/stable-diffusion-xl-refiner-1.0). Returns the folder."""
+    force_zeros_for_empty_prompt false (as stabilityai/stable-diffusion-xl-refiner-1.0). ``vae``: AutoencoderKL
+    arguments instead of VAE's; ``width_2``: text_encoder_2's hidden size. Returns the folder."""
     import diffusers
     import transformers
 
     vocab_size = write_tokenizer(root / "tok")
 
-    def text_model(cls, pad, act, seed):
+    def text_model(cls, pad, act, seed, width=32):
         extra = {} if pad is None else {"pad_token": pad}
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(root / "tok"), model_max_length=77, **extra)
         model = cls(transformers.CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, hidden_act=act, bos_token_id=vocab_size - 2, projection_dim=32,
             eos_token_id=vocab_size - 1, pad_token_id=tokenizer.pad_token_id))
         return tokenizer, perturb(model, seed)
 
     tokenizer, text = text_model(transformers.CLIPTextModel, pad_token, hidden_act, 2)
-    vae = perturb(diffusers.AutoencoderKL(**VAE, **({"scaling_factor": 0.13025} if sdxl or refiner else {})), 1)
+    vae = perturb(diffusers.AutoencoderKL(**(vae or VAE), **({"scaling_factor": 0.13025} if sdxl or refiner else {})), 1)
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer,
                  unet=perturb(diffusers.UNet2DConditionModel(**unet), 5 if refiner else 3), scheduler=scheduler)
     if refiner:
-        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
+        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4, width_2)
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts | dict(text_encoder=None, tokenizer=None),
                                                           text_encoder_2=text_2, tokenizer_2=tokenizer_2,
                                                           requires_aesthetics_score=True,
                                                           force_zeros_for_empty_prompt=False)
     elif sdxl:
-        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4)
+        tokenizer_2, text_2 = text_model(transformers.CLIPTextModelWithProjection, "!", "gelu", 4, width_2)
         pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
                                                    force_zeros_for_empty_prompt=True)
     else:
@@ -126,3 +128,173 @@ def sd(folder):
     from ddpm_jax.pipelines.stable_diffusion import StableDiffusion
 
     return StableDiffusion.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers folders → single files (CompVis ldm / Stability sgm layouts), written here from diffusers'
+# DIFFUSERS_TO_LDM_MAPPING tables read backwards, independently of our loader, and checked against
+# diffusers' own single-file converters (check_with_diffusers)
+# ------------------------------------------------------------------------------------------------
+
+TEXT_PREFIXES = {  # layout → (component, prefix, "transformers" or "openclip")
+    "sd_v1": [("text_encoder", "cond_stage_model.transformer.", "transformers")],
+    "sd_v2": [("text_encoder", "cond_stage_model.model.", "openclip")],
+    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "transformers"),
+             ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")],
+}
+
+
+def _read(folder, name):
+    from safetensors.numpy import load_file
+
+    stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
+    return load_file(folder / name / f"{stem}.safetensors"), json.loads((folder / name / "config.json").read_text())
+
+
+def _unet_to_ldm(state, config):
+    n = config["layers_per_block"]
+    out = {}
+    for key, value in state.items():
+        k = key
+        for a, b in [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                     ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),
+                     ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+                     ("mid_block.resnets.0", "middle_block.0"), ("mid_block.attentions.0", "middle_block.1"),
+                     ("mid_block.resnets.1", "middle_block.2")]:
+            k = k.replace(a, b) if k.startswith(a + ".") else k
+        parts = k.split(".")
+        if parts[0] == "down_blocks":
+            level, kind, j = int(parts[1]), parts[2], int(parts[3])
+            if kind == "downsamplers":
+                k = f"input_blocks.{(level + 1) * (n + 1)}.0.op." + ".".join(parts[5:])
+            else:
+                k = f"input_blocks.{1 + level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "up_blocks":
+            level, kind, j = int(parts[1]), parts[2], int(parts[3])
+            if kind == "upsamplers":
+                has_attention = "CrossAttn" in config["up_block_types"][level]
+                k = f"output_blocks.{level * (n + 1) + n}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
+            else:
+                k = f"output_blocks.{level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        for a, b in [(".norm1.", ".in_layers.0."), (".conv1.", ".in_layers.2."), (".time_emb_proj.", ".emb_layers.1."),
+                     (".norm2.", ".out_layers.0."), (".conv2.", ".out_layers.3."), (".conv_shortcut.", ".skip_connection.")]:
+            if ".attentions." not in key and "transformer" not in k:
+                k = k.replace(a, b)
+        out["model.diffusion_model." + k] = value
+    return out
+
+
+def _vae_to_ldm(state, config):
+    levels = len(config["block_out_channels"])
+    out = {}
+    for key, value in state.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        k = k.replace("mid_block.attentions.0", "mid.attn_1")
+        for a, b in [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
+            if ".attn_1." in k:
+                k = k.replace(f".{a}.", f".{b}.")
+        parts = k.split(".")
+        if parts[1] == "down_blocks":
+            i = parts[2]
+            k = (f"encoder.down.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"encoder.down.{i}.downsample.conv.")
+            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
+        elif parts[1] == "up_blocks":
+            i = levels - 1 - int(parts[2])
+            k = (f"decoder.up.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"decoder.up.{i}.upsample.conv.")
+            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
+        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1×1 convs
+        out["first_stage_model." + k] = value
+    return out
+
+
+def _text_to_openclip(state):
+    """transformers CLIP text names → OpenCLIP's (diffusers' "openclip" table read backwards; q, k, v fused)."""
+    import numpy as np
+
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {}
+    for key, value in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = np.ascontiguousarray(value.T)
+            continue
+        if ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        k = key.replace("encoder.layers.", "transformer.resblocks.").replace("embeddings.token_embedding.", "token_embedding.")
+        k = k.replace("embeddings.position_embedding.weight", "positional_embedding").replace("final_layer_norm.", "ln_final.")
+        for a, b in [(".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
+                     (".mlp.fc2.", ".mlp.c_proj."), (".self_attn.out_proj.", ".attn.out_proj.")]:
+            k = k.replace(a, b)
+        if ".self_attn.q_proj." in key:
+            leaf = key.rsplit(".", 1)[1]
+            fused = [state[key.replace("q_proj", name)] for name in ("q_proj", "k_proj", "v_proj")]
+            k = k.split(".self_attn.")[0] + f".attn.in_proj_{leaf}"
+            value = np.concatenate(fused, axis=0)
+        out[k] = value
+    return out
+
+
+def to_single_file(folder, layout):
+    """A diffusers folder (write_sd_folder) → the NumPy state dict of its single file in ``layout`` ("sd_v1",
+    "sd_v2", "sdxl"), with LDM's (sgm's) schedule buffer and OpenCLIP's logit_scale as real files have them (to be
+    ignored)."""
+    import numpy as np
+
+    unet, unet_config = _read(folder, "unet")
+    vae, vae_config = _read(folder, "vae")
+    out = _unet_to_ldm(unet, unet_config) | _vae_to_ldm(vae, vae_config)
+    for component, prefix, names in TEXT_PREFIXES[layout]:
+        text, _ = _read(folder, component)
+        if names == "openclip":  # (+ OpenCLIP's contrastive temperature, in real files too)
+            out |= {prefix + k: v for k, v in _text_to_openclip(text).items()} | {prefix + "logit_scale": np.array(4.6, np.float32)}
+        else:  # FrozenCLIPEmbedder holds a transformers (v4) CLIPTextModel: text_model.…
+            out |= {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in text.items()}
+    out["betas" if layout != "sdxl" else "denoiser.sigmas"] = np.linspace(0, 1, 1000, dtype=np.float32)
+    return out
+
+
+def check_with_diffusers(state, folder, layout):
+    """diffusers' own single-file converters (loaders/single_file_utils.py) turn ``state`` back into exactly the
+    folder's weights: the file's layout is the one diffusers reads."""
+    import types
+
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.torch import load_file
+
+    checkpoint = {k: torch.from_numpy(v) for k, v in state.items()}
+    converted = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, _read(folder, "unet")[1]),
+                 "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, _read(folder, "vae")[1])}
+    for component, prefix, names in TEXT_PREFIXES[layout]:
+        if names == "openclip":
+            width = _read(folder, component)[1]["hidden_size"]  # (used only when the file has no text_projection)
+            model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
+            converted[component] = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
+        else:
+            converted[component] = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    for name, weights in converted.items():
+        stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
+        reference = load_file(folder / name / f"{stem}.safetensors")
+        if name.startswith("text_encoder"):  # transformers v5 saves a bare CLIPTextModel without "text_model."
+            strip = not any(k.startswith("text_model.") for k in reference)
+            weights = {(k.removeprefix("text_model.") if strip else k): v for k, v in weights.items()
+                       if not k.endswith("position_ids")}
+            if layout == "sd_v2":  # SD 2.x's text_encoder has no projection; diffusers ignores it
+                weights.pop("text_projection.weight", None)
+        assert set(weights) == set(reference), (name, sorted(set(weights) ^ set(reference))[:5])
+        for k, v in reference.items():
+            assert torch.equal(weights[k].reshape(v.shape), v), (name, k)
+
+
+def check_with_diffusers_single_file_loader(path, folder):
+    """diffusers' StableDiffusionXLPipeline.from_single_file (configs from the local ``folder``) loads the file at
+    ``path`` to exactly the folder's weights. (Its text encoders are told apart by their widths: they must differ.)"""
+    import diffusers
+
+    single = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
+        assert set(a) == set(b), name
+        for k in b:
+            assert not a[k].is_meta and torch.equal(a[k], b[k]), (name, k)

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import VAE, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import check_with_diffusers, pipe, sd, to_single_file, write_sd_folder  # noqa: E402,F401 (module fixtures)
 from _training_fixtures import subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -141,80 +141,9 @@ def test_latents_and_attention_maps(by_scheduler):
     assert out["tokens"][0] == ["<start>", "a", "cat", "<end>"]
 
 
-def _to_compvis(pipe) -> dict[str, np.ndarray]:
-    """diffusers → CompVis keys, written here independently of our loader's tables (and checked below
-    with diffusers' own CompVis → diffusers converters)."""
-    out = {}
-    n = UNET["layers_per_block"]
-    for key, value in pipe.unet.state_dict().items():
-        k = key
-        for a, b in [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
-                     ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
-                     ("mid_block.resnets.0", "middle_block.0"), ("mid_block.attentions.0", "middle_block.1"),
-                     ("mid_block.resnets.1", "middle_block.2")]:
-            k = k.replace(a, b) if k.startswith(a + ".") else k
-        parts = k.split(".")
-        if parts[0] == "down_blocks":
-            level, kind, j = int(parts[1]), parts[2], int(parts[3])
-            if kind == "downsamplers":
-                k = f"input_blocks.{(level + 1) * (n + 1)}.0.op." + ".".join(parts[5:])
-            else:
-                k = f"input_blocks.{1 + level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
-        elif parts[0] == "up_blocks":
-            level, kind, j = int(parts[1]), parts[2], int(parts[3])
-            if kind == "upsamplers":
-                has_attention = "CrossAttn" in UNET["up_block_types"][level]
-                k = f"output_blocks.{level * (n + 1) + n}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
-            else:
-                k = f"output_blocks.{level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
-        for a, b in [(".norm1.", ".in_layers.0."), (".conv1.", ".in_layers.2."), (".time_emb_proj.", ".emb_layers.1."),
-                     (".norm2.", ".out_layers.0."), (".conv2.", ".out_layers.3."), (".conv_shortcut.", ".skip_connection.")]:
-            if ".attentions." not in key and "transformer" not in k:
-                k = k.replace(a, b)
-        out["model.diffusion_model." + k] = value.numpy()
-    levels = len(VAE["block_out_channels"])
-    for key, value in pipe.vae.state_dict().items():
-        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
-        k = k.replace("mid_block.attentions.0", "mid.attn_1")
-        for a, b in [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
-            if ".attn_1." in k:
-                k = k.replace(f".{a}.", f".{b}.")
-        parts = k.split(".")
-        if parts[1] == "down_blocks":
-            i = parts[2]
-            k = (f"encoder.down.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"encoder.down.{i}.downsample.conv.")
-            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
-        elif parts[1] == "up_blocks":
-            i = levels - 1 - int(parts[2])
-            k = (f"decoder.up.{i}.block.{parts[4]}." if parts[3] == "resnets" else f"decoder.up.{i}.upsample.conv.")
-            k += ".".join(parts[5:] if parts[3] == "resnets" else parts[6:])
-        value = value.numpy()
-        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # LDM's attention projections are 1×1 convs
-        out["first_stage_model." + k] = value
-    for key, value in pipe.text_encoder.state_dict().items():
-        out["cond_stage_model.transformer." + key] = value.numpy()  # text_model.…
-    out["betas"] = np.linspace(0, 1, 1000, dtype=np.float32)  # one of LDM's buffers, to be ignored
-    return out
-
-
-def test_compvis_single_file_loads_to_identical_params(sd, pipe, folder, tmp_path):
-    from diffusers.loaders import single_file_utils as sfu
-
-    state = _to_compvis(pipe)
-    # The file's layout is the one diffusers' CompVis → diffusers converters read:
-    checkpoint = {k: torch.from_numpy(v) for k, v in state.items()}
-    for converted, reference in [
-        (sfu.convert_ldm_unet_checkpoint(checkpoint, dict(pipe.unet.config)), pipe.unet.state_dict()),
-        (sfu.convert_ldm_vae_checkpoint(checkpoint, dict(pipe.vae.config)), pipe.vae.state_dict()),
-        (sfu.convert_ldm_clip_checkpoint(checkpoint), pipe.text_encoder.state_dict()),
-    ]:
-        converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
-        reference = {k: v for k, v in reference.items() if not k.endswith("position_ids")}
-        assert set(converted) == set(reference)
-        for k, v in reference.items():
-            assert torch.equal(converted[k].reshape(v.shape), v), k
+def test_compvis_single_file_loads_to_identical_params(sd, folder, tmp_path):
+    state = to_single_file(folder, "sd_v1")  # (more layouts: tests/test_single_file.py)
+    check_with_diffusers(state, folder, "sd_v1")  # the file's layout is the one diffusers' converters read
 
     path = tmp_path / "tiny-v1.safetensors"
     save_file(state, path)

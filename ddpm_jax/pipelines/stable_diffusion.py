@@ -42,7 +42,8 @@ two-pipeline run in ``tests/test_sdxl_refiner.py``).
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
-CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
+checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base (Stability's sgm layout) (``pretrained/compvis.py``).
+Everything is checked against diffusers'
 ``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
 """
 
@@ -93,6 +94,14 @@ SD_V1_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "clip_sample": False,
 }
+# SDXL base's scheduler_config.json (Euler), and which one a single file without a config folder gets, by layout
+# (SD 2.x files are mostly 2.1-768, v-prediction: diffusers' default for them too; pass prediction_type otherwise).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+}
+SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
+                          "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
 # Schedulers whose step depends only on the grid index, so that img2img can start mid-grid exactly as
 # diffusers does (PNDM's and DPM-Solver's warm-up counters would need a restart at the first step).
 IMG2IMG_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_ancestral")
@@ -293,7 +302,8 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", scheduler: str | schedulers.Scheduler | None = None,
                         variant: str | None = None, *, config_folder: str | Path | None = None,
-                        tokenizer: str | Path | None = None, use_ema: bool = False, mesh: Any = None) -> StableDiffusion:
+                        tokenizer: str | Path | None = None, use_ema: bool = False, prediction_type: str | None = None,
+                        mesh: Any = None) -> StableDiffusion:
         """Load a diffusers folder, a single-file CompVis checkpoint (.safetensors/.ckpt), or a hub id.
 
         Args:
@@ -303,17 +313,20 @@ class StableDiffusion:
             name, or a scheduler object; None = the folder's own (PNDM for SD v1). Configured from the
             folder's scheduler_config.json either way.
           variant: diffusers' file variant of the diffusers folder ("fp16", "non_ema", …).
-          config_folder: for a single file, a diffusers folder whose configs, tokenizer and scheduler to use
-            (default: Stable Diffusion v1's configs; then ``tokenizer`` is required).
-          tokenizer: for a single file, a folder with vocab.json and merges.txt.
+          config_folder: for a single file, a diffusers folder of the same kind whose configs, tokenizer(s) and
+            scheduler to use (default: the released configs of the layout its keys show, SD v1, SD 2.x or SDXL
+            base; then ``tokenizer`` is required).
+          tokenizer: for a single file, a folder with vocab.json and merges.txt (or tokenizer.json).
           use_ema: for a single "full" CompVis checkpoint, take the U-Net from its ``model_ema.*`` copy.
+          prediction_type: for a single file, "epsilon" or "v_prediction" (diffusers' name; the keys do not show
+            it): default the config folder's scheduler's, else the release's (v-prediction for SD 2.x, as 2.1-768).
         """
         dtype = resolve_dtype(dtype)
         path = resolve_path(path, variant)
         sdxl: dict[str, Any] = {}  # SDXL's text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt
         if path.is_file():
-            tokenizer_obj, text_encoder, unet, vae, scheduler_config, params = _load_single_file(
-                path, config_folder, tokenizer, use_ema)
+            tokenizer_obj, text_encoder, unet, vae, scheduler_config, params, sdxl = _load_single_file(
+                path, config_folder, tokenizer, use_ema, prediction_type)
         else:
             index = check_folder(path)
             unet, unet_params = load_unet(path / "unet", variant)
@@ -729,18 +742,45 @@ def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> 
             "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}, params
 
 
-def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool):
-    """A CompVis single file's networks (``compvis.load_single_file``) with a tokenizer and a scheduler config:
-    ``config_folder``'s (a diffusers SD folder), or ``tokenizer`` and SD v1's PNDM config."""
-    scheduler_config: Any = SD_V1_SCHEDULER_CONFIG
-    if config_folder is not None:
-        scheduler_config = schedulers.read_scheduler_config(Path(config_folder) / "scheduler")
-        tokenizer = tokenizer or Path(config_folder) / "tokenizer"
-    if tokenizer is None:
+def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool,
+                      prediction_type: str | None):
+    """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x or SDXL base, told from its keys)
+    with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
+
+    With ``config_folder`` (a diffusers folder of the same kind) its tokenizer/ (tokenizer_2/), scheduler/
+    and model_index.json; else the ``tokenizer`` folder for every text encoder (an OpenCLIP one pads with
+    "!", as OpenCLIP does) and the release's scheduler (``SINGLE_FILE_SCHEDULERS``). ``prediction_type``
+    ("epsilon", "v_prediction"), not visible in the keys, overrides the scheduler's."""
+    if config_folder is None and tokenizer is None:
         raise ValueError(f"{path} is a single-file checkpoint without a tokenizer: pass tokenizer=<folder with "
-                         f"vocab.json and merges.txt> (e.g. the tokenizer/ of any SD v1 diffusers folder)")
+                         f"vocab.json and merges.txt, or tokenizer.json> (e.g. the tokenizer/ of any SD diffusers "
+                         f"folder) or config_folder=<a diffusers folder of the same kind>")
     models = compvis.load_single_file(path, config_folder, use_ema=use_ema)
-    return (load_tokenizer(tokenizer), models.text_encoder, models.unet, models.vae, scheduler_config, models.params)
+    folder = Path(config_folder) if config_folder is not None else None
+    tokenizers = {}
+    for entry in compvis.LAYOUTS[models.layout].text_encoders:
+        length = getattr(models, entry.component).config.max_position_embeddings
+        name = entry.component.replace("text_encoder", "tokenizer")  # tokenizer, tokenizer_2
+        if folder is not None:
+            tokenizers[name] = load_tokenizer(tokenizer if tokenizer and name == "tokenizer" else folder / name, length)
+        else:
+            tok = load_tokenizer(tokenizer, length)
+            pad = compvis.OPENCLIP_PAD_TOKEN if entry.names == "openclip" else tok.pad_token
+            tokenizers[name] = Tokenizer(tok.vocab, tok.merges, pad_token=pad, context_length=length)
+    if folder is not None:
+        scheduler_config = schedulers.read_scheduler_config(folder / "scheduler")
+    else:
+        scheduler_config = SINGLE_FILE_SCHEDULERS[models.layout]
+    if prediction_type is not None:
+        scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
+    sdxl: dict[str, Any] = {}
+    if models.text_encoder_2 is not None:
+        index_file = folder / "model_index.json" if folder is not None else None
+        index = json.loads(index_file.read_text()) if index_file is not None and index_file.is_file() else {}
+        sdxl = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": tokenizers["tokenizer_2"],
+                "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+    return (tokenizers["tokenizer"], models.text_encoder, models.unet, models.vae, scheduler_config, models.params,
+            sdxl)
 
 
 __all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",

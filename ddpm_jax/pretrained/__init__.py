@@ -22,8 +22,9 @@ one does not import the others):
                             ``AutoencoderKL`` (``load_vae``), google/ddpm-* UNet + DDPMScheduler folders
                             (``load_ddpm_folder``)
 ``transformers_clip.py``    transformers CLIP folders: ``load_clip_text``, ``load_clip_vision``, ``load_clip``
-``compvis.py``              single-file CompVis / LDM Stable Diffusion v1 checkpoints (``load_compvis``,
-                            ``load_single_file``): CompVis names → diffusers names, then the same converter
+``compvis.py``              single-file checkpoints, SD v1 (CompVis ldm), SD 2.x and SDXL base (Stability's
+                            sgm) (``load_compvis``, ``load_single_file``): CompVis names → diffusers names,
+                            OpenCLIP names → transformers names, then the same converter
 ``export.py``               the way back (``ddpm-jax export``): a trained workdir → a diffusers DDPMPipeline /
                             AutoencoderKL or transformers CLIPModel folder, through ``convert.export_state_dict``
 ==========================  ===============================================================================

@@ -1,8 +1,18 @@
-"""Single-file Stable Diffusion v1 checkpoints (CompVis / LDM layout) → our params.
+"""Single-file Stable Diffusion checkpoints (SD v1, SD 2.x, SDXL base) → our params.
 
-The original Stable Diffusion release (``sd-v1-4.ckpt``, ``v1-5-pruned-emaonly.safetensors``, and
-most community fine-tunes) is ONE state dict of LDM's ``LatentDiffusion`` module, in which the three
-networks sit under three prefixes and carry the names of the CompVis code:
+The original releases (``sd-v1-4.ckpt``, ``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
+``sd_xl_base_1.0.safetensors``, and most community fine-tunes) are ONE state dict of the training code's model,
+in which the networks sit under prefixes and carry the names of that code (:data:`LAYOUTS`):
+
+* CompVis ldm (SD v1): ``model.diffusion_model.*`` (openaimodel.UNetModel), ``first_stage_model.*`` (taming's
+  autoencoder), ``cond_stage_model.transformer.*`` (FrozenCLIPEmbedder: a transformers CLIPTextModel);
+* Stability's stablediffusion (SD 2.x, the same ldm code): the text encoder is FrozenOpenCLIPEmbedder,
+  ``cond_stage_model.model.*`` in OpenCLIP's names (``transformer.resblocks.i.attn.in_proj_weight``, q, k, v fused);
+* Stability's sgm (generative-models, SDXL base): GeneralConditioner's ``conditioner.embedders.0.transformer.*``
+  (CLIP ViT-L, transformers' names) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, with its
+  ``text_projection``); the U-Net's added-conditioning MLP is ``label_emb.0.{0,2}``.
+
+The U-Net's and VAE's names are the same in all three:
 
 ==================================  ============================  ==================================
 CompVis key                          diffusers key                 ours (``flax_path``)
@@ -14,14 +24,17 @@ model.diffusion_model.output_blocks.2.1.conv         up_blocks.0.upsamplers.0.co
 first_stage_model.encoder.down.0.block.1.nin_shortcut  encoder.down_blocks.0.resnets.1.conv_shortcut
 first_stage_model.decoder.up.3.block.0.conv1         decoder.up_blocks.0.resnets.0.conv1   (levels reversed)
 first_stage_model.decoder.mid.attn_1.q               decoder.mid_block.attentions.0.to_q  (a 1×1 conv)
+model.diffusion_model.label_emb.0.0                  add_embedding.linear_1  (SDXL)
 cond_stage_model.transformer.text_model.encoder…     encoder…  (transformers' CLIPTextModel)
+cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight   encoder.layers.0.self_attn.{q,k,v}_proj (split)
+conditioner.embedders.1.model.text_projection        text_projection.weight  (transposed)
 ==================================  ============================  ==================================
 
-So loading is: rename each CompVis key to its diffusers key (the tables below, built from the
-configs), then the same ``convert.convert_state_dict`` as for a diffusers folder. The configs are
-not in the file: Stable Diffusion v1's are implied (``UNetConfig.stable_diffusion_v1()``,
-``AutoencoderKLConfig.sd_v1()``, CLIP ViT-L/14's text tower), or given. LDM's schedule buffers
-(``betas``, ``alphas_cumprod``, …) are ignored; ``model_ema.*`` holds the EMA copy of the U-Net
+So loading is: tell the layout from the keys (:func:`detect_layout`), rename each CompVis key to its diffusers
+key (the tables below, built from the configs) and each OpenCLIP key to its transformers key
+(:data:`OPENCLIP_NAMES`), then the same ``convert.convert_state_dict`` as for a diffusers folder. The configs
+are not in the file: the released model's of the layout are implied (:data:`IMPLIED_CONFIGS`), or given.
+LDM's schedule buffers (``betas``, ``alphas_cumprod``, …) are ignored; ``model_ema.*`` holds the EMA copy of the U-Net
 (in the "full" checkpoints; ``use_ema=True`` picks it). Any other key is reported as unexpected.
 
 The file is a ``.safetensors`` (safetensors' NumPy loader) or a ``.ckpt``/``.pt``/``.pth``/``.bin``
@@ -31,17 +44,19 @@ torch pickle (``torch_pickle``, no torch), read by ``state_dict.read_state_dict`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
+from ddpm_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTextTransformer
 from ddpm_jax.models.unet import DOWN_BLOCK_ATTENTION, UP_BLOCK_ATTENTION, UNet, UNetConfig
 from ddpm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from ddpm_jax.pretrained.convert import Params, convert_state_dict, param_shapes
+from ddpm_jax.pretrained.convert import Params, StateDictMismatch, convert_state_dict, param_shapes
 from ddpm_jax.pretrained.diffusers import (
     autoencoder_kl_config_from_diffusers,
     unet_config_from_diffusers,
@@ -53,14 +68,14 @@ from ddpm_jax.pretrained.transformers_clip import clip_key, example_ids, text_co
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
 EMA_PREFIX = "model_ema."
-# LatentDiffusion's registered buffers: the DDPM schedule and the learned-logvar table.
+# LatentDiffusion's registered buffers: the DDPM schedule and the learned-logvar table (and sgm's σ table).
 LDM_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
     "model_ema.decay", "model_ema.num_updates",
+    "denoiser.sigmas",  # sgm's DiffusionEngine: its discrete denoiser's σ table (SDXL)
 })
 
 # Inside a ResNet block (openaimodel.ResBlock → diffusers ResnetBlock2D).
@@ -83,6 +98,9 @@ def unet_prefixes(config: UNetConfig) -> dict[str, str]:
              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
              "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
              "middle_block.2.": "mid_block.resnets.1."}
+    if config.addition_embed_type == "text_time" or config.class_embed_type == "projection":  # sgm's label_emb MLP
+        embedding = "add_embedding" if config.addition_embed_type == "text_time" else "class_embedding"
+        table |= {"label_emb.0.0.": f"{embedding}.linear_1.", "label_emb.0.2.": f"{embedding}.linear_2."}
     for i in range(levels):
         for j in range(n):
             k = 1 + i * (n + 1) + j
@@ -137,108 +155,266 @@ def _rename(key: str, prefixes: Mapping[str, str], inner: Mapping[str, str], inn
     return key
 
 
-def split_compvis(state: Mapping[str, np.ndarray], use_ema: bool = False) -> dict[str, dict[str, np.ndarray]]:
-    """A CompVis state dict → {"unet", "vae", "text_encoder", "unexpected"}, each keyed by the names
-    under its prefix (CompVis names, prefix removed). With ``use_ema`` the U-Net's weights are read
-    from ``model_ema.<key without dots>`` (LDM's EMA copy), as diffusers' converter does."""
-    parts: dict[str, dict[str, np.ndarray]] = {"unet": {}, "vae": {}, "text_encoder": {}, "unexpected": {}}
+# ------------------------------------------------------------------------------------------------
+# The layouts: where the text encoders sit, and in which names
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderEntry:
+    """One text encoder of a single-file layout: its diffusers component, its prefix in the file, and the
+    names under it: "transformers" (a transformers CLIPTextModel inside ldm's / sgm's FrozenCLIPEmbedder:
+    ``text_model.encoder.layers.0.self_attn.q_proj.weight``) or "openclip" (OpenCLIP's text transformer inside
+    FrozenOpenCLIPEmbedder(2): ``transformer.resblocks.0.attn.in_proj_weight``, :data:`OPENCLIP_NAMES`)."""
+
+    component: str
+    prefix: str
+    names: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A single-file layout: the U-Net under ``model.diffusion_model.``, the VAE under ``first_stage_model.``,
+    and its text encoders; told apart by the text encoders' prefixes (:func:`detect_layout`)."""
+
+    title: str
+    text_encoders: tuple[TextEncoderEntry, ...]
+
+
+LAYOUTS = {
+    # CompVis ldm (github.com/CompVis/stable-diffusion): FrozenCLIPEmbedder, CLIP ViT-L/14
+    "sd_v1": Layout("Stable Diffusion v1 (CompVis ldm)",
+                    (TextEncoderEntry("text_encoder", "cond_stage_model.transformer.", "transformers"),)),
+    # Stability's stablediffusion (SD 2.x, the ldm code): FrozenOpenCLIPEmbedder, OpenCLIP ViT-H/14
+    "sd_v2": Layout("Stable Diffusion 2.x (Stability's stablediffusion, ldm layout)",
+                    (TextEncoderEntry("text_encoder", "cond_stage_model.model.", "openclip"),)),
+    # Stability's sgm (github.com/Stability-AI/generative-models): GeneralConditioner's embedders,
+    # CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with its projection)
+    "sdxl": Layout("SDXL base (Stability's sgm / generative-models)",
+                   (TextEncoderEntry("text_encoder", "conditioner.embedders.0.transformer.", "transformers"),
+                    TextEncoderEntry("text_encoder_2", "conditioner.embedders.1.model.", "openclip"))),
+}
+
+# The released models' configs, as the diffusers / transformers config.json dicts of their folders (read by
+# the same converters as a config folder's): stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0.
+_VAE_SD = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+           "sample_size": 512, "scaling_factor": 0.18215}
+IMPLIED_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd_v1": {"unet": {"_class_name": "UNet2DConditionModel", "sample_size": 64, "cross_attention_dim": 768,
+                       "attention_head_dim": 8},
+              "vae": _VAE_SD, "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                               "num_attention_heads": 12, "projection_dim": 768}},
+    "sd_v2": {"unet": {"_class_name": "UNet2DConditionModel", "sample_size": 96, "cross_attention_dim": 1024,
+                       "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True},
+              "vae": _VAE_SD, "text_encoder": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                                               "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512}},
+    "sdxl": {"unet": {"_class_name": "UNet2DConditionModel", "sample_size": 128, "block_out_channels": [320, 640, 1280],
+                      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                      "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+                      "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
+             "vae": _VAE_SD | {"sample_size": 1024, "scaling_factor": 0.13025},
+             "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                              "num_attention_heads": 12, "projection_dim": 768},
+             "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                                "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}},
+}
+
+# OpenCLIP's text transformer (open_clip/transformer.py) → transformers' CLIPTextModel names, without
+# ``text_model.``: the one table, each pair replaced once, in order (blocks, then the layers inside a block).
+OPENCLIP_NAMES = (
+    ("transformer.resblocks.", "encoder.layers."), ("token_embedding.", "embeddings.token_embedding."),
+    ("positional_embedding", "embeddings.position_embedding.weight"), ("ln_final.", "final_layer_norm."),
+    (".ln_1.", ".layer_norm1."), (".ln_2.", ".layer_norm2."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."),
+    (".attn.out_proj.", ".self_attn.out_proj."), (".attn.in_proj_", ".self_attn.in_proj_"),
+)
+OPENCLIP_UNUSED = frozenset({"logit_scale"})  # CLIP's contrastive temperature: no part of the text tower
+OPENCLIP_PAD_TOKEN = "!"  # OpenCLIP pads prompts with token 0, "!" in CLIP's vocabulary (SD 2.x, SDXL's tokenizer_2)
+
+
+def detect_layout(state: Mapping[str, np.ndarray], path: str | Path = "the checkpoint") -> str:
+    """The :data:`LAYOUTS` name whose U-Net, VAE and text-encoder prefixes all have keys in ``state``; else a
+    one-line ValueError naming the file's first keys, their count and the known layouts' prefixes."""
+    keys = list(state)
+    for name, layout in LAYOUTS.items():
+        prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(e.prefix for e in layout.text_encoders)
+        if all(any(k.startswith(p) for k in keys) for p in prefixes):
+            return name
+    known = "; ".join(f"{layout.title}: " + " + ".join(p + "*" for p in (UNET_PREFIX, VAE_PREFIX) + tuple(
+        e.prefix for e in layout.text_encoders)) for layout in LAYOUTS.values())
+    raise ValueError(f"{path}: its {len(keys)} keys ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}) match no "
+                     f"known single-file layout ({known})")
+
+
+def network_prefixes(layout: str) -> dict[str, str]:
+    """{"unet": "model.diffusion_model.", "vae": "first_stage_model.", each text encoder's component: its prefix}."""
+    return {"unet": UNET_PREFIX, "vae": VAE_PREFIX} | {e.component: e.prefix for e in LAYOUTS[layout].text_encoders}
+
+
+def split_single_file(state: Mapping[str, np.ndarray], layout: str, use_ema: bool = False
+                      ) -> dict[str, dict[str, np.ndarray]]:
+    """A single-file state dict → {"unet", "vae", each text encoder's component, "unexpected"}, each keyed by
+    the names under its prefix (prefix removed; ``position_ids`` buffers dropped). With ``use_ema`` the
+    U-Net's weights are read from ``model_ema.<key without dots>`` (LDM's EMA copy), as diffusers' converter does."""
+    prefixes = network_prefixes(layout)
+    parts: dict[str, dict[str, np.ndarray]] = {name: {} for name in (*prefixes, "unexpected")}
     if use_ema and not any(k.startswith(EMA_PREFIX) and k not in LDM_BUFFERS for k in state):
         raise ValueError("use_ema=True but the checkpoint has no model_ema.* weights (an EMA-only file: "
                          "its model.diffusion_model.* weights are already the EMA ones; use use_ema=False)")
     for key, value in state.items():
-        if key.startswith(UNET_PREFIX):
-            if use_ema:
-                flat = EMA_PREFIX + "".join(key.split(".")[1:])  # model_ema.diffusion_modelinput_blocks00weight
-                if flat not in state:
-                    raise ValueError(f"use_ema=True but the checkpoint has no {flat} for {key}")
-                value = state[flat]
-            parts["unet"][key[len(UNET_PREFIX):]] = value
-        elif key.startswith(VAE_PREFIX):
-            parts["vae"][key[len(VAE_PREFIX):]] = value
-        elif key.startswith(TEXT_PREFIX):
-            name = key[len(TEXT_PREFIX):].removeprefix("text_model.")  # transformers v4 keeps "text_model."
-            if not name.endswith("position_ids"):
-                parts["text_encoder"][name] = value
-        elif key not in LDM_BUFFERS and not key.startswith(EMA_PREFIX):
-            parts["unexpected"][key] = value
-    for name in ("unet", "vae", "text_encoder"):
-        if not parts[name]:
-            prefix = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}[name]
-            raise ValueError(f"not a Stable Diffusion v1 CompVis checkpoint: no {prefix}* keys (its first keys: "
-                             f"{', '.join(list(state)[:5])})")
+        name = next((n for n, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if name is None:
+            if key not in LDM_BUFFERS and not key.startswith(EMA_PREFIX):
+                parts["unexpected"][key] = value
+            continue
+        if name == "unet" and use_ema:
+            flat = EMA_PREFIX + "".join(key.split(".")[1:])  # model_ema.diffusion_modelinput_blocks00weight
+            if flat not in state:
+                raise ValueError(f"use_ema=True but the checkpoint has no {flat} for {key}")
+            value = state[flat]
+        if not key.endswith("position_ids"):
+            parts[name][key[len(prefixes[name]):]] = value
     return parts
 
 
+def openclip_to_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """OpenCLIP text-tower names → transformers' (without ``text_model.``): :data:`OPENCLIP_NAMES`, plus the two
+    layout changes: ``attn.in_proj_weight`` [3W, W] (nn.MultiheadAttention's q; k; v stacked) → ``q_proj``,
+    ``k_proj``, ``v_proj`` [W, W] each, and ``text_projection`` [W, P] (applied as x @ P) → a Linear's
+    ``text_projection.weight`` [P, W]. ``logit_scale`` is dropped (:data:`OPENCLIP_UNUSED`)."""
+    out = {}
+    for key, value in state.items():
+        if key in OPENCLIP_UNUSED:
+            continue
+        if key == "text_projection":
+            out["text_projection.weight"] = np.asarray(value).T
+            continue
+        for old, new in OPENCLIP_NAMES:
+            key = key.replace(old, new)
+        stem, fused, leaf = key.rpartition(".in_proj_")  # "encoder.layers.0.self_attn", ".in_proj_", "weight"
+        if fused:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(np.asarray(value), 3, axis=0)):
+                out[f"{stem}.{name}.{leaf}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+_LAYER_INDEX = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+
+def text_encoder_state(names: Mapping[str, np.ndarray], entry: TextEncoderEntry, config: CLIPTextConfig,
+                       projected: bool) -> dict[str, np.ndarray]:
+    """One text encoder's names in the file → the transformers names its module (:func:`_load_tower`'s) reads:
+    ``text_model.…`` + ``text_projection.weight`` for a CLIPTextModelWithProjection, bare ``encoder.…`` for a
+    CLIPTextModel. For a bare OpenCLIP tower (SD 2.x) the projection and the blocks past ``num_hidden_layers``
+    are dropped: FrozenOpenCLIPEmbedder(layer="penultimate") never runs its last block (so diffusers'
+    text_encoder has 23 of ViT-H's 24)."""
+    state = openclip_to_transformers(names) if entry.names == "openclip" else dict(names)
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    if projected:
+        return {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in state.items()}
+    if entry.names == "openclip":
+        state = {k: v for k, v in state.items() if not k.startswith("text_projection.") and not (
+            (m := _LAYER_INDEX.match(k)) and int(m[1]) >= config.num_hidden_layers)}
+    return state
+
+
 def compvis_to_diffusers(parts: Mapping[str, Mapping[str, np.ndarray]], unet_config: UNetConfig,
-                         vae_config: AutoencoderKLConfig) -> dict[str, dict[str, np.ndarray]]:
-    """The U-Net's and VAE's CompVis names → diffusers names (the text encoder's already are transformers')."""
+                         vae_config: AutoencoderKLConfig) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """The U-Net's and VAE's CompVis names → diffusers names; returns them and {diffusers name: CompVis name}."""
     unet_table, vae_table = unet_prefixes(unet_config), vae_prefixes(vae_config)
-    unet = {_rename(k, unet_table, _UNET_RESNET, ".resnets."): v for k, v in parts["unet"].items()}
-    vae = {_rename(k, vae_table, _VAE_INNER, ""): v for k, v in parts["vae"].items()}
-    return {"unet": unet, "vae": vae_state_dict(vae), "text_encoder": dict(parts["text_encoder"])}
+    origin = {}
+    unet, vae = {}, {}
+    for key, value in parts["unet"].items():
+        new = _rename(key, unet_table, _UNET_RESNET, ".resnets.")
+        unet[new], origin["unet", new] = value, UNET_PREFIX + key
+    for key, value in parts["vae"].items():
+        new = _rename(key, vae_table, _VAE_INNER, "")
+        vae[new], origin["vae", new] = value, VAE_PREFIX + key
+    return {"unet": unet, "vae": vae_state_dict(vae)}, origin
 
 
 @dataclasses.dataclass(frozen=True)
 class CompVisModels:
-    """The three networks of a CompVis checkpoint and their params."""
+    """The networks of a single-file checkpoint and their params ({"unet", "vae", "text_encoder"} + SDXL's
+    "text_encoder_2"); ``layout`` is its :data:`LAYOUTS` name."""
 
+    layout: str
     unet: UNet
     vae: AutoencoderKL
     text_encoder: CLIPTextTransformer
-    params: dict[str, Params]  # {"unet": …, "vae": …, "text_encoder": …}
+    params: dict[str, Params]
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
 
-def _targets(unet: UNet, vae: AutoencoderKL, text: CLIPTextTransformer) -> dict[str, Params]:
-    size = vae.config.downsampling_factor
-    image = jax.ShapeDtypeStruct((1, size, size, vae.config.in_channels), jnp.float32)
-    return {"unet": param_shapes(unet, *unet.config.input_specs()), "vae": param_shapes(vae, image),
-            "text_encoder": param_shapes(text, example_ids(text.config))}
+def _few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", …" if len(names) > n else "")
 
 
-def load_compvis(path: str | Path, unet_config: UNetConfig | None = None, vae_config: AutoencoderKLConfig | None = None,
-                 text_config: CLIPTextConfig | None = None, use_ema: bool = False) -> CompVisModels:
-    """Load a single-file SD v1 checkpoint (.safetensors, or a .ckpt/.pt/.pth/.bin torch pickle); the configs
-    default to Stable Diffusion v1's.
+def load_compvis(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None = None,
+                 use_ema: bool = False) -> CompVisModels:
+    """Load a single-file checkpoint (.safetensors, or a .ckpt/.pt/.pth/.bin torch pickle) of any of
+    :data:`LAYOUTS`, told from its keys.
 
-    Raises a ValueError listing, per network, every key missing from the file, unexpected in it or
-    mis-shaped (``convert_state_dict``), plus any key outside the three networks' prefixes.
+    ``configs``: {"unet", "vae", "text_encoder"(, "text_encoder_2")} as config.json dicts (diffusers' and
+    transformers'); default the released model's (:data:`IMPLIED_CONFIGS`). Raises ONE one-line ValueError
+    naming, per network, a few of the keys missing from the file (our param paths), unexpected in it or
+    mis-shaped, with their counts, plus any key outside the networks' prefixes.
     """
-    unet = UNet(unet_config or UNetConfig.stable_diffusion_v1())
-    vae = AutoencoderKL(vae_config or AutoencoderKLConfig.sd_v1())
-    text = CLIPTextTransformer(text_config or CLIPTextConfig())
-    parts = split_compvis(read_state_dict(path), use_ema=use_ema)
-    renamed = compvis_to_diffusers(parts, unet.config, vae.config)
-    targets = _targets(unet, vae, text)
+    state = read_state_dict(path)
+    layout = detect_layout(state, path)
+    configs = configs or IMPLIED_CONFIGS[layout]
+    absent = [e.component for e in LAYOUTS[layout].text_encoders if e.component not in configs]
+    if absent:
+        raise ValueError(f"{path} is a {LAYOUTS[layout].title} checkpoint, but its configs have no {', '.join(absent)} "
+                         f"(a config folder must be a diffusers folder of the same kind)")
+    unet = UNet(unet_config_from_diffusers(configs["unet"]))
+    vae = AutoencoderKL(autoencoder_kl_config_from_diffusers(configs["vae"]))
+    texts = {e.component: (CLIPTextModelWithProjection if e.component == "text_encoder_2" else CLIPTextTransformer)(
+        text_config_from_transformers(configs[e.component])) for e in LAYOUTS[layout].text_encoders}
+    parts = split_single_file(state, layout, use_ema=use_ema)
+    renamed, origin = compvis_to_diffusers(parts, unet.config, vae.config)
+    size = vae.config.downsampling_factor
+    targets = {"unet": param_shapes(unet, *unet.config.input_specs()),
+               "vae": param_shapes(vae, jax.ShapeDtypeStruct((1, size, size, vae.config.in_channels), jnp.float32))}
+    for entry in LAYOUTS[layout].text_encoders:
+        module = texts[entry.component]
+        projected = isinstance(module, CLIPTextModelWithProjection)
+        renamed[entry.component] = text_encoder_state(parts[entry.component], entry, module.config, projected)
+        targets[entry.component] = param_shapes(module, example_ids(module.config))
+    prefixes = network_prefixes(layout)
     params, errors = {}, []
     if parts["unexpected"]:
-        errors.append(f"unexpected top-level keys ({len(parts['unexpected'])}): {', '.join(sorted(parts['unexpected']))}")
-    renames = {"unet": unet_key, "vae": unet_key, "text_encoder": clip_key}
-    for name, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
+        errors.append(f"{len(parts['unexpected'])} unexpected keys outside the networks ({_few(sorted(parts['unexpected']))})")
+    for name, target in targets.items():
         try:
-            params[name] = convert_state_dict(renamed[name], targets[name], rename=renames[name])
-        except ValueError as err:
-            errors.append(f"{prefix}* ({name}): {err}")
+            params[name] = convert_state_dict(renamed[name], target, rename=clip_key if "text" in name else unet_key)
+        except StateDictMismatch as err:
+            unexpected = sorted(origin.get((name, k), prefixes[name] + k) for k in err.unexpected)
+            found = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
+                ("missing", err.missing), ("unexpected", unexpected), ("mis-shaped", err.misshaped)) if keys]
+            errors.append(f"{prefixes[name]}* ({name}): {', '.join(found)}")
     if errors:
-        raise ValueError(f"{path} does not match Stable Diffusion v1's networks:\n" + "\n".join(errors))
-    return CompVisModels(unet, vae, text, params)
+        raise ValueError(f"{path} does not match the {LAYOUTS[layout].title} networks: {'; '.join(errors)}")
+    return CompVisModels(layout, unet, vae, texts["text_encoder"], params, texts.get("text_encoder_2"))
 
 
 def load_single_file(path: str | Path, config_folder: str | Path | None = None, use_ema: bool = False) -> CompVisModels:
-    """A single-file SD v1 checkpoint with the configs of a diffusers Stable Diffusion folder, if given.
+    """A single-file checkpoint with the configs of a diffusers folder of the same kind, if given.
 
-    ``config_folder``'s ``unet/config.json`` (UNet2DConditionModel), ``vae/config.json`` (AutoencoderKL)
-    and ``text_encoder/config.json`` (transformers CLIPTextConfig) give the three networks' shapes (for
-    a fine-tune of another size); without it, Stable Diffusion v1's configs are implied. The weights
-    are read from ``path`` only (:func:`load_compvis`).
+    ``config_folder``'s ``unet/``, ``vae/``, ``text_encoder/`` (and SDXL's ``text_encoder_2/``) config.json
+    give the networks' shapes (for a fine-tune of another size); without it, the released model's configs of
+    the layout the keys show are implied (:data:`IMPLIED_CONFIGS`). The weights are read from ``path`` only.
     """
-    unet_config = vae_config = text_config = None
+    configs = None
     if config_folder is not None:
         folder = Path(config_folder)
-        unet_config = unet_config_from_diffusers(read_config_json(folder / "unet"))
-        vae_config = autoencoder_kl_config_from_diffusers(read_config_json(folder / "vae"))
-        text_config = text_config_from_transformers(read_config_json(folder / "text_encoder"))
-    return load_compvis(path, unet_config, vae_config, text_config, use_ema=use_ema)
+        configs = {name: read_config_json(folder / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                   if (folder / name).is_dir()}
+    return load_compvis(path, configs, use_ema=use_ema)
 
-
-__all__ = ["CompVisModels", "compvis_to_diffusers", "load_compvis", "load_single_file", "split_compvis",
-           "unet_prefixes", "vae_prefixes"]
+__all__ = ["IMPLIED_CONFIGS", "LAYOUTS", "OPENCLIP_NAMES", "OPENCLIP_PAD_TOKEN", "OPENCLIP_UNUSED", "CompVisModels",
+           "Layout", "TextEncoderEntry", "compvis_to_diffusers", "detect_layout", "load_compvis", "load_single_file",
+           "network_prefixes", "openclip_to_transformers", "split_single_file", "text_encoder_state", "unet_prefixes",
+           "vae_prefixes"]

@@ -102,6 +102,15 @@ def param_shapes(module: Any, *example_inputs: Any) -> Params:
     return jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
 
 
+class StateDictMismatch(ValueError):
+    """:func:`convert_state_dict`'s error, with its three lists for a caller that words its own message:
+    ``missing`` (Flax paths, "a/b/kernel"), ``unexpected`` (checkpoint keys), ``misshaped`` (checkpoint keys)."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str], misshaped: list[str]):
+        super().__init__(message)
+        self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     target: Params,
@@ -117,10 +126,11 @@ def convert_state_dict(
     Returns:
       nested params with target's structure, as jax arrays of target's dtypes.
     Raises:
-      ValueError listing every key missing from the checkpoint, unexpected in it, or mis-shaped.
+      StateDictMismatch (a ValueError) listing every key missing from the checkpoint, unexpected in it,
+      or mis-shaped.
     """
     wanted = traverse_util.flatten_dict(target)  # {("down_blocks_0", ..., "kernel"): ShapeDtypeStruct}
-    params, unexpected, misshaped = {}, [], {}  # misshaped: Flax path → message
+    params, unexpected, misshaped, misshaped_keys = {}, [], {}, []  # misshaped: Flax path → message
     for key, array in state_dict.items():
         *parent, leaf = flax_path(rename(key))
         parent = tuple(parent)
@@ -136,6 +146,7 @@ def convert_state_dict(
                 f"{key}: checkpoint {tuple(array.shape)} -> {value.shape}, model {'/'.join(path)} expects "
                 f"{tuple(wanted[path].shape)}"
             )
+            misshaped_keys.append(key)
             continue
         params[path] = jnp.asarray(value, dtype=wanted[path].dtype)
     missing = ["/".join(path) for path in wanted if path not in params and path not in misshaped]
@@ -147,9 +158,9 @@ def convert_state_dict(
             lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {', '.join(sorted(unexpected))}")
         if misshaped:
             lines.append(f"  wrong shape ({len(misshaped)}): {'; '.join(sorted(misshaped.values()))}")
-        raise ValueError("\n".join(lines))
+        raise StateDictMismatch("\n".join(lines), sorted(missing), sorted(unexpected), sorted(misshaped_keys))
     return traverse_util.unflatten_dict(params)
 
 
-__all__ = ["LITERAL_SUFFIX_NAMES", "Params", "TORCH_LEAF_NAMES", "convert_state_dict", "export_state_dict", "flax_path",
+__all__ = ["LITERAL_SUFFIX_NAMES", "Params", "StateDictMismatch", "TORCH_LEAF_NAMES", "convert_state_dict", "export_state_dict", "flax_path",
            "param_shapes", "to_flax_layout", "to_torch_layout", "torch_key"]
