@@ -125,8 +125,9 @@ def test_layouts_are_told_from_the_keys_with_the_released_configs(folders):
     assert unet_config_from_diffusers(v1["unet"]) == UNetConfig.stable_diffusion_v1()
     assert autoencoder_kl_config_from_diffusers(v1["vae"]) == AutoencoderKLConfig.sd_v1()
     assert text_config_from_transformers(v1["text_encoder"]) == CLIPTextConfig()
-    sdxl = unet_config_from_diffusers(compvis.IMPLIED_CONFIGS["sdxl"]["unet"])
-    assert sdxl.cross_attention_dim == 2048 and sdxl.projection_class_embeddings_input_dim == 1280 + 6 * 256
+    sdxl = compvis.IMPLIED_CONFIGS["sdxl"]  # and the SDXL presets (their parameter count: test_unet_condition)
+    assert unet_config_from_diffusers(sdxl["unet"]) == UNetConfig.sdxl_base()
+    assert autoencoder_kl_config_from_diffusers(sdxl["vae"]) == AutoencoderKLConfig.sdxl()
     assert compvis.IMPLIED_CONFIGS["sd_v2"]["text_encoder"]["num_hidden_layers"] == 23  # ViT-H's 24th never runs
 
 
