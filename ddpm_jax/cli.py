@@ -163,6 +163,20 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.SCHEDULERS)} (default: the model's)")
     p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file checkpoint")
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers or kohya .safetensors) at SCALE (default 1), repeatable; --model only")
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``--lora file.safetensors:0.8`` → ("file.safetensors", 0.8); no ``:SCALE`` → scale 1."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or "/" in scale or "\\" in scale:  # no scale (a path may hold ":" itself)
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE[:SCALE] with SCALE a number, e.g. lora.safetensors:0.8"
+                                         ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,8 +270,11 @@ def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
 
 def load_stable_diffusion(args: argparse.Namespace) -> sd.StableDiffusion:
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr)
-    return sd.StableDiffusion.from_pretrained(args.model, dtype=args.dtype, scheduler=args.scheduler,
+    pipe = sd.StableDiffusion.from_pretrained(args.model, dtype=args.dtype, scheduler=args.scheduler,
                                               tokenizer=args.tokenizer)
+    for path, scale in args.lora:
+        print(f"LoRA {pipe.load_lora(path, scale)} at {scale}", file=sys.stderr)
+    return pipe
 
 
 def dispatch(args: argparse.Namespace) -> list[Any]:
@@ -291,6 +308,8 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         tok = tokenizer.train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
         return [f"{len(texts)} captions -> {tok.vocab_size} tokens ({len(tok.merges)} merges) in {args.out}"]
     negative = negatives(args.negative, len(args.prompts))
+    if args.command == "txt2img" and args.workdir and args.lora:
+        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",

@@ -60,7 +60,7 @@ from ddpm_jax.models.clip import CLIPTextModelWithProjection, CLIPTextTransforme
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
-from ddpm_jax.pretrained import compvis
+from ddpm_jax.pretrained import compvis, lora
 from ddpm_jax.pretrained.convert import Params
 from ddpm_jax.pretrained.diffusers import load_unet, load_vae
 from ddpm_jax.pretrained.transformers_clip import load_clip_text
@@ -220,6 +220,7 @@ class StableDiffusion:
         self._programs: dict[tuple, Callable] = {}
         self._bar = None
         self.trace_count = 0
+        self.loras = lora.LoRASet()   # load_lora / set_lora_scales / fuse_lora / unload_lora (pretrained/lora.py)
 
     @property
     def is_sdxl(self) -> bool:
@@ -330,8 +331,63 @@ class StableDiffusion:
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
         other = dataclasses.replace(self, scheduler=scheduler)
-        other.text, other.text_2 = self.text, self.text_2  # share the compiled text encoders
+        other.text, other.text_2, other.loras = self.text, self.text_2, self.loras  # share the text encoders, LoRAs
         return other
+
+    # --------------------------------------------------------------------------------------------
+    # LoRA (Hu et al. 2022; pretrained/lora.py, docs/stable_diffusion.md "LoRA")
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file (diffusers or kohya/A1111 format, U-Net and text encoders) at ``scale``, applied on the
+        fly: W' = W + s·(α/r)·B A (``lora.merge``) inside the compiled program with s a traced argument, so
+        ``set_lora_scales`` never recompiles (loading or unloading a LoRA changes the program's inputs: one new
+        compilation, cached). Returns its name (default: the file's stem), the key of ``set_lora_scales``."""
+        if self.loras.fused is not None:
+            raise ValueError("the LoRAs are fused into the weights: unfuse_lora() before loading another")
+        adapter = lora.read_lora(path, {c: self.params[c] for c in lora.COMPONENTS if c in self.params}, name)
+        if self.mesh.devices.size > 1:
+            adapter = dataclasses.replace(adapter, factors=jax.device_put(adapter.factors, self._replicated))
+        self.loras.add(adapter, scale)
+        self._refresh_text_encoders()
+        return adapter.name
+
+    def set_lora_scales(self, scales: float | dict[str, float]) -> None:
+        """New scales s_k: one float for every loaded LoRA, or {name: s}; traced, so nothing recompiles."""
+        if self.loras.fused is not None:
+            raise ValueError("the LoRAs are fused into the weights at their scales: unfuse_lora() to change them")
+        self.loras.set_scales(dict.fromkeys(self.loras.loras, scales) if isinstance(scales, (int, float)) else scales)
+        self._refresh_text_encoders()
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs, in load order."""
+        return dict(self.loras.scales)
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRAs at their scales into the weights, W ← W' (no LoRA work left per call); the original
+        arrays are kept for ``unfuse_lora`` / ``unload_lora``."""
+        if not self.loras.loras:
+            raise ValueError("no LoRA loaded: load_lora(path) first")
+        if self.loras.fused is None:
+            merged = {c: self.loras.apply(p, c) for c, p in self.params.items()}
+            self.loras.fused, self.params = self.params, merged
+            self._refresh_text_encoders()
+
+    def unfuse_lora(self) -> None:
+        """Back from ``fuse_lora`` to the original weights with the LoRAs applied on the fly."""
+        if self.loras.fused is not None:
+            self.params, self.loras.fused = self.loras.fused, None
+            self._refresh_text_encoders()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (None: all); the original parameters are back bit for bit (also after fuse)."""
+        self.unfuse_lora()
+        self.loras.remove(name)
+        self._refresh_text_encoders()
+
+    def _refresh_text_encoders(self) -> None:
+        self.text.params = self.loras.apply(self.params["text_encoder"], "text_encoder")
+        if self.text_2 is not None:
+            self.text_2.params = self.loras.apply(self.params["text_encoder_2"], "text_encoder_2")
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -417,9 +473,10 @@ class StableDiffusion:
         if key in self._programs:
             return self._programs[key]
 
-        def run(params, cond, uncond, guidance_scale, guidance_rescale, z, rng):
+        def run(params, loras, cond, uncond, guidance_scale, guidance_rescale, z, rng):
             self.trace_count += 1                                                     # Python: runs at trace time only
-            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
+            unet_params = lora.merge(params["unet"], *loras)        # W + Σ s_k B_k A_k, scales traced (no LoRA: W)
+            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, unet_params),
                                             cond, uncond, guidance_scale, guidance_rescale)
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
             out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, x_is_noise=scale_init,
@@ -430,7 +487,7 @@ class StableDiffusion:
 
         if sharded:
             batch, rep = parallel.batch_sharding(self.mesh), self._replicated
-            program = jax.jit(run, in_shardings=(rep, batch, batch, rep, rep, batch, rep))
+            program = jax.jit(run, in_shardings=(rep, rep, batch, batch, rep, rep, batch, rep))
         else:
             program = jax.jit(run)
         self._programs[key] = program
@@ -451,8 +508,8 @@ class StableDiffusion:
         if progress:
             self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
-            images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale),
-                                                jnp.float32(guidance_rescale), z, key)
+            images, z0, trajectory = program(self.params, self.loras.traced("unet"), cond, uncond,
+                                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), z, key)
             images = np.asarray(images)
         finally:
             if self._bar is not None:
@@ -544,7 +601,8 @@ class StableDiffusion:
     def _add_attention(self, result: dict[str, Any], prompts: list[str], cond: dict[str, Array]) -> None:
         """Per-token cross-attention maps averaged over heads, layers and steps (cross_attention.token_attention_maps),
         the U-Net run with the prompts' condition ``cond``."""
-        model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=self.params["unet"])
+        unet_params = self.loras.apply(self.params["unet"], "unet")
+        model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=unet_params)
         result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"],
                                                    condition=cond)                    # [B, h, w, 77]
         result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]
