@@ -10,6 +10,16 @@ import torch
 from ddpm_jax import tokenizer as tok_lib
 
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
+# The tiny U-Nets (16×16×4 latents): SD v1's layout (attention at the first level, 1×1-conv projections) and SDXL
+# base's (no attention at the first level, linear projections, the added conditioning: pooled 32 + 6 time ids × 8).
+UNET_V1 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
+UNET_XL = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+               attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
+               norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=32 + 6 * 8)
 VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
            sample_size=32)

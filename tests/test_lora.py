@@ -24,7 +24,7 @@ import jax  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file as load_torch_file  # noqa: E402
 
-from _sd_fixtures import write_sd_folder  # noqa: E402
+from _sd_fixtures import UNET_V1, UNET_XL, write_sd_folder  # noqa: E402
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -33,14 +33,6 @@ SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]
 STEPS, GUIDANCE = 2, 5.0
-UNET_V1 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-               cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
-UNET_XL = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-               attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
-               norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-               projection_class_embeddings_input_dim=32 + 6 * 8)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1"]  # conv1: a 3×3 conv
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from _sd_fixtures import pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import UNET_XL, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
@@ -27,11 +27,6 @@ pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few cal
 
 SIZE = 32  # the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), use_linear_projection=True,
-            norm_num_groups=16, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                  timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)  # SDXL base's Euler
 CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id arguments)
@@ -44,7 +39,7 @@ CASES = {  # scheduler: (its diffusers class, negative prompts, extra time-id ar
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), UNET, diffusers.EulerDiscreteScheduler(**SCHEDULER),
+    return write_sd_folder(tmp_path_factory.mktemp("sdxl"), UNET_XL, diffusers.EulerDiscreteScheduler(**SCHEDULER),
                            sdxl=True)
 
 

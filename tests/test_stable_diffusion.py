@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import VAE, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
+from _sd_fixtures import UNET_V1, VAE, pipe, sd, write_sd_folder  # noqa: E402,F401 (module fixtures over `folder`)
 from _training_fixtures import subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -37,16 +37,13 @@ pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few cal
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                  steps_offset=1, set_alpha_to_one=False)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET, diffusers.PNDMScheduler(**SCHEDULER))
+    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET_V1, diffusers.PNDMScheduler(**SCHEDULER))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +142,7 @@ def _to_compvis(pipe) -> dict[str, np.ndarray]:
     """diffusers → CompVis keys, written here independently of our loader's tables (and checked below
     with diffusers' own CompVis → diffusers converters)."""
     out = {}
-    n = UNET["layers_per_block"]
+    n = UNET_V1["layers_per_block"]
     for key, value in pipe.unet.state_dict().items():
         k = key
         for a, b in [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
@@ -163,7 +160,7 @@ def _to_compvis(pipe) -> dict[str, np.ndarray]:
         elif parts[0] == "up_blocks":
             level, kind, j = int(parts[1]), parts[2], int(parts[3])
             if kind == "upsamplers":
-                has_attention = "CrossAttn" in UNET["up_block_types"][level]
+                has_attention = "CrossAttn" in UNET_V1["up_block_types"][level]
                 k = f"output_blocks.{level * (n + 1) + n}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
             else:
                 k = f"output_blocks.{level * (n + 1) + j}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])

@@ -33,6 +33,10 @@ no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the
 Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
 ``tests/test_sdxl.py``.
 
+LoRAs (Hu et al. 2022; ``pretrained/lora.py``): ``load_lora`` adds W' = W + s·(α/r)·B A to the U-Net's and the text
+encoders' layers, on the fly inside the compiled program with s traced (``set_lora_scales`` does not recompile),
+several at once, ``fuse_lora`` merges them into the weights, ``unload_lora`` restores the original arrays.
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 CompVis checkpoint (``pretrained/compvis.py``). Everything is checked against diffusers'
@@ -193,7 +197,8 @@ class StableDiffusion:
     is given, as in diffusers.
 
     ``params`` = {"text_encoder", "unet", "vae"} (+ "text_encoder_2"); ``trace_count`` counts compilations of
-    the sampling program (for tests: new prompts or guidance scales must not add any).
+    the sampling program (for tests: new prompts, guidance or LoRA scales must not add any). ``loras``: the LoRAs
+    loaded by ``load_lora`` (``lora.LoRASet``; shared with ``with_scheduler``'s copies).
     """
 
     tokenizer: Tokenizer
@@ -467,8 +472,9 @@ class StableDiffusion:
             self._bar.refresh()
 
     def _program(self, num_steps: int, start: int, scale_init: bool, keep_trajectory: bool, sharded: bool) -> Callable:
-        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z_0, trajectory), c and ∅ dicts of U-Net
-        condition arguments (``_conditions``). One per static setting."""
+        """The compiled sampler: (params, LoRAs, c, ∅, w, φ, z, key) → (images, z_0, trajectory), c and ∅ dicts of
+        U-Net condition arguments (``_conditions``), LoRAs the U-Net's factors and their traced scales
+        (``LoRASet.traced``). One per static setting."""
         key = (num_steps, start, scale_init, keep_trajectory, sharded)
         if key in self._programs:
             return self._programs[key]

@@ -24,6 +24,8 @@ one does not import the others):
 ``transformers_clip.py``    transformers CLIP folders: ``load_clip_text``, ``load_clip_vision``, ``load_clip``
 ``compvis.py``              single-file CompVis / LDM Stable Diffusion v1 checkpoints (``load_compvis``,
                             ``load_single_file``): CompVis names → diffusers names, then the same converter
+``lora.py``                 LoRA files (diffusers and kohya/A1111 formats) → low-rank factors on our kernels;
+                            ``merge`` (W' = W + s·(α/r)·BA, scales traced), ``read_lora``, ``LoRASet``
 ``export.py``               the way back (``ddpm-jax export``): a trained workdir → a diffusers DDPMPipeline /
                             AutoencoderKL or transformers CLIPModel folder, through ``convert.export_state_dict``
 ==========================  ===============================================================================
