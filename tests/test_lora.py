@@ -25,6 +25,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file as load_torch_file  # noqa: E402
 
 from _sd_fixtures import UNET_V1, UNET_XL, write_sd_folder  # noqa: E402
+from ddpm_jax.pretrained import compvis  # noqa: E402
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -65,13 +66,25 @@ def make_lora(folder, out, seed, sdxl=False, alpha=8):
     return out / "lora.safetensors", {name: config.lora_alpha for name, (_, config) in parts.items()}
 
 
-def to_kohya(diffusers_file, alphas, out, sdxl=False):
-    """The same LoRA in the kohya / A1111 format: lora_unet_<module with _>.lora_down/lora_up.weight, .alpha."""
-    prefixes = dict(KOHYA, text_encoder="lora_te1_") if sdxl else KOHYA
+def sgm_name(module, unet_config):
+    """A diffusers U-Net module name in the SGM blocks kohya's SDXL LoRAs use; None inside a ResNet."""
+    for sgm, diffusers_prefix in compvis.unet_prefixes(unet_config).items():
+        if (module + ".").startswith(diffusers_prefix):
+            return None if ".resnets." in diffusers_prefix else (sgm + module[len(diffusers_prefix):]).rstrip(".")
+    return module
+
+
+def to_kohya(diffusers_file, alphas, out, sdxl_unet=None):
+    """The same LoRA in the kohya / A1111 format: lora_unet_<module with _>.lora_down/lora_up.weight, .alpha; with
+    ``sdxl_unet`` (a UNetConfig) kohya's SDXL file: lora_te1_/lora_te2_ and the U-Net in SGM block names (its
+    ResNet layers left out)."""
+    prefixes = dict(KOHYA, text_encoder="lora_te1_") if sdxl_unet else KOHYA
     state = {}
     for key, value in load_torch_file(diffusers_file).items():
         component, rest = key.split(".", 1)
         module, factor = rest.rsplit(".lora_", 1)
+        if component == "unet" and sdxl_unet and (module := sgm_name(module, sdxl_unet)) is None:
+            continue
         name = prefixes[component] + module.replace(".", "_")
         state[f"{name}.{'lora_down' if factor.startswith('A') else 'lora_up'}.weight"] = value.numpy()
         state[f"{name}.alpha"] = np.asarray(alphas[component], np.float32)
@@ -125,8 +138,8 @@ def xl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl_lora")
     folder = write_sd_folder(root, UNET_XL, diffusers.EulerDiscreteScheduler(**SCHEDULER), sdxl=True)
     lora_file, alphas = make_lora(folder, root / "a", seed=2, sdxl=True)
-    return folder, StableDiffusion.from_pretrained(folder), lora_file, to_kohya(lora_file, alphas, root / "k.safetensors",
-                                                                                 sdxl=True)
+    sd = StableDiffusion.from_pretrained(folder)
+    return folder, sd, lora_file, to_kohya(lora_file, alphas, root / "k.safetensors", sdxl_unet=sd.unet.config)
 
 
 def test_sd_v1_lora_scales_fuse_unload_equal_diffusers(v1):
@@ -181,8 +194,9 @@ def test_sd_v1_two_loras_diffusers_and_kohya_formats_equal_diffusers(v1):
 
 
 def test_sdxl_lora_both_formats_and_fused_equal_diffusers(xl):
-    """SDXL: U-Net, text_encoder and text_encoder_2 LoRAs, diffusers' format at 0.6 and the kohya one (lora_te1_,
-    lora_te2_) fused at 1, against StableDiffusionXLPipeline; unload restores the parameters exactly."""
+    """SDXL: U-Net, text_encoder and text_encoder_2 LoRAs, diffusers' format at 0.6 and kohya's SDXL one (lora_te1_,
+    lora_te2_, the U-Net in SGM block names) fused at 1, against StableDiffusionXLPipeline; unload restores the
+    parameters exactly."""
     folder, sd, lora_file, kohya_file = xl
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
     original, errors = sd.params, {}
@@ -202,7 +216,10 @@ def test_sdxl_lora_both_formats_and_fused_equal_diffusers(xl):
     sd.fuse_lora()
     pipe.load_lora_weights(kohya_file.parent, weight_name=kohya_file.name, adapter_name="k")
     pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
-    assert_close(our_images(sd), diffusers_images(pipe), errors, "SDXL kohya format fused")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_torch_file(kohya_file))
+    fused = our_images(sd)
+    assert np.abs(fused - base).max() > 0.05
+    assert_close(fused, diffusers_images(pipe), errors, "SDXL kohya format (SGM names) fused")
     sd.unload_lora()
     assert sd.params is original
     assert_same_params(sd.text_2.params, original["text_encoder_2"])

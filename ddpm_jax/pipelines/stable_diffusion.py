@@ -348,7 +348,8 @@ class StableDiffusion:
         compilation, cached). Returns its name (default: the file's stem), the key of ``set_lora_scales``."""
         if self.loras.fused is not None:
             raise ValueError("the LoRAs are fused into the weights: unfuse_lora() before loading another")
-        adapter = lora.read_lora(path, {c: self.params[c] for c in lora.COMPONENTS if c in self.params}, name)
+        targets = {c: self.params[c] for c in lora.COMPONENTS if c in self.params}
+        adapter = lora.read_lora(path, targets, name, self.unet.config)
         if self.mesh.devices.size > 1:
             adapter = dataclasses.replace(adapter, factors=jax.device_put(adapter.factors, self._replicated))
         self.loras.add(adapter, scale)

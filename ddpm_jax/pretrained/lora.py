@@ -26,8 +26,9 @@ Modules are named as the checkpoint names them (diffusers' ``down_blocks.0.atten
 written here but read off the model: every kernel's path through the exporter's inverse converters
 (``convert.torch_key``, ``transformers_clip.transformers_clip_key``). Refused with one clear error: keys that
 match no layer (listed with their count), a LoRA of another architecture (shapes that differ, SDXL components on
-SD v1), LyCORIS variants (LoHa, LoKr, DoRA, Tucker ``lora_mid``), and kohya SDXL files in the original SGM names
-(``lora_unet_input_blocks_…``; diffusers-named ones are read).
+SD v1), LyCORIS variants (LoHa, LoKr, DoRA, Tucker ``lora_mid``). kohya's SDXL files name the U-Net's blocks as
+the original SGM code does (``lora_unet_input_blocks_4_1_…``): their transformer blocks, samplers, conv_in/out and
+time embedding are read through ``compvis.unet_prefixes``; their ResNet layers (``in_layers_2``) are not.
 
 Applying (``StableDiffusion.load_lora`` / ``set_lora_scales`` / ``fuse_lora`` / ``unload_lora``): :func:`merge`
 computes W' from W and the factors with the scales s_k a traced argument, inside the compiled sampling program for
@@ -52,6 +53,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from ddpm_jax.models.unet import UNetConfig
+from ddpm_jax.pretrained.compvis import unet_prefixes
 from ddpm_jax.pretrained.convert import Params, to_flax_layout, torch_key
 from ddpm_jax.pretrained.state_dict import SAFETENSORS_SUFFIX, read_weights_file
 from ddpm_jax.pretrained.transformers_clip import transformers_clip_key
@@ -65,7 +68,6 @@ _FACTOR_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_l
                             r"lora_down|lora_up)\.weight$")
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")  # diffusers < 0.22
 _NOT_LORA = re.compile(r"(hada_|lokr_|lora_mid|dora_scale|lora_magnitude_vector)")
-_SGM_BLOCKS = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 
 Factors = dict[str, tuple[jax.Array, jax.Array]]   # our kernel path "a/b/c" → (down [..., I, r], up [r, O])
 
@@ -159,9 +161,24 @@ def _peft_scale(config: Mapping[str, Any], module: str, rank: int) -> float | No
 # Reading
 # ------------------------------------------------------------------------------------------------
 
-def read_lora(path: str | Path, targets: Mapping[str, Params], name: str | None = None) -> LoRA:
+def sgm_module_names(unet_names: Mapping[str, str], config: UNetConfig) -> dict[str, str]:
+    """{a U-Net layer's name in the original (CompVis / SGM) blocks: our kernel path}, from the diffusers names
+    and ``compvis.unet_prefixes`` (``down_blocks.1.attentions.0.`` ↔ ``input_blocks.4.1.``): what kohya's SDXL
+    LoRAs use (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``). Inside the blocks the names are
+    diffusers' except in a ResNet (``in_layers.2`` for ``conv1``), whose layers this does not name."""
+    names = {}
+    for compvis, diffusers in unet_prefixes(config).items():
+        for module, path in unet_names.items():
+            if (module + ".").startswith(diffusers) and ".resnets." not in diffusers:
+                names[(compvis + module[len(diffusers):]).rstrip(".")] = path
+    return names
+
+
+def read_lora(path: str | Path, targets: Mapping[str, Params], name: str | None = None,
+              unet_config: UNetConfig | None = None) -> LoRA:
     """A LoRA file (diffusers or kohya format, see the module docstring) → :class:`LoRA` for the pipeline whose
-    parameters are ``targets`` ({"unet": …, "text_encoder": …, "text_encoder_2": … (SDXL)}).
+    parameters are ``targets`` ({"unet": …, "text_encoder": …, "text_encoder_2": … (SDXL)}); with the U-Net's
+    ``unet_config`` kohya's SGM block names (SDXL) are read too (:func:`sgm_module_names`).
 
     Raises one-line ValueErrors: keys that match no layer (their count and the first few), an architecture
     mismatch (components the pipeline lacks; factors whose shapes do not fit the kernels), a factor without its
@@ -175,9 +192,6 @@ def read_lora(path: str | Path, targets: Mapping[str, Params], name: str | None 
         raise ValueError(f"{label} holds no tensors")
     if bad := sorted(k for k in state if _NOT_LORA.search(k)):
         raise ValueError(f"{label} is a LyCORIS/DoRA variant (e.g. {bad[0]}), not a plain LoRA: not implemented")
-    if sgm := sorted(k for k in state if _SGM_BLOCKS.match(k)):
-        raise ValueError(f"{label} is a kohya SDXL LoRA in the original SGM block names (e.g. {sgm[0]}): not "
-                         f"implemented; convert it to diffusers' names (diffusers' load_lora_weights + save_lora_weights)")
     parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
     for key, array in state.items():
@@ -192,6 +206,10 @@ def read_lora(path: str | Path, targets: Mapping[str, Params], name: str | None 
                          f"{', '.join(sorted(targets))}): a LoRA for another architecture (an SDXL LoRA on SD v1/2.x?)")
     names = {c: module_names(targets[c], c) for c in {c for c, _ in parts}}
     kohya = {c: {m.replace(".", "_"): m for m in names[c]} for c in names}   # kohya's flat name → the module name
+    if "unet" in names and unet_config is not None:                          # + the SGM names (kohya's SDXL)
+        sgm = sgm_module_names(names["unet"], unet_config)
+        names["unet"] |= sgm
+        kohya["unet"] |= {m.replace(".", "_"): m for m in sgm}
     factors: dict[str, Factors] = {}
     misshaped = []
     for (component, module), part in sorted(parts.items()):
@@ -295,4 +313,4 @@ class LoRASet:
 
 
 __all__ = ["COMPONENTS", "KOHYA_PREFIXES", "LoRA", "LoRASet", "METADATA_KEY", "merge", "merge_jit", "module_names",
-           "read_lora"]
+           "read_lora", "sgm_module_names"]
