@@ -170,6 +170,20 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
                    help="for a single-file checkpoint (the keys do not show it; default: the config folder's, else "
                    "v_prediction for SD 2.x, epsilon otherwise)")
     p.add_argument("--use-ema", action="store_true", help="for a single full CompVis checkpoint: its model_ema.* U-Net")
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers or kohya .safetensors) at SCALE (default 1), repeatable; --model only")
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``--lora file.safetensors:0.8`` → ("file.safetensors", 0.8); no ``:SCALE`` → scale 1."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or "/" in scale or "\\" in scale:  # no scale (a path may hold ":" itself)
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE[:SCALE] with SCALE a number, e.g. lora.safetensors:0.8"
+                                         ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,11 +279,14 @@ def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
 
 
 def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) -> sd.StableDiffusion:
-    model = model or args.model
-    print(f"loading {model} ({args.dtype}) ...", file=sys.stderr)
-    return sd.StableDiffusion.from_pretrained(model, dtype=args.dtype, scheduler=args.scheduler,
+    """The ``--model`` pipeline with its ``--lora`` files, or (``model``: the ``--refiner``) that folder alone."""
+    print(f"loading {model or args.model} ({args.dtype}) ...", file=sys.stderr)
+    pipe = sd.StableDiffusion.from_pretrained(model or args.model, dtype=args.dtype, scheduler=args.scheduler,
                                               tokenizer=args.tokenizer, config_folder=args.config_folder,
                                               prediction_type=args.prediction_type, use_ema=args.use_ema)
+    for path, scale in args.lora if model is None else []:
+        print(f"LoRA {pipe.load_lora(path, scale)} at {scale}", file=sys.stderr)
+    return pipe
 
 
 def dispatch(args: argparse.Namespace) -> list[Any]:
@@ -303,6 +320,8 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         tok = tokenizer.train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
         return [f"{len(texts)} captions -> {tok.vocab_size} tokens ({len(tok.merges)} merges) in {args.out}"]
     negative = negatives(args.negative, len(args.prompts))
+    if args.command == "txt2img" and args.workdir and args.lora:
+        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",

@@ -13,6 +13,10 @@ SIZE = 32  # image side of the tiny pipelines: the tiny VAE has f = 2 → 16×16
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "o n</w>", "d o", "do g</w>"]
+# The tiny SD v1 U-Net (16×16×4 latents; attention at the first level, 1×1-conv projections); SDXL's: SDXL_UNET below.
+UNET_V1 = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
 VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=16, layers_per_block=1,
            sample_size=32)

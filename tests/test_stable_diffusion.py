@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import check_with_diffusers, pipe, sd, to_single_file, write_sd_folder  # noqa: E402,F401 (module fixtures)
+from _sd_fixtures import UNET_V1, check_with_diffusers, pipe, sd, to_single_file, write_sd_folder  # noqa: E402,F401 (module fixtures)
 from _training_fixtures import subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -37,16 +37,13 @@ pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few cal
 SIZE = 32  # image side; the tiny VAE has f = 2 → 16×16×4 latents
 PROMPTS = ["a cat on the dog", "the dog"]
 NEGATIVE = ["the cat", ""]
-UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=16)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                  steps_offset=1, set_alpha_to_one=False)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET, diffusers.PNDMScheduler(**SCHEDULER))
+    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET_V1, diffusers.PNDMScheduler(**SCHEDULER))
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,10 @@ the base's ``txt2img(denoising_end=f)`` stops there and returns the latents unde
 ``img2img(init_latents=…, denoising_start=f)`` runs the rest (``txt2img_with_refiner``; checked against diffusers'
 two-pipeline run in ``tests/test_sdxl_refiner.py``).
 
+LoRAs (Hu et al. 2022; ``pretrained/lora.py``): ``load_lora`` adds W' = W + s·(α/r)·B A to the U-Net's and the text
+encoders' layers, on the fly inside the compiled program with s traced (``set_lora_scales`` does not recompile),
+several at once, ``fuse_lora`` merges them into the weights, ``unload_lora`` restores the original arrays.
+
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
 checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base (Stability's sgm layout) (``pretrained/compvis.py``).
@@ -68,7 +72,7 @@ from ddpm_jax.models.clip import CLIPTextModelWithProjection, CLIPTextTransforme
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
-from ddpm_jax.pretrained import compvis
+from ddpm_jax.pretrained import compvis, lora
 from ddpm_jax.pretrained.convert import Params
 from ddpm_jax.pretrained.diffusers import load_unet, load_vae
 from ddpm_jax.pretrained.transformers_clip import load_clip_text
@@ -226,8 +230,9 @@ class StableDiffusion:
     ``img2img(init_latents=…, denoising_start=0.8)`` (``txt2img_with_refiner``).
 
     ``params`` = {"text_encoder", "unet", "vae"} (+ "text_encoder_2"; the refiner: no "text_encoder");
-    ``trace_count`` counts compilations of the sampling program (for tests: new prompts or guidance scales must not
-    add any).
+    ``trace_count`` counts compilations of the sampling program (for tests: new prompts, guidance or LoRA scales
+    must not add any). ``loras``: the LoRAs loaded by ``load_lora`` (``lora.LoRASet``; shared with
+    ``with_scheduler``'s copies).
     """
 
     tokenizer: Tokenizer | None                                 # None: the SDXL refiner
@@ -256,6 +261,7 @@ class StableDiffusion:
         self._programs: dict[tuple, Callable] = {}
         self._bar = None
         self.trace_count = 0
+        self.loras = lora.LoRASet()   # load_lora / set_lora_scales / fuse_lora / unload_lora (pretrained/lora.py)
 
     @property
     def is_sdxl(self) -> bool:
@@ -383,8 +389,65 @@ class StableDiffusion:
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
         other = dataclasses.replace(self, scheduler=scheduler)
-        other.text, other.text_2 = self.text, self.text_2  # share the compiled text encoders
+        other.text, other.text_2, other.loras = self.text, self.text_2, self.loras  # share the text encoders, LoRAs
         return other
+
+    # --------------------------------------------------------------------------------------------
+    # LoRA (Hu et al. 2022; pretrained/lora.py, docs/stable_diffusion.md "LoRA")
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file (diffusers or kohya/A1111 format, U-Net and text encoders) at ``scale``, applied on the
+        fly: W' = W + s·(α/r)·B A (``lora.merge``) inside the compiled program with s a traced argument, so
+        ``set_lora_scales`` never recompiles (loading or unloading a LoRA changes the program's inputs: one new
+        compilation, cached). Returns its name (default: the file's stem), the key of ``set_lora_scales``."""
+        if self.loras.fused is not None:
+            raise ValueError("the LoRAs are fused into the weights: unfuse_lora() before loading another")
+        targets = {c: self.params[c] for c in lora.COMPONENTS if c in self.params}
+        adapter = lora.read_lora(path, targets, name, self.unet.config)
+        if self.mesh.devices.size > 1:
+            adapter = dataclasses.replace(adapter, factors=jax.device_put(adapter.factors, self._replicated))
+        self.loras.add(adapter, scale)
+        self._refresh_text_encoders()
+        return adapter.name
+
+    def set_lora_scales(self, scales: float | dict[str, float]) -> None:
+        """New scales s_k: one float for every loaded LoRA, or {name: s}; traced, so nothing recompiles."""
+        if self.loras.fused is not None:
+            raise ValueError("the LoRAs are fused into the weights at their scales: unfuse_lora() to change them")
+        self.loras.set_scales(dict.fromkeys(self.loras.loras, scales) if isinstance(scales, (int, float)) else scales)
+        self._refresh_text_encoders()
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs, in load order."""
+        return dict(self.loras.scales)
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRAs at their scales into the weights, W ← W' (no LoRA work left per call); the original
+        arrays are kept for ``unfuse_lora`` / ``unload_lora``."""
+        if not self.loras.loras:
+            raise ValueError("no LoRA loaded: load_lora(path) first")
+        if self.loras.fused is None:
+            merged = {c: self.loras.apply(p, c) for c, p in self.params.items()}
+            self.loras.fused, self.params = self.params, merged
+            self._refresh_text_encoders()
+
+    def unfuse_lora(self) -> None:
+        """Back from ``fuse_lora`` to the original weights with the LoRAs applied on the fly."""
+        if self.loras.fused is not None:
+            self.params, self.loras.fused = self.loras.fused, None
+            self._refresh_text_encoders()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (None: all); the original parameters are back bit for bit (also after fuse)."""
+        self.unfuse_lora()
+        self.loras.remove(name)
+        self._refresh_text_encoders()
+
+    def _refresh_text_encoders(self) -> None:
+        if self.text is not None:                                                  # None: the SDXL refiner
+            self.text.params = self.loras.apply(self.params["text_encoder"], "text_encoder")
+        if self.text_2 is not None:
+            self.text_2.params = self.loras.apply(self.params["text_encoder_2"], "text_encoder_2")
 
     # --------------------------------------------------------------------------------------------
     @property
@@ -475,17 +538,18 @@ class StableDiffusion:
 
     def _program(self, num_steps: int, start: int, end: int | None, scale_init: bool, keep_trajectory: bool,
                  sharded: bool, decode: bool = True) -> Callable:
-        """The compiled sampler: (params, c, ∅, w, φ, z, key) → (images, z, trajectory), c and ∅ dicts of U-Net
-        condition arguments (``_conditions``); grid steps start … end−1, z the sample after them (z_0 when the grid
-        is run to its end); images None without ``decode`` (SDXL's base part of base → refiner). One per static
-        setting."""
+        """The compiled sampler: (params, LoRAs, c, ∅, w, φ, z, key) → (images, z, trajectory), c and ∅ dicts of
+        U-Net condition arguments (``_conditions``), LoRAs the U-Net's factors and their traced scales
+        (``LoRASet.traced``); grid steps start … end−1, z the sample after them (z_0 when the grid is run to its
+        end); images None without ``decode`` (SDXL's base part of base → refiner). One per static setting."""
         key = (num_steps, start, end, scale_init, keep_trajectory, sharded, decode)
         if key in self._programs:
             return self._programs[key]
 
-        def run(params, cond, uncond, guidance_scale, guidance_rescale, z, rng):
+        def run(params, loras, cond, uncond, guidance_scale, guidance_rescale, z, rng):
             self.trace_count += 1                                                     # Python: runs at trace time only
-            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, params["unet"]),
+            unet_params = lora.merge(params["unet"], *loras)        # W + Σ s_k B_k A_k, scales traced (no LoRA: W)
+            eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, unet_params),
                                             cond, uncond, guidance_scale, guidance_rescale)
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
             out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, end=end,
@@ -498,7 +562,7 @@ class StableDiffusion:
 
         if sharded:
             batch, rep = parallel.batch_sharding(self.mesh), self._replicated
-            program = jax.jit(run, in_shardings=(rep, batch, batch, rep, rep, batch, rep))
+            program = jax.jit(run, in_shardings=(rep, rep, batch, batch, rep, rep, batch, rep))
         else:
             program = jax.jit(run)
         self._programs[key] = program
@@ -521,8 +585,8 @@ class StableDiffusion:
         if progress:
             self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
-            images, z0, trajectory = program(self.params, cond, uncond, jnp.float32(guidance_scale),
-                                                jnp.float32(guidance_rescale), z, key)
+            images, z0, trajectory = program(self.params, self.loras.traced("unet"), cond, uncond,
+                                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), z, key)
             z0 = np.asarray(z0)
         finally:
             if self._bar is not None:
@@ -642,7 +706,8 @@ class StableDiffusion:
     def _add_attention(self, result: dict[str, Any], prompts: list[str], cond: dict[str, Array]) -> None:
         """Per-token cross-attention maps averaged over heads, layers and steps (cross_attention.token_attention_maps),
         the U-Net run with the prompts' condition ``cond``."""
-        model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=self.params["unet"])
+        unet_params = self.loras.apply(self.params["unet"], "unet")
+        model = types.SimpleNamespace(text_encoder=self.text, unet=self.unet, params=unet_params)
         result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"],
                                                    condition=cond)                    # [B, h, w, 77]
         result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]

@@ -25,6 +25,8 @@ one does not import the others):
 ``compvis.py``              single-file checkpoints, SD v1 (CompVis ldm), SD 2.x and SDXL base (Stability's
                             sgm) (``load_compvis``, ``load_single_file``): CompVis names → diffusers names,
                             OpenCLIP names → transformers names, then the same converter
+``lora.py``                 LoRA files (diffusers and kohya/A1111 formats) → low-rank factors on our kernels;
+                            ``merge`` (W' = W + s·(α/r)·BA, scales traced), ``read_lora``, ``LoRASet``
 ``export.py``               the way back (``ddpm-jax export``): a trained workdir → a diffusers DDPMPipeline /
                             AutoencoderKL or transformers CLIPModel folder, through ``convert.export_state_dict``
 ==========================  ===============================================================================
