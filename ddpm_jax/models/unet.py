@@ -328,15 +328,12 @@ class UNetConfig:
         first, transformer depths (1, 2, 10) (mid block 10) and 64 channels per head, cross-attention to the two
         text encoders' concatenated states [B, 77, 2048], and the added "text_time" conditioning: pooled text
         embedding [B, 1280] + 6 size/crop ids, each embedded in 256 sinusoidal channels (1280 + 6·256 = 2816)."""
-        return cls(
+        return dataclasses.replace(  # SD v1's U-Net, with what SDXL changed
+            cls.stable_diffusion_v1(),
             sample_size=128,
-            in_channels=4,
-            out_channels=4,
             block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            mid_block_type="UNetMidBlock2DCrossAttn",
             cross_attention_dim=2048,
             num_attention_heads=(5, 10, 20),
             transformer_layers_per_block=(1, 2, 10),
@@ -344,11 +341,6 @@ class UNetConfig:
             addition_embed_type="text_time",
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
-            norm_num_groups=32,
-            norm_eps=1e-5,
-            flip_sin_to_cos=True,
-            freq_shift=0,
-            downsample_padding=1,
         )
 
 # --------------------------------------------------------------------------------------------
