@@ -12,6 +12,7 @@
     ddpm-jax txt2img --model sd-v1-5 "a photo of a cat" [--scheduler ddpm]   # or --workdir (text-conditional run)
     ddpm-jax txt2img --model sdxl-base --refiner sdxl-refiner "a photo of a cat" [--high-noise-frac 0.8]
     ddpm-jax img2img --model sd-v1-5 --image in.png "a painting"
+    ddpm-jax txt2img --from-png txt2img_3.png [--steps 30]   # re-run the parameters a PNG recorded
 
 =====================  ===========================================================================
 command                library call
@@ -21,6 +22,7 @@ train-clip /           / ``training.flow.train`` / ``training.gan.train``
 train-flow / train-gan
 sample                 ``workdir.load_diffusion_model`` or ``pipelines.generate.load_pretrained_ddpm``,
                        then ``pipelines.generate.sample_to_files`` (any solver of ``samplers.SAMPLERS``)
+demo                   ``demo.run_demo`` (what ``make demo`` runs)
 eval                   ``evaluation.report.evaluate``
 txt2img / img2img      ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
 export                 ``pretrained.export.export_run`` (``--workdir`` → a diffusers / transformers folder)
@@ -46,13 +48,12 @@ from typing import Any
 
 from ddpm_jax import compile_cache
 from ddpm_jax import config as config_lib
-from ddpm_jax import data, plotting, samplers, schedulers, tokenizer
+from ddpm_jax import data, demo, png_metadata, samplers, schedulers, tokenizer
 from ddpm_jax.diffusion_model import DiffusionModel
 from ddpm_jax.evaluation import report
 from ddpm_jax.pipelines import cross_attention, generate
 from ddpm_jax.pipelines import stable_diffusion as sd
 from ddpm_jax.pretrained import export
-from ddpm_jax.schedules import get_schedule
 from ddpm_jax.training import autoencoder as autoencoder_training
 from ddpm_jax.training import clip as clip_training
 from ddpm_jax.training import diffusion as diffusion_training
@@ -61,7 +62,6 @@ from ddpm_jax.training import gan as gan_training
 from ddpm_jax.workdir import load_diffusion_model
 
 PROG = "ddpm-jax"
-DEFAULT_CONFIG = "experiments/mnist.py"
 # command -> (trainer module with .train(config, workdir), help, what it leaves in the workdir)
 TRAINERS = {
     "train": (diffusion_training, "train (or resume) a diffusion model", f"sample with: {PROG} sample --workdir {{}}"),
@@ -89,49 +89,6 @@ def load_model(workdir: str | None, pretrained: str | None, step: int | None = N
     raise ValueError("give --workdir (a trained run) or --pretrained (a diffusers model folder)")
 
 
-def run_demo(workdir: str, config_path: str = DEFAULT_CONFIG, overrides: Sequence[str] = (), num: int = 64,
-             evaluate: bool = True) -> list[pathlib.Path]:
-    """``make demo``: forward-process figure, training, 64 samples, a trajectory strip and the evaluation.
-
-    Writes into ``workdir``: forward_process.png, the training outputs (checkpoints/, metrics.jsonl,
-    loss.png, samples/), samples.png and samples_trajectory.png and (``evaluate``) eval.json with bits/dim
-    and the offline judge's classifier FID, eval_samples.png, eval_vlb_terms.png. Re-running resumes training.
-    """
-    config = load_config_with_overrides(config_path, overrides)
-    work = pathlib.Path(workdir)
-    images = data.load_dataset(config.data)
-    schedule = get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    examples = data.get_batch(images, 0, 4, config.train.seed)  # 4 digits of the first batch
-    written = [plotting.plot_forward_process(examples, schedule, work / "forward_process.png")]
-    print(f"forward process figure: {written[0]}", flush=True)
-    diffusion_training.train(config, workdir, images=images)
-    model = load_diffusion_model(workdir)
-    written += generate.sample_to_files(model, work / "samples.png", num=num, seed=config.train.seed, trajectory=True)
-    if evaluate:  # classifier FID (offline judge) and bits/dim, into eval.json (~1 min on 2 cores)
-        report.evaluate(model, work, num_samples=report.DEMO_EVAL_SAMPLES, bpd_examples=report.DEMO_BPD_EXAMPLES,
-                        seed=config.train.seed)
-        written += [work / "eval.json", work / "eval_samples.png"]
-    metrics = work / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        written.append(plotting.plot_loss_curve(metrics, work / "loss.png"))
-    print("\nDemo finished. Files written:")
-    for path in written:
-        print(f"  {path}")
-    print(f"  {work / 'checkpoints'}  (model; sample more: {PROG} sample --workdir {workdir})")
-    return written
-
-
-def read_captions(captions: str, seed: int = 0) -> list[str]:
-    """``"mnist_bundled"``: the captioned digits' captions; otherwise a text file, one caption per line."""
-    if captions == "mnist_bundled":
-        return data.load_captioned_digits(image_size=28, seed=seed).captions
-    path = pathlib.Path(captions)
-    if not path.is_file():
-        raise FileNotFoundError(f"--captions {captions!r} is neither 'mnist_bundled' nor a text file "
-                                f"(one caption per line)")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +112,12 @@ def add_sampler(p: argparse.ArgumentParser) -> None:
 
 def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance: float | None,
                          scheduler: str | None) -> None:
-    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-rescale", type=float, default=None, help="φ of Lin et al. 2024 (0.7 for SD 2.x; default 0)")
+    p.add_argument("--seed", type=int, default=None, help="image k's seed is SEED + k (default 0)")
+    p.add_argument("--num-images-per-prompt", type=int, default=1, help="each image also its own PNG with its parameters")
     p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
                    help="negative prompt (once for all prompts, or once per prompt)")
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.SCHEDULERS)} (default: the model's)")
@@ -207,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="class-conditional runs: comma-separated labels, e.g. 0,1,2")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default: config)")
 
-    p = sub.add_parser("demo", help="the `make demo` run: figures, training, samples", description=run_demo.__doc__)
+    p = sub.add_parser("demo", help="the `make demo` run: figures, training, samples", description=demo.run_demo.__doc__)
     p.add_argument("--workdir", default="runs/mnist")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=demo.DEFAULT_CONFIG)
     p.add_argument("overrides", nargs="*", metavar="group.field=value")
 
     p = sub.add_parser("eval", help="bits/dim, the offline MNIST judge, FID/IS of a workdir or diffusers folder",
@@ -240,9 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=1000, help="at most this many tokens (>= 514)")
     p.add_argument("--seed", type=int, default=0, help="caption seed for mnist_bundled")
 
+    add_stable_diffusion_commands(sub)
+    for command_parser in sub.choices.values():  # compile_cache.py: DDPM_JAX_COMPILE_CACHE=off|<dir> also works
+        command_parser.add_argument("--no-compile-cache", action="store_true", help="do not reuse compiled programs")
+    return parser
+
+
+def add_stable_diffusion_commands(sub: Any) -> None:
+    """txt2img and img2img (Stable Diffusion weights; txt2img also a text-conditional workdir)."""
     p = sub.add_parser("txt2img", help="text → image with Stable Diffusion weights (or a text-conditional workdir)",
                        description=sd.txt2img_to_files.__doc__)
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()  # one of them, or --from-png's recorded model
     source.add_argument("--model", help="a diffusers Stable Diffusion folder or a single-file .safetensors/.ckpt")
     source.add_argument("--workdir", help="a text-conditional run trained by ddpm-jax train")
     add_stable_diffusion(p, steps=None, guidance=None, scheduler=None)
@@ -252,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
     p.add_argument("--refiner", default=None, help="an SDXL refiner folder: base → refiner (--model the SDXL base)")
-    p.add_argument("--high-noise-frac", type=float, default=0.8,
-                   help="with --refiner: the fraction of the denoising the base does (denoising_end/start)")
+    p.add_argument("--high-noise-frac", type=float, default=None,
+                   help="with --refiner: the fraction of the denoising the base does (default 0.8)")
+    p.add_argument("--from-png", default=None, help="re-run the parameters recorded in a PNG written by txt2img; "
+                   "options given here override them")
 
     p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",
                        description=sd.img2img_to_files.__doc__)
@@ -264,9 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="img2img.png")
     p.add_argument("--height", type=int, default=None, help="resize the image (default: its size)")
     p.add_argument("--width", type=int, default=None)
-    for command_parser in sub.choices.values():  # compile_cache.py: DDPM_JAX_COMPILE_CACHE=off|<dir> also works
-        command_parser.add_argument("--no-compile-cache", action="store_true", help="do not reuse compiled programs")
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
     """--negative given once → for every prompt; else one per prompt (checked by the pipeline)."""
     return negative * num_prompts if negative and len(negative) == 1 else negative
+
+
+def from_png(args: argparse.Namespace) -> None:
+    """``txt2img --from-png``: the PNG's recorded parameters (``png_metadata``) fill every option not given."""
+    g = png_metadata.read_generation(args.from_png)
+    if g.mode != "txt2img":
+        raise ValueError(f"--from-png {args.from_png}: an {g.mode} image; re-run it with ddpm-jax {g.mode}")
+    recorded = dict(prompts=[g.prompt], negative=g.negative_prompt and [g.negative_prompt], seed=g.seed,
+                    steps=g.steps, guidance=g.guidance_scale, guidance_rescale=g.guidance_rescale, lora=list(g.loras),
+                    scheduler=g.scheduler, height=g.height, width=g.width, model=g.model, refiner=g.refiner,
+                    high_noise_frac=g.high_noise_frac)
+    for name, value in recorded.items():
+        if getattr(args, name) in (None, []) and not (name == "model" and args.workdir):
+            setattr(args, name, value)
 
 
 def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) -> sd.StableDiffusion:
@@ -296,7 +276,7 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         trainer.train(load_config_with_overrides(args.config, args.overrides), args.workdir)
         return [f"Trained. Outputs in {args.workdir} ({outputs.format(args.workdir)})"]
     if args.command == "demo":
-        run_demo(args.workdir, args.config, args.overrides)
+        demo.run_demo(args.workdir, args.config, args.overrides)
         return []
     if args.command == "sample":
         model, where = load_model(args.workdir, args.pretrained, args.step)
@@ -316,27 +296,33 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
     if args.command == "export":
         return export.export_run(args.workdir, args.out, ema=not args.raw)
     if args.command == "train-tokenizer":
-        texts = read_captions(args.captions, args.seed)
+        texts = data.read_captions(args.captions, args.seed)
         tok = tokenizer.train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
         return [f"{len(texts)} captions -> {tok.vocab_size} tokens ({len(tok.merges)} merges) in {args.out}"]
+    if getattr(args, "from_png", None):
+        from_png(args)
+    if not args.prompts or not (args.model or getattr(args, "workdir", None)):
+        raise ValueError(f"{args.command}: give --model (or --workdir) and at least one PROMPT, or --from-png IMAGE")
     negative = negatives(args.negative, len(args.prompts))
     if args.command == "txt2img" and args.workdir and args.lora:
         raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",
-            guidance_scale=args.guidance, steps=args.steps, seed=args.seed, attention_maps=args.attention_maps,
+            guidance_scale=args.guidance, steps=args.steps, seed=args.seed or 0, attention_maps=args.attention_maps,
             sampler=args.scheduler)
     if args.command == "txt2img":
         return sd.txt2img_to_files(
             load_stable_diffusion(args), args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
-            guidance_scale=7.5 if args.guidance is None else args.guidance, seed=args.seed,
+            guidance_scale=7.5 if args.guidance is None else args.guidance, seed=args.seed or 0,
             negative_prompts=negative, height=args.height, width=args.width, attention_maps=args.attention_maps,
             refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
-            high_noise_frac=args.high_noise_frac)
+            high_noise_frac=args.high_noise_frac or 0.8, num_images_per_prompt=args.num_images_per_prompt,
+            guidance_rescale=args.guidance_rescale or 0.0)
     return sd.img2img_to_files(
         load_stable_diffusion(args), args.image, args.prompts, args.out, strength=args.strength, steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed, negative_prompts=negative, height=args.height, width=args.width)
+        guidance_scale=args.guidance, seed=args.seed or 0, negative_prompts=negative, height=args.height,
+        width=args.width, num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

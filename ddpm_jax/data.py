@@ -594,3 +594,14 @@ def load_captioned_digits(image_size: int = 28, seed: int = 0, layout: str = "ra
     captions, attributes = caption_digits(_to_float(digits), labels, seed)
     images = np.stack([_to_float(_fit(d, image_size, 1, True)) for d in digits])
     return CaptionedDigits(images=images, labels=labels, captions=captions, attributes=attributes)
+
+
+def read_captions(captions: str, seed: int = 0) -> list[str]:
+    """``"mnist_bundled"``: the captioned digits' captions; otherwise a text file, one caption per line."""
+    if captions == "mnist_bundled":
+        return load_captioned_digits(image_size=28, seed=seed).captions
+    path = pathlib.Path(captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {captions!r} is neither 'mnist_bundled' nor a text file "
+                                f"(one caption per line)")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

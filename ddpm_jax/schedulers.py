@@ -73,7 +73,9 @@ Conventions
   loop index on the grid, 0 … N−1; also when a run starts mid-grid) draws its noise from
   ``jax.random.fold_in(key_steps, i)``. :func:`run` takes ``key_steps``; ``samplers.sample`` and Stable
   Diffusion's txt2img/img2img do the split. So the noise depends only on the key, not on compilation or
-  devices.
+  devices. ``key`` may also be per-example keys [B] (typed keys, one per example): then example b's noise comes
+  from its own key alone (:func:`step_key`), so its result does not depend on the batch it is sampled in —
+  Stable Diffusion's per-image seeds (``pipelines/stable_diffusion.image_keys``).
 
 Usage::
 
@@ -388,11 +390,22 @@ def _batch(value: jax.Array, sample: jax.Array) -> jax.Array:
     return jnp.full((sample.shape[0],), value, jnp.int32)
 
 
+def step_key(key: jax.Array, i: jax.Array | int) -> jax.Array:
+    """Step i's key, ``fold_in(key, i)``; for per-example keys [B] (one typed key per example), each one's."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, i)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, i)                 # [B] keys
+
+
 def _step_noise(key: jax.Array | None, sample: jax.Array) -> jax.Array:
-    """z ~ N(0, I) like ``sample`` from ``key``; zeros without a key (deterministic use of a stochastic step)."""
+    """z ~ N(0, I) like ``sample`` [B, ...] from ``key``: one key for the batch, or per-example keys [B], each
+    example's noise from its own (so an example's draw does not depend on the batch it is in); zeros without a
+    key (deterministic use of a stochastic step)."""
     if key is None:
         return jnp.zeros_like(sample)
-    return jax.random.normal(key, sample.shape, sample.dtype)
+    if key.ndim == 0:
+        return jax.random.normal(key, sample.shape, sample.dtype)
+    return jax.vmap(lambda k: jax.random.normal(k, sample.shape[1:], sample.dtype))(key)   # [B, ...]
 
 
 def _add_noise_vp(state: Any, x0: jax.Array, noise: jax.Array, i: jax.Array | int) -> jax.Array:
@@ -678,7 +691,7 @@ class EulerScheduler:
         sigma = state.sigmas[i]
         sigma_hat = sigma * (state.gammas[i] + 1)
         if self.s_churn > 0:  # lines 5–7: x̂ = x + √(σ̂² − σ²) ε, ε ~ N(0, S_noise² I)
-            noise = jax.random.normal(key, sample.shape, sample.dtype) * self.s_noise
+            noise = _step_noise(key, sample) * self.s_noise
             sample = sample + noise * jnp.sqrt(sigma_hat**2 - sigma**2)
         denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma_hat)
         derivative = (sample - denoised) / sigma_hat
@@ -734,7 +747,7 @@ class EulerAncestralScheduler:
         sigma = state.sigmas[i]
         denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma)
         derivative = (sample - denoised) / sigma
-        noise = jax.random.normal(key, sample.shape, sample.dtype)
+        noise = _step_noise(key, sample)
         prev = sample + derivative * (state.sigmas_down[i] - sigma) + noise * state.sigmas_up[i]
         return prev, state
 
@@ -963,7 +976,8 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
       x: [B, ...] the initial noise x_T ~ N(0, I) (``x_is_noise``, multiplied by init_noise_sigma here), or,
         with ``x_is_noise=False``, already the sample at grid point ``start`` (img2img: ``scheduler.add_noise``).
       key: the steps' key, ``key_steps`` of the noise-key rule (module docstring): step i draws from
-        ``jax.random.fold_in(key, i)``. None only for deterministic schedulers (a fixed key is used).
+        ``jax.random.fold_in(key, i)``; or per-example keys [B], each example drawing from its own.
+        None only for deterministic schedulers (a fixed key is used).
       eps_fn: ``eps_fn(x, t)`` gets x [B, ...] and t [B] (int32, or float32 for the Euler schedulers) and returns
         the model output (ε̂, v̂ or x̂_0, per the config's ``prediction_type``); e.g. a classifier-free-guided model.
       num_steps: static (with ``start``); n = len(timesteps) is num_steps, or num_steps + 1 for PNDM.
@@ -995,7 +1009,7 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
         x, state = carry
         t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)   # [B]
         x_in = scheduler.scale_model_input(state, x, i)                     # [B, ...]
-        x_next, state = scheduler.step(state, eps_fn(x_in, t), i, x, jax.random.fold_in(key, i))
+        x_next, state = scheduler.step(state, eps_fn(x_in, t), i, x, step_key(key, i))
         if on_step is not None:
             jax.debug.callback(on_step, i)
         return (x_next, state), ((x_in, x_next) if return_trajectory else None)

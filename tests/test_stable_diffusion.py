@@ -79,14 +79,14 @@ def test_txt2img_equals_diffusers_pipeline(by_scheduler, pipe, name):
 
 def test_txt2img_ddpm_equals_diffusers_pipeline(by_scheduler, pipe, monkeypatch):
     """scheduler="ddpm" (respaced Algorithm 2): diffusers' StableDiffusionPipeline with DDPMScheduler, the same
-    latents and our per-step noise (step i: fold_in(split(key(seed))[1], i)) fed to its randn_tensor in order."""
+    latents and our per-step noise (image b, step i: fold_in(split(key(seed + b))[1], i)) fed to its randn_tensor."""
     from diffusers.schedulers import scheduling_ddpm
 
     pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
     latents, seed, steps = _latents(), 3, 6
-    key_steps = jax.random.split(jax.random.key(seed))[1]
-    noise = iter(np.asarray(jax.random.normal(jax.random.fold_in(key_steps, i), latents.shape)).transpose(0, 3, 1, 2)
-                 for i in range(steps))
+    key_steps = [jax.random.split(jax.random.key(seed + b))[1] for b in range(len(latents))]
+    noise = iter(np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:])) for k in key_steps]
+                          ).transpose(0, 3, 1, 2) for i in range(steps))
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
@@ -125,6 +125,16 @@ def test_one_program_for_new_prompts_and_guidance_seed_determinism(by_scheduler)
     assert np.abs(a["images"] - b["images"]).max() > 1e-3
     d = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=4)
     assert np.abs(a["images"] - d["images"]).max() > 1e-3
+
+
+def test_a_seed_is_one_image_whatever_the_batch(by_scheduler):
+    """Image b of a call with seed s is the image of seed s + b alone (z_T and the ancestral steps' noise per image:
+    image_keys), so a PNG's recorded seed re-makes it in a batch of any size."""
+    model = by_scheduler("euler_ancestral")
+    batch = model.txt2img(["a cat", "the dog", "a cat"], num_steps=3, height=SIZE, width=SIZE, seed=5)["images"]
+    alone = model.txt2img(["the dog"], num_steps=3, height=SIZE, width=SIZE, seed=6)["images"]
+    np.testing.assert_allclose(alone[0], batch[1], atol=1e-5, rtol=0)   # float rounding of the batched U-Net only
+    assert np.abs(batch[0] - batch[2]).max() > 1e-2                     # same prompt, seeds 5 and 7: other images
 
 
 def test_latents_and_attention_maps(by_scheduler):
@@ -285,3 +295,36 @@ def test_cli_txt2img_and_img2img(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["txt2img", "--model", str(folder), "a cat", "--height", "31", "--out", str(out)])
     assert info.value.code == 2 and "multiples of 2" in capsys.readouterr().err
+
+
+def test_cli_each_png_records_its_generation_and_from_png_remakes_it(folder, tmp_path, capsys):
+    """--num-images-per-prompt: one PNG per image whose text chunks say how it was made (seed + k for image k);
+    --from-png re-runs image 3's record alone (a batch of 1) and gives the same pixels; bad records: one line."""
+    from PIL import Image
+
+    from _cli import run_cli
+
+    out = tmp_path / "t.png"
+    status, _, err = run_cli(["txt2img", "--model", str(folder), "a cat", "the dog", "--num-images-per-prompt", "2",
+                              "--steps", "2", "--height", str(SIZE), "--width", str(SIZE), "--negative", "blurry",
+                              "--scheduler", "euler_ancestral", "--seed", "10", "--out", str(out)], capsys)
+    assert status == 0, err
+    with Image.open(tmp_path / "t_3.png") as im:
+        text, pixels = dict(im.text), np.asarray(im, np.int16)
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "width", "model")} == {
+        "prompt": "the dog", "negative_prompt": "blurry", "seed": "13", "steps": "2", "scheduler": "euler_ancestral",
+        "width": str(SIZE), "model": str(folder)}
+    assert text["parameters"] == ("the dog\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, "
+                                  f"Seed: 13, Size: {SIZE}x{SIZE}, Model: {folder.name}")
+    status, _, err = run_cli(["txt2img", "--from-png", str(tmp_path / "t_3.png"), "--out", str(tmp_path / "a.png")],
+                             capsys)
+    assert status == 0, err
+    with Image.open(tmp_path / "a_0.png") as im:
+        assert np.abs(np.asarray(im, np.int16) - pixels).max() <= 1  # the same image (≤ 1e-5 before rounding)
+        assert im.text["seed"] == "13" and im.text["prompt"] == "the dog"
+    for argv, message in [(["--from-png", str(out)], "holds no ddpm_jax generation record"),   # the grid has none
+                          (["a cat", "--model", str(folder), "--num-images-per-prompt", "0"], "positive integer"),
+                          (["--model", str(folder)], "at least one PROMPT"), (["a cat"], "give --model")]:
+        status, _, err = run_cli(["txt2img", *argv, "--out", str(tmp_path / "x.png")], capsys)
+        errors = [line for line in err.splitlines() if not line.startswith("loading ")]
+        assert status == 2 and errors == [f"ddpm-jax: error: {errors[0].split('error: ', 1)[1]}"] and message in err, err

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import guidance, parallel, plotting, schedulers
+from ddpm_jax import guidance, parallel, plotting, png_metadata, schedulers
 from ddpm_jax.diffusion_model import TextEncoder
 from ddpm_jax.models.clip import CLIPTextModelWithProjection, CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
@@ -246,6 +246,7 @@ class StableDiffusion:
     tokenizer_2: Tokenizer | None = None                        # SDXL only
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False                     # the SDXL refiner's time ids (REFINER_TIME_IDS)
+    source: str | None = None                                   # what from_pretrained read (recorded in PNGs)
 
     def __post_init__(self):
         self._check_components()
@@ -356,7 +357,7 @@ class StableDiffusion:
             text_encoder = CLIPTextTransformer(text_encoder.config, dtype=dtype) if text_encoder is not None else None
             if sdxl:
                 sdxl["text_encoder_2"] = CLIPTextModelWithProjection(sdxl["text_encoder_2"].config, dtype=dtype)
-        return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh, **sdxl)
+        return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh, **sdxl, source=str(path))
 
     @classmethod
     def from_configs(cls, unet_config: Any, vae_config: Any, text_config: Any, scheduler: Any = None,
@@ -415,6 +416,11 @@ class StableDiffusion:
             raise ValueError("the LoRAs are fused into the weights at their scales: unfuse_lora() to change them")
         self.loras.set_scales(dict.fromkeys(self.loras.loras, scales) if isinstance(scales, (int, float)) else scales)
         self._refresh_text_encoders()
+
+    @property
+    def lora_files(self) -> tuple[tuple[str, float], ...]:
+        """(file, scale) of each loaded LoRA, in load order: what a PNG records (``png_metadata``)."""
+        return tuple((self.loras.loras[name].source, scale) for name, scale in self.loras.scales.items())
 
     @property
     def lora_scales(self) -> dict[str, float]:
@@ -610,7 +616,8 @@ class StableDiffusion:
         averaged over heads, layers and steps; ``cross_attention.token_attention_maps``) and "tokens" (per prompt).
 
         ``latents``: the initial noise z_T ~ N(0, I) [B, h, w, 4] (NHWC; diffusers' ``latents`` are NCHW),
-        else drawn from ``seed``. The same seed gives the same images. ``guidance_rescale``: φ of Lin et al.
+        else drawn from ``seed``: image b from seed + b alone (``image_keys``), so the same seed gives the same
+        images, and image b is the image of seed + b in a batch of any size. ``guidance_rescale``: φ of Lin et al.
         2024 Eq. 16 (``guidance.rescale_guidance``; 0.7 for SD 2.x v-prediction models), traced like w.
         SDXL only: ``original_size``, ``crops_coords_top_left``, ``target_size`` (h, w) pairs, its time ids
         (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'). ``height``,
@@ -625,9 +632,9 @@ class StableDiffusion:
         time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
         prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
         shape = self.latent_shape(len(prompts), height, width)
-        key_latents, key_steps = jax.random.split(jax.random.key(seed))
-        if latents is None:
-            latents = jax.random.normal(key_latents, shape, jnp.float32)                   # z_T [B, h, w, 4]
+        key_latents, key_steps = image_keys(seed, len(prompts))                          # [B] keys each
+        if latents is None:                                                              # z_T [B, h, w, 4]
+            latents = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key_latents)
         elif tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (NHWC) for {len(prompts)} prompts at {height}×{width}, "
                              f"got {tuple(np.shape(latents))}")
@@ -711,6 +718,15 @@ class StableDiffusion:
         result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"],
                                                    condition=cond)                    # [B, h, w, 77]
         result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]
+
+
+def image_keys(seed: int, batch: int) -> tuple[Array, Array]:
+    """The noise-key rule (``schedulers`` docstring) per image: image b of a call with ``seed`` draws everything
+    from ``split(key(seed + b))`` = (its z_T key, its steps' key), so it is the same image whatever the batch it is
+    made in, and its own seed is seed + b (as AUTOMATIC1111 numbers a batch's seeds; ``png_metadata``).
+    Returns (key_x_T [B], key_steps [B]); the steps' keys go to ``schedulers.run`` as per-example keys."""
+    keys = jnp.stack([jax.random.split(jax.random.key(seed + b)) for b in range(batch)])    # [B, 2]
+    return keys[:, 0], keys[:, 1]
 
 
 def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
@@ -874,33 +890,65 @@ def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | P
                      steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                      negative_prompts: Sequence[str] | None = None, height: int | None = None,
                      width: int | None = None, attention_maps: bool = False, refiner: StableDiffusion | None = None,
-                     high_noise_frac: float = 0.8) -> list[Path]:
-    """One image per prompt as a PNG grid; the denoising loop is one compiled program, its tqdm bar fed by
-    ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<i>.png``.
+                     high_noise_frac: float = 0.8, num_images_per_prompt: int = 1,
+                     guidance_rescale: float = 0.0) -> list[Path]:
+    """``num_images_per_prompt`` images per prompt, each its own PNG ``<out stem>_<k>.png`` recording how it was
+    made (``png_metadata``: prompt, seed + k, steps, scheduler, size, model, LoRAs, …), and all of them as the grid
+    ``out`` (a row per prompt). The denoising loop is one compiled program, its tqdm bar fed by
+    ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<k>.png``.
     With an SDXL ``refiner``: base → refiner (``txt2img_with_refiner``), the base taking the first
     ``high_noise_frac`` of the denoising (the attention maps are the base's)."""
-    kwargs = dict(negative_prompts=negative_prompts or None, guidance_scale=guidance_scale, num_steps=steps,
-                  height=height, width=width, seed=seed, return_attention=attention_maps, progress=True)
-    result = (pipe.txt2img(list(prompts), **kwargs) if refiner is None else
-              txt2img_with_refiner(pipe, refiner, list(prompts), high_noise_frac=high_noise_frac, **kwargs))
+    n = num_images_per_prompt
+    prompts = png_metadata.per_image(prompts, n)
+    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
+    height, width = height or pipe.default_size[0], width or pipe.default_size[1]
+    kwargs = dict(negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps, height=height,
+                  width=width, seed=seed, return_attention=attention_maps, progress=True,
+                  guidance_rescale=guidance_rescale)
+    result = (pipe.txt2img(prompts, **kwargs) if refiner is None else
+              txt2img_with_refiner(pipe, refiner, prompts, high_noise_frac=high_noise_frac, **kwargs))
+    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=height,
+                  width=width, model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
+                  refiner=refiner and refiner.source, high_noise_frac=high_noise_frac if refiner else None)
+    written = save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
     out_path = Path(out)
-    written = [plotting.save_image_grid(result["images"], out_path, min_tile=1)]
     if attention_maps:
-        for i, tokens in enumerate(result["tokens"]):
-            path = out_path.with_name(f"{out_path.stem}_attention_{i}.png")
-            written.append(save_attention_overlays(result["images"][i:i + 1],
-                                                   result["attention"][i:i + 1, :, :, :len(tokens)], tokens, path))
+        for k, tokens in enumerate(result["tokens"]):
+            path = out_path.with_name(f"{out_path.stem}_attention_{k}.png")
+            written.append(save_attention_overlays(result["images"][k:k + 1],
+                                                   result["attention"][k:k + 1, :, :, :len(tokens)], tokens, path))
     return written
 
 
 def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence[str], out: str | Path = "img2img.png",
                      *, strength: float = 0.75, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                      negative_prompts: Sequence[str] | None = None, height: int | None = None,
-                     width: int | None = None) -> list[Path]:
-    """SDEdit on the image file: encode it, noise it to ``strength``, denoise with each prompt; a PNG grid."""
+                     width: int | None = None, num_images_per_prompt: int = 1,
+                     guidance_rescale: float = 0.0) -> list[Path]:
+    """SDEdit on the image file: encode it, noise it to ``strength``, denoise with each prompt; each result its own
+    PNG ``<out stem>_<k>.png`` recording how it was made (``png_metadata``), and all of them as the grid ``out``."""
     pixels = read_image(image, height, width)
-    prompts = list(prompts)
+    n = num_images_per_prompt
+    prompts = png_metadata.per_image(prompts, n)
+    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
     result = pipe.img2img(np.repeat(pixels, len(prompts), axis=0), prompts, strength=strength,
-                          negative_prompts=negative_prompts or None, guidance_scale=guidance_scale, num_steps=steps,
-                          seed=seed, progress=True)
-    return [plotting.save_image_grid(result["images"], out, min_tile=1)]
+                          negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
+                          seed=seed, progress=True, guidance_rescale=guidance_rescale)
+    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=pixels.shape[1],
+                  width=pixels.shape[2], model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
+                  mode="img2img", image=str(image), strength=strength)
+    return save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
+
+
+def save_generations(images: np.ndarray, out: str | Path, prompts: list[str], negative_prompts: list[str] | None,
+                     seed: int, num_images_per_prompt: int, record: dict[str, Any]) -> list[Path]:
+    """The grid ``out`` (a row per prompt when several images per prompt), then image k as ``<out stem>_<k>.png``
+    with its ``png_metadata.Generation``: its prompt, negative prompt and seed + k, and ``record``'s settings."""
+    out = Path(out)
+    n = num_images_per_prompt
+    written = [plotting.save_image_grid(images, out, nrow=n if len(prompts) > n else None, min_tile=1)]
+    for k, image in enumerate(images):
+        negative = negative_prompts[k] if negative_prompts else None
+        generation = png_metadata.Generation(prompts[k], seed + k, negative_prompt=negative, **record)
+        written.append(png_metadata.save_png(image, out.with_name(f"{out.stem}_{k}.png"), generation))
+    return written
