@@ -21,6 +21,10 @@ from ddpm_jax.schedules import get_schedule
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.training import loop
 
+# Compile-bound (one or two steps of tiny programs; tests/conftest.py): measured under the same load, the step
+# equality 86 → 44 s, the loss and dropout checks 11 → 4 s and 9 → 3 s without XLA's backend optimisation.
+pytestmark = pytest.mark.fast_compile
+
 
 @pytest.fixture(autouse=True)
 def _compilation_cache():
