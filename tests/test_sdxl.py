@@ -109,3 +109,27 @@ def test_sdxl_bad_inputs_are_one_clear_error(sd, folder, tmp_path):
         StableDiffusion.from_pretrained(broken)
     with pytest.raises(ValueError, match="original_size, crops_coords_top_left and target_size must be"):
         sd.txt2img("the dog", num_steps=1, height=SIZE, width=SIZE, original_size=(32,))
+
+
+def test_from_configs_builds_a_random_sdxl_of_the_folders_architecture(sd):
+    """StableDiffusion.from_configs with the folder's configs and text_config_2: the same parameter tree and shapes
+    as the diffusers folder (random values), SDXL's wiring (force_zeros_for_empty_prompt, Euler), a txt2img run at
+    the default size; the refiner form (text_encoder_2 alone, five time ids); one-line errors."""
+    import jax
+
+    configs = (sd.unet.config, sd.vae.config, sd.text_encoder.config)
+    random = StableDiffusion.from_configs(*configs, text_config_2=sd.text_encoder_2.config, seed=1)
+    shapes = lambda params: jax.tree.map(np.shape, params)  # noqa: E731
+    assert shapes(random.params) == shapes(sd.params)
+    assert random.is_sdxl and random.force_zeros_for_empty_prompt and random.scheduler.name == "euler"
+    images = random.txt2img(PROMPTS, guidance_scale=5.0, num_steps=2, seed=3)["images"]
+    assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all() and images.std() > 0.01
+    refiner_unet = sd.unet.config.__class__(**{**sd.unet.config.__dict__, "cross_attention_dim": 32,
+                                               "projection_class_embeddings_input_dim": 32 + 5 * 8})
+    refiner = StableDiffusion.from_configs(refiner_unet, sd.vae.config, None, text_config_2=sd.text_encoder_2.config,
+                                           refiner=True)
+    assert refiner.is_refiner and refiner.text_encoder is None and "text_encoder" not in refiner.params
+    with pytest.raises(ValueError, match="text_encoder_2 alone"):
+        StableDiffusion.from_configs(refiner_unet, sd.vae.config, sd.text_encoder.config, refiner=True)
+    with pytest.raises(ValueError, match="needs text_encoder_2"):
+        StableDiffusion.from_configs(*configs)    # an SDXL U-Net with one text encoder

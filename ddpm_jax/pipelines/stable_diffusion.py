@@ -362,28 +362,45 @@ class StableDiffusion:
     @classmethod
     def from_configs(cls, unet_config: Any, vae_config: Any, text_config: Any, scheduler: Any = None,
                      tokenizer: Tokenizer | None = None, seed: int = 0, dtype: Any = "float32",
-                     mesh: Any = None) -> StableDiffusion:
+                     mesh: Any = None, text_config_2: Any = None, refiner: bool = False) -> StableDiffusion:
         """A RANDOMLY initialised pipeline (for the notebook, benchmarks and tests without weights).
 
         Each network's parameters are written once, by its ``init`` compiled with ``jax.jit`` (no
         second copy). The tokenizer defaults to one over the 256 bytes (no merges), enough to feed
-        random weights; the scheduler to SD v1's PNDM.
+        random weights (the same one for both encoders); the scheduler to SD v1's PNDM, SDXL's Euler.
+
+        SDXL: ``text_config_2`` (a ``CLIPTextConfig`` with ``projection_dim``) adds ``text_encoder_2``
+        (CLIPTextModelWithProjection); the U-Net's ``addition_embed_type`` must be "text_time" and its
+        ``cross_attention_dim`` the two encoders' widths together (checked with a one-line error). ∅ is zeros for
+        empty prompts (``force_zeros_for_empty_prompt``, as SDXL base's model_index.json). ``refiner``: the SDXL
+        refiner, ``text_encoder_2`` alone (``text_config`` None) with the aesthetic-score time ids.
         """
         dtype = resolve_dtype(dtype)
         unet = UNet(dataclasses.replace(unet_config, dtype=dtype))
         vae = AutoencoderKL(dataclasses.replace(vae_config, dtype=dtype))
-        text = CLIPTextTransformer(text_config, dtype=dtype)
-        keys = jax.random.split(jax.random.key(seed), 3)
+        text = CLIPTextTransformer(text_config, dtype=dtype) if not refiner else None
+        text_2 = CLIPTextModelWithProjection(text_config_2, dtype=dtype) if text_config_2 is not None else None
+        if refiner and (text_2 is None or text_config is not None):
+            raise ValueError("an SDXL refiner has text_encoder_2 alone: pass text_config=None and text_config_2")
+        keys = jax.random.split(jax.random.key(seed), 4)
         f = vae.config.downsampling_factor
         init = lambda module, key, *inputs: _cast(jax.jit(module.init)(key, *inputs)["params"], dtype)  # noqa: E731
         params = {
             "unet": init(unet, keys[0], *unet.config.input_specs(context_length=1)),
             "vae": init(vae, keys[1], jnp.zeros((1, f, f, vae.config.in_channels))),
-            "text_encoder": init(text, keys[2], jnp.zeros((1, text_config.max_position_embeddings), jnp.int32)),
         }
+        for name, module, config, key in (("text_encoder", text, text_config, keys[2]),
+                                          ("text_encoder_2", text_2, text_config_2, keys[3])):
+            if module is not None:
+                params[name] = init(module, key, jnp.zeros((1, config.max_position_embeddings), jnp.int32))
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
-            scheduler = schedulers.get_scheduler(scheduler, SD_V1_SCHEDULER_CONFIG)
-        return cls(tokenizer or byte_tokenizer(text_config.vocab_size), text, unet, vae, scheduler, params, mesh)
+            default = SDXL_SCHEDULER_CONFIG if text_2 is not None else SD_V1_SCHEDULER_CONFIG
+            scheduler = schedulers.get_scheduler(scheduler, default)
+        some_config = text_config if text_config is not None else text_config_2
+        tokenizer = tokenizer or byte_tokenizer(some_config.vocab_size)
+        sdxl = dict(text_encoder_2=text_2, tokenizer_2=tokenizer, force_zeros_for_empty_prompt=not refiner,
+                    requires_aesthetics_score=refiner) if text_2 is not None else {}
+        return cls(None if refiner else tokenizer, text, unet, vae, scheduler, params, mesh, **sdxl)
 
     def with_scheduler(self, scheduler: str | schedulers.Scheduler, config: Any = None) -> StableDiffusion:
         """The same weights with another scheduler (configured like the current one unless ``config``)."""
