@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.schedulers import (scheduling_ddpm, scheduling_euler_ancestral_discrete,  # noqa: E402
-                                  scheduling_euler_discrete)
+from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_multistep,  # noqa: E402
+                                  scheduling_euler_ancestral_discrete, scheduling_euler_discrete)
 
 from ddpm_jax import schedulers as S  # noqa: E402
 
@@ -33,8 +33,11 @@ SD_CONFIG = {
 }
 DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "euler": diffusers.EulerDiscreteScheduler,
              "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-             "dpmsolver++": diffusers.DPMSolverMultistepScheduler, "ddpm": diffusers.DDPMScheduler}
-SIGMA_SPACE = ("euler", "euler_ancestral")  # σ-space samplers: float32 σ grid, large |x|
+             "dpmsolver++": diffusers.DPMSolverMultistepScheduler, "ddpm": diffusers.DDPMScheduler,
+             "sde-dpmsolver++": diffusers.DPMSolverMultistepScheduler, "heun": diffusers.HeunDiscreteScheduler,
+             "unipc": diffusers.UniPCMultistepScheduler}
+SIGMA_SPACE = ("euler", "euler_ancestral", "heun")  # σ-space samplers: float32 σ grid, large |x|
+STOCHASTIC = ("euler_ancestral", "sde-dpmsolver++")  # fresh noise at every step
 NAMES = tuple(DIFFUSERS)
 S_DATA = 1.0  # data x0 ~ N(0, S_DATA² I) for the analytic model
 
@@ -42,8 +45,18 @@ f32 = lambda a: jnp.asarray(a, jnp.float32)
 f64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
 
 
+def our_sigmas64(name, config, num_steps):
+    """Our σ grid in float64 as diffusers lays it out (Heun's interleaved)."""
+    sched = S.get_scheduler(name, config)
+    if name in ("dpmsolver++", "sde-dpmsolver++", "unipc"):
+        return S.multistep_sigma_grid(sched.config, num_steps)[1]
+    sigmas = S.euler_sigma_grid(sched.config, num_steps)[1]
+    return np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]]) if name == "heun" else sigmas
+
+
 def reference(name, config, num_steps, float64=True, **step_kw):
     """diffusers' scheduler for ``config`` after set_timesteps(num_steps); in float64 (see the module docstring)."""
+    config = {**config, **S.NAME_OVERRIDES.get(name, {})}
     ref = DIFFUSERS[name].from_config(config)
     ref.set_timesteps(num_steps)
     if float64:
@@ -56,10 +69,15 @@ def reference(name, config, num_steps, float64=True, **step_kw):
             ref.one = f64(1.0)
         elif name in ("ddim", "pndm"):
             ref.final_alpha_cumprod = f64(1.0 if config.get("set_alpha_to_one", name == "ddim") else ab[0])
-        else:  # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
+        elif not config.get("use_karras_sigmas") and name != "heun":
+            # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
             sig = np.sqrt((1 - ab) / ab)
             last = sig[0] if config.get("final_sigmas_type") == "sigma_min" else 0.0
             sigmas = np.append(np.interp(ref.timesteps.numpy().astype(np.float64), np.arange(len(sig)), sig), last)
+            np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=3e-5)
+            ref.sigmas = f64(sigmas)
+        else:  # Karras' σ's, Heun's interleaved grid: ours in float64, checked against diffusers' float32
+            sigmas = our_sigmas64(name, config, num_steps)
             np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=3e-5)
             ref.sigmas = f64(sigmas)
     return ref
@@ -97,7 +115,8 @@ class FeedNoise:
 
     def __init__(self, monkeypatch, noise_of):
         self.noise_of, self.i, self.calls = noise_of, None, 0
-        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_ddpm):
+        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_ddpm,
+                       scheduling_dpmsolver_multistep):
             monkeypatch.setattr(module, "randn_tensor", self)
 
     def __call__(self, shape, **kw):
@@ -123,10 +142,9 @@ def test_timesteps_and_sigmas_match_set_timesteps(name, spacing, offset):
     config = {**SD_CONFIG, "timestep_spacing": spacing, "steps_offset": offset}
     sched = S.get_scheduler(name, config)
     for num_steps in (1, 2, 3, 7, 20, 50, 999):
-        if name == "dpmsolver++" and (spacing, offset, num_steps) == ("leading", 1, 999):
+        if name in ("dpmsolver++", "sde-dpmsolver++", "unipc") and (spacing, offset, num_steps) == ("leading", 1, 999):
             continue  # gives t = 1000: an error (test_bad_num_steps_and_missing_config_file)
-        ref = DIFFUSERS[name].from_config(config)
-        ref.set_timesteps(num_steps)
+        ref = reference(name, config, num_steps, float64=False)
         ours = sched.set_timesteps(num_steps)
         assert ours.dtype == ref.timesteps.numpy().dtype
         np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f"{num_steps} steps")
@@ -162,6 +180,23 @@ STEP_CASES = [
      20),
     ("dpmsolver++", {"solver_type": "heun", "final_sigmas_type": "sigma_min", "lower_order_final": False}, {}, 10),
     ("dpmsolver++", {"solver_order": 1, "timestep_spacing": "leading", "prediction_type": "sample"}, {}, 10),
+    # Karras σ's ("DPM++ 2M Karras", Euler and Heun with use_karras_sigmas)
+    ("dpmsolver++", {"use_karras_sigmas": True}, {}, 20),
+    ("dpmsolver++", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+     {}, 10),
+    ("euler", {"use_karras_sigmas": True}, {}, 10),
+    ("euler", {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, {}, 10),
+    # DPM-Solver++(2M) SDE
+    ("sde-dpmsolver++", {}, {}, 10), ("sde-dpmsolver++", {"use_karras_sigmas": True}, {}, 20),
+    ("sde-dpmsolver++", {"solver_type": "heun", "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"},
+     {}, 10),
+    # Heun (EDM Algorithm 2): 2N − 1 model calls
+    ("heun", {}, {}, 10), ("heun", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {}, 10),
+    ("heun", {"prediction_type": "sample", "clip_sample": True, "timestep_spacing": "leading"}, {}, 7),
+    # UniPC (bh2 as SD configs; bh1; Karras; order 1)
+    ("unipc", {}, {}, 10), ("unipc", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {}, 20),
+    ("unipc", {"solver_type": "bh1", "lower_order_final": False, "final_sigmas_type": "sigma_min"}, {}, 10),
+    ("unipc", {"solver_order": 1, "timestep_spacing": "trailing", "prediction_type": "sample"}, {}, 10),
 ]
 
 
@@ -190,7 +225,7 @@ def test_step_sequence_matches_diffusers_step(name, config, kwargs, num_steps, m
         prev, state = sched.step(state, f32(model_output), i, f32(x), jax.random.fold_in(key, i))
         worst = max(worst, close(prev, prev_ref, name))
     assert worst <= ATOL, worst
-    assert (feed.calls > 0) == (name == "euler_ancestral" or "s_churn" in kwargs)  # our noise reached diffusers
+    assert (feed.calls > 0) == (name in STOCHASTIC or "s_churn" in kwargs)  # our noise reached diffusers
 
 
 # ------------------------------------------------------------------------------------------------
