@@ -469,14 +469,17 @@ def multistep_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
 def multistep_sigma_grid(config: DPMSolverConfig | UniPCConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """DPM-Solver's and UniPC's grid: (timesteps int64 [N], σ's float64 [N + 1]). σ(t) at the timesteps, or with
     ``use_karras_sigmas`` Karras σ's between σ_0 and σ_{T−1} of the whole table (timesteps rounded, except
-    DPM-Solver on the cosine schedule, as diffusers); then the final σ (0, or σ_0 for "sigma_min")."""
+    DPM-Solver on the cosine schedule, as diffusers); then the final σ (0, or for "sigma_min" σ_0, UniPC's
+    Karras grid its last σ)."""
     t = multistep_timesteps(config, num_steps)
     sigmas = _sigmas_at(config, t, config.final_sigmas_type)                          # [N+1]
     if config.use_karras_sigmas:
         table = sigma_table(config)
         rounded = isinstance(config, UniPCConfig) or config.beta_schedule != "squaredcos_cap_v2"
         t_float, karras = karras_grid(config, table[0], table[-1], len(t), rounded)
-        t, sigmas = t_float.astype(np.int64), np.append(karras, sigmas[-1])
+        # UniPC's "sigma_min" is the last Karras σ (σ_max when N = 1), DPM-Solver's σ_0 (diffusers)
+        last = karras[-1] if isinstance(config, UniPCConfig) and config.final_sigmas_type == "sigma_min" else sigmas[-1]
+        t, sigmas = t_float.astype(np.int64), np.append(karras, last)
     return t, sigmas
 
 
