@@ -24,7 +24,15 @@ Diffusion both run these schedulers with :func:`run`.
   ``EulerAncestralDiscreteScheduler``.
 - :class:`DPMSolverMultistepScheduler` — Lu, Zhou, Bao, Chen, Li & Zhu 2022, *DPM-Solver++: Fast Solver for
   Guided Sampling of Diffusion Probabilistic Models*, Algorithm 2 (multistep second order, "2M", data
-  prediction). diffusers' ``DPMSolverMultistepScheduler``.
+  prediction), and its SDE form ("DPM++ 2M SDE", ``algorithm_type="sde-dpmsolver++"``). diffusers'
+  ``DPMSolverMultistepScheduler``.
+- :class:`HeunScheduler` — EDM Algorithm 2 with its second-order (Heun) correction, S_churn = 0: two model calls
+  per step. diffusers' ``HeunDiscreteScheduler``.
+- :class:`UniPCMultistepScheduler` — Zhao, Bai, Rao, Zhou & Lu 2023, *UniPC: A Unified Predictor-Corrector
+  Framework for Fast Sampling of Diffusion Models* (UniP-2 predictor, UniC corrector, B(h) "bh2"/"bh1").
+  diffusers' ``UniPCMultistepScheduler``.
+- Karras σ's (EDM Eq. 5, ``use_karras_sigmas``; :func:`karras_sigmas`) for Euler, DPM-Solver++ (both forms),
+  Heun and UniPC, as diffusers ("DPM++ 2M Karras").
 
 Conventions
 -----------
@@ -36,8 +44,12 @@ Conventions
   diffusion.ddim_step, eta=0.0)``.
 - **One step per grid point.** ``i = 0 … N−1`` is the loop index; ``state.timesteps[i]`` is what the model is
   called with at step i (diffusers' ``scheduler.timesteps``; int32 for DDIM/PNDM/DPM-Solver, float32 for the
-  Euler schedulers, whose "linspace" timesteps are fractional). N is ``num_steps``, except PNDM, which calls the
-  model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers).
+  Euler schedulers and Heun, whose "linspace" and Karras timesteps are fractional). N is ``num_steps``, except
+  PNDM, which calls the model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers), and
+  Heun, ``2·num_steps − 1`` times (diffusers' interleaved grid: each step but the last is two grid points).
+- **Starting mid-grid** (img2img, the SDXL refiner): ``run(start=k)``. Heun starts at even grid points (diffusers'
+  begin index t_start · order); UniPC's history and order warm-up are counted from the run's first step (state
+  ``num_steps_taken``), as diffusers' after ``set_begin_index``.
 - **σ-space.** The Euler schedulers integrate x̃ = x/√ᾱ, the variance-exploding form x̃ = x̃_0 + σ ε with
   σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM Sec. 2). So the starting noise is ``init_noise_sigma`` · N(0, I) instead of
   N(0, I), and the model, trained on x_t = x̃/√(1 + σ²), gets ``scale_model_input(x̃) = x̃/√(σ² + 1)``.
@@ -45,15 +57,18 @@ Conventions
   pipelines do.
 - **Pure steps.** ``state = scheduler.init_state(num_steps, sample)`` holds the grid (timesteps, σ's, per-step
   coefficients, computed in float64 NumPy and stored as float32) and, for the multistep methods, the history
-  (PNDM's last three ε̂, DPM-Solver's last x̂_0). ``scheduler.step(state, model_output, i, sample, key)`` returns
-  ``(prev_sample, new_state)`` with no Python side effects, so it can be scanned over ``i``. ``key`` is
-  only used by the stochastic steps (Euler-ancestral, Euler with churn, DDIM with η > 0).
+  (PNDM's last three ε̂, DPM-Solver's last x̂_0, UniPC's last two x̂_0 and x, Heun's half-step).
+  ``scheduler.step(state, model_output, i, sample, key)`` returns ``(prev_sample, new_state)`` with no Python
+  side effects, so it can be scanned over ``i``. ``key`` is only used by the stochastic steps (Euler-ancestral,
+  DPM-Solver++ SDE, Euler with churn, DDIM with η > 0).
 - **Configs.** Each scheduler has a frozen config dataclass with diffusers' defaults *for that class*, built from
   a diffusers ``scheduler_config.json`` by ``from_config(dict | path)``. As in diffusers, keys the class does
   not have are ignored, so Stable Diffusion's PNDM config builds any of the five. A diffusers option this module
   does not implement is accepted only at its default value; anything else is a one-line error.
-- **Registry.** :func:`get_scheduler` takes a short name ("ddim", "pndm", "euler", "euler_ancestral",
-  "dpmsolver++", "ddpm") or a diffusers ``_class_name``.
+- **Registry.** :func:`get_scheduler` takes a short name (:data:`NAMES`: "ddim", "pndm", "euler",
+  "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc", "ddpm", and "<name>_karras" for the
+  schedulers with Karras σ's) or a diffusers ``_class_name`` (DPMSolverMultistepScheduler's config then picks the
+  ODE or the SDE by its ``algorithm_type``).
 - **A model trained with the library's own schedule** (``ddpm-jax train``, ``schedules.get_schedule``): pass
   the :class:`~ddpm_jax.schedules.Schedule` itself, ``get_scheduler(name, schedule=schedule, prediction="eps",
   clip_sample=True, variance="fixed_small", **scheduler_fields)`` (or ``SomeConfig.from_schedule(schedule,
@@ -1144,7 +1159,7 @@ class UniPCMultistepScheduler:
         c = self.config
         t, sigmas = multistep_sigma_grid(c, num_steps)                               # [N], [N+1]
         n = len(t)
-        tables = np.zeros((2, n, 2, 4))                                              # [predictor/corrector, N, order, 4]
+        tables = np.zeros((2, n, 2, 4))                                      # [predictor/corrector, N, order, 4]
         with np.errstate(divide="ignore", invalid="ignore"):
             for i in range(n):
                 for order in (1, 2):

@@ -289,7 +289,8 @@ def test_karras_sample_loop_matches_diffusers_loop(name, monkeypatch):
     key = jax.random.key(3)
     ours = jax.jit(lambda x_T, key: S.run(sched, optimal_eps_jax(sched.config), x_T, key, num_steps))(f32(x_T), key)
     ref = reference(base, {**SD_CONFIG, "use_karras_sigmas": True}, num_steps)
-    feed = FeedNoise(monkeypatch, lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64))
+    noise_of = lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64)  # noqa: E731
+    feed = FeedNoise(monkeypatch, noise_of)
     eps = optimal_eps_torch(sched.config)
     x = f64(x_T) * float(ref.init_noise_sigma)
     for i, t in enumerate(ref.timesteps):
