@@ -102,7 +102,8 @@ def add_source(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampler(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=samplers.SAMPLERS, default=None, help="default: the model's")
+    p.add_argument("--sampler", choices=samplers.SAMPLER_NAMES, default=None, metavar="NAME",
+                   help=f"{', '.join(samplers.SAMPLER_NAMES)} (default: the model's)")
     p.add_argument("--steps", type=int, default=None,
                    help="solver steps (default: the model's; all T for ddpm unless configured)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 = deterministic")
@@ -120,7 +121,8 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="each image also its own PNG with its parameters")
     p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
                    help="negative prompt (once for all prompts, or once per prompt)")
-    p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.SCHEDULERS)} (default: the model's)")
+    p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.NAMES)}, or a diffusers class name "
+                   "(default: the model's); \"_karras\": Karras sigmas, e.g. dpmsolver++_karras = DPM++ 2M Karras")
     p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, for a single-file checkpoint")
     p.add_argument("--config-folder", default=None, help="for a single-file checkpoint (SD v1, 2.x or SDXL): a diffusers "

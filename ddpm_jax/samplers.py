@@ -3,8 +3,9 @@
 - :func:`ddpm_sample`: ancestral sampling, Algorithm 2 of Ho et al. 2020 (T steps of :func:`p_sample`).
 - :func:`ddim_sample`: Song et al. 2021, Eq. 12 (:func:`ddim_step`) on a subsequence of the timesteps.
 - :func:`sample`: any of :data:`SAMPLERS` by name ("ddpm", "ddim", "pndm", "euler", "euler_ancestral",
-  "dpmsolver++"), for any model trained with a library :class:`~ddpm_jax.schedules.Schedule`; what the CLI,
-  the training sample grids and the pipelines call.
+  "dpmsolver++", "sde-dpmsolver++", "heun", "unipc"; :data:`SAMPLER_NAMES` adds the Karras-σ variants such as
+  "dpmsolver++_karras"), for any model trained with a library :class:`~ddpm_jax.schedules.Schedule`; what the
+  CLI, the training sample grids and the pipelines call.
 
 All of them build the scheduler of ``schedulers.py`` from the given Schedule (``schedulers.get_scheduler(name,
 schedule=schedule, …)``: exactly its ᾱ's) and run it with ``schedulers.run``: the whole chain as ONE
@@ -44,7 +45,9 @@ from ddpm_jax import schedulers
 from ddpm_jax.diffusion import EpsFn, ddim_step, p_mean_variance, p_sample
 from ddpm_jax.schedules import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc")
+# every name a sampler may be given: the solvers and their Karras-σ variants ("dpmsolver++_karras": DPM++ 2M Karras)
+SAMPLER_NAMES = SAMPLERS + tuple(name for name in schedulers.NAMES if name.endswith(schedulers.KARRAS_SUFFIX))
 DEFAULT_NUM_STEPS = 50  # every sampler but "ddpm", whose default is all T steps (Algorithm 2)
 
 
@@ -78,12 +81,12 @@ def make_scheduler(
     """The scheduler for ``sampler`` (one of :data:`SAMPLERS`) on exactly ``schedule``'s ᾱ's, with diffusers'
     defaults for that solver otherwise (DDPM/DDIM/PNDM: "leading" grid, offset 0; Euler, DPM-Solver++: "linspace").
 
-    ``eta`` is DDIM's; ``variance`` DDPM's; ``clip_denoised`` (clip x̂_0 to [−1, 1]) applies to DDPM and DDIM,
-    the solvers that clip in diffusers. ``equation_kwargs`` (``p_sample_fn``, ``p_mean_variance_fn`` for
+    ``eta`` is DDIM's; ``variance`` DDPM's; ``clip_denoised`` (clip x̂_0 to [−1, 1]) applies to DDPM, DDIM and
+    Heun, the solvers that clip in diffusers. ``equation_kwargs`` (``p_sample_fn``, ``p_mean_variance_fn`` for
     "ddpm"; ``ddim_step_fn`` for "ddim") go to the scheduler.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {sampler!r}")
     if sampler == "ddim":
         _check_eta(eta)
         equation_kwargs = {**equation_kwargs, "eta": jnp.asarray(eta, jnp.float32)}

@@ -24,7 +24,15 @@ Diffusion both run these schedulers with :func:`run`.
   ``EulerAncestralDiscreteScheduler``.
 - :class:`DPMSolverMultistepScheduler` — Lu, Zhou, Bao, Chen, Li & Zhu 2022, *DPM-Solver++: Fast Solver for
   Guided Sampling of Diffusion Probabilistic Models*, Algorithm 2 (multistep second order, "2M", data
-  prediction). diffusers' ``DPMSolverMultistepScheduler``.
+  prediction), and its SDE form ("DPM++ 2M SDE", ``algorithm_type="sde-dpmsolver++"``). diffusers'
+  ``DPMSolverMultistepScheduler``.
+- :class:`HeunScheduler` — EDM Algorithm 2 with its second-order (Heun) correction, S_churn = 0: two model calls
+  per step. diffusers' ``HeunDiscreteScheduler``.
+- :class:`UniPCMultistepScheduler` — Zhao, Bai, Rao, Zhou & Lu 2023, *UniPC: A Unified Predictor-Corrector
+  Framework for Fast Sampling of Diffusion Models* (UniP-2 predictor, UniC corrector, B(h) "bh2"/"bh1").
+  diffusers' ``UniPCMultistepScheduler``.
+- Karras σ's (EDM Eq. 5, ``use_karras_sigmas``; :func:`karras_sigmas`) for Euler, DPM-Solver++ (both forms),
+  Heun and UniPC, as diffusers ("DPM++ 2M Karras").
 
 Conventions
 -----------
@@ -36,8 +44,12 @@ Conventions
   diffusion.ddim_step, eta=0.0)``.
 - **One step per grid point.** ``i = 0 … N−1`` is the loop index; ``state.timesteps[i]`` is what the model is
   called with at step i (diffusers' ``scheduler.timesteps``; int32 for DDIM/PNDM/DPM-Solver, float32 for the
-  Euler schedulers, whose "linspace" timesteps are fractional). N is ``num_steps``, except PNDM, which calls the
-  model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers).
+  Euler schedulers and Heun, whose "linspace" and Karras timesteps are fractional). N is ``num_steps``, except
+  PNDM, which calls the model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers), and
+  Heun, ``2·num_steps − 1`` times (diffusers' interleaved grid: each step but the last is two grid points).
+- **Starting mid-grid** (img2img, the SDXL refiner): ``run(start=k)``. Heun starts at even grid points (diffusers'
+  begin index t_start · order); UniPC's history and order warm-up are counted from the run's first step (state
+  ``num_steps_taken``), as diffusers' after ``set_begin_index``.
 - **σ-space.** The Euler schedulers integrate x̃ = x/√ᾱ, the variance-exploding form x̃ = x̃_0 + σ ε with
   σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM Sec. 2). So the starting noise is ``init_noise_sigma`` · N(0, I) instead of
   N(0, I), and the model, trained on x_t = x̃/√(1 + σ²), gets ``scale_model_input(x̃) = x̃/√(σ² + 1)``.
@@ -45,15 +57,18 @@ Conventions
   pipelines do.
 - **Pure steps.** ``state = scheduler.init_state(num_steps, sample)`` holds the grid (timesteps, σ's, per-step
   coefficients, computed in float64 NumPy and stored as float32) and, for the multistep methods, the history
-  (PNDM's last three ε̂, DPM-Solver's last x̂_0). ``scheduler.step(state, model_output, i, sample, key)`` returns
-  ``(prev_sample, new_state)`` with no Python side effects, so it can be scanned over ``i``. ``key`` is
-  only used by the stochastic steps (Euler-ancestral, Euler with churn, DDIM with η > 0).
+  (PNDM's last three ε̂, DPM-Solver's last x̂_0, UniPC's last two x̂_0 and x, Heun's half-step).
+  ``scheduler.step(state, model_output, i, sample, key)`` returns ``(prev_sample, new_state)`` with no Python
+  side effects, so it can be scanned over ``i``. ``key`` is only used by the stochastic steps (Euler-ancestral,
+  DPM-Solver++ SDE, Euler with churn, DDIM with η > 0).
 - **Configs.** Each scheduler has a frozen config dataclass with diffusers' defaults *for that class*, built from
   a diffusers ``scheduler_config.json`` by ``from_config(dict | path)``. As in diffusers, keys the class does
   not have are ignored, so Stable Diffusion's PNDM config builds any of the five. A diffusers option this module
   does not implement is accepted only at its default value; anything else is a one-line error.
-- **Registry.** :func:`get_scheduler` takes a short name ("ddim", "pndm", "euler", "euler_ancestral",
-  "dpmsolver++", "ddpm") or a diffusers ``_class_name``.
+- **Registry.** :func:`get_scheduler` takes a short name (:data:`NAMES`: "ddim", "pndm", "euler",
+  "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc", "ddpm", and "<name>_karras" for the
+  schedulers with Karras σ's) or a diffusers ``_class_name`` (DPMSolverMultistepScheduler's config then picks the
+  ODE or the SDE by its ``algorithm_type``).
 - **A model trained with the library's own schedule** (``ddpm-jax train``, ``schedules.get_schedule``): pass
   the :class:`~ddpm_jax.schedules.Schedule` itself, ``get_scheduler(name, schedule=schedule, prediction="eps",
   clip_sample=True, variance="fixed_small", **scheduler_fields)`` (or ``SomeConfig.from_schedule(schedule,
@@ -287,11 +302,11 @@ class EulerConfig(SchedulerConfig):
 
     timestep_spacing: str = "linspace"
     final_sigmas_type: str = "zero"
+    use_karras_sigmas: bool = False
 
     _UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "rescale_betas_zero_snr": False, "interpolation_type": "linear", "use_karras_sigmas": False,
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
-        "sigma_min": None, "sigma_max": None}
+        "rescale_betas_zero_snr": False, "interpolation_type": "linear", "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "timestep_type": "discrete", "sigma_min": None, "sigma_max": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -309,26 +324,67 @@ class EulerAncestralConfig(SchedulerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverConfig(SchedulerConfig):
-    """diffusers ``DPMSolverMultistepScheduler`` config (algorithm_type "dpmsolver++", orders 1 and 2)."""
+    """diffusers ``DPMSolverMultistepScheduler`` config (algorithm_type "dpmsolver++" or "sde-dpmsolver++",
+    orders 1 and 2)."""
 
     timestep_spacing: str = "linspace"
+    algorithm_type: str = "dpmsolver++"
     solver_order: int = 2
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
     final_sigmas_type: str = "zero"
+    use_karras_sigmas: bool = False
 
     _UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "rescale_betas_zero_snr": False, "algorithm_type": "dpmsolver++", "thresholding": False,
-        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-        "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
+        "rescale_betas_zero_snr": False, "thresholding": False, "use_exponential_sigmas": False,
+        "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False,
         "lambda_min_clipped": -math.inf, "variance_type": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        _check_choice(name, "algorithm_type", self.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
         _check_choice(name, "solver_order", self.solver_order, (1, 2))
         _check_choice(name, "solver_type", self.solver_type, ("midpoint", "heun"))
+        _check_choice(name, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeunConfig(SchedulerConfig):
+    """diffusers ``HeunDiscreteScheduler`` config (its own β defaults: 0.00085 → 0.012, "linear")."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    timestep_spacing: str = "linspace"
+    use_karras_sigmas: bool = False
+    clip_sample: bool = False
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
+                                              "clip_sample_range": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPCConfig(SchedulerConfig):
+    """diffusers ``UniPCMultistepScheduler`` config (data prediction, orders 1 and 2, B(h) "bh1" or "bh2")."""
+
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2
+    solver_type: str = "bh2"
+    lower_order_final: bool = True
+    final_sigmas_type: str = "zero"
+    use_karras_sigmas: bool = False
+
+    _UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "rescale_betas_zero_snr": False, "thresholding": False, "predict_x0": True, "disable_corrector": [],
+        "solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+        "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        _check_choice(name, "solver_order", self.solver_order, (1, 2))
+        _check_choice(name, "solver_type", self.solver_type, ("bh1", "bh2"))
         _check_choice(name, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
 
 
@@ -368,13 +424,105 @@ def _check_last_timestep(t: np.ndarray, T: int, N: int, steps_offset: int) -> No
                          f">= num_train_timesteps={T}; use fewer steps or steps_offset=0")
 
 
+def sigma_table(config: SchedulerConfig) -> np.ndarray:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t = 0 … T−1, float64 [T] (EDM Sec. 2: x̃ = x/√ᾱ = x̃_0 + σ ε)."""
+    alphas_cumprod = config.alphas_cumprod()
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
 def _sigmas_at(config: SchedulerConfig, timesteps: np.ndarray, final_sigmas_type: str = "zero") -> np.ndarray:
     """σ(t) = √((1 − ᾱ_t)/ᾱ_t) linearly interpolated at (possibly fractional) ``timesteps``, then the final σ
     (0, or σ_1 for "sigma_min"): float64 [N + 1], as diffusers' Euler and DPM-Solver ``set_timesteps``."""
-    alphas_cumprod = config.alphas_cumprod()
-    sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # [T]
+    sigmas = sigma_table(config)                               # [T]
     last = sigmas[0] if final_sigmas_type == "sigma_min" else 0.0
     return np.append(np.interp(timesteps, np.arange(len(sigmas)), sigmas), last)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (EDM), Eq. 5: the N noise levels, descending, float64 [N],
+
+        σ_i = (σ_max^{1/ρ} + i/(N − 1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,  i = 0 … N−1,  ρ = 7,
+
+    which spends more steps at small σ than a uniform t grid (diffusers' ``_convert_to_karras``)."""
+    ramp = np.linspace(0, 1, int(num_steps))
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(config: SchedulerConfig, sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) timesteps t with σ(t) = ``sigmas``: log σ interpolated linearly between the two integer
+    timesteps around it, clipped to [0, T − 1] (diffusers' ``_sigma_to_t``). float64 [N]."""
+    log_table = np.log(sigma_table(config))                                          # [T], increasing
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))              # [N]
+    low = np.cumsum(log_sigma[None] - log_table[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(log_table) - 2)
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def karras_grid(config: SchedulerConfig, sigma_min: float, sigma_max: float, num_steps: int,
+                round_timesteps: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``use_karras_sigmas``: (timesteps [N], σ's [N]) with σ's from :func:`karras_sigmas` and the model's
+    timesteps from :func:`sigma_to_t` (rounded for the multistep solvers, whose timesteps are integers)."""
+    sigmas = karras_sigmas(sigma_min, sigma_max, num_steps)
+    t = sigma_to_t(config, sigmas)
+    return (t.round() if round_timesteps else t), sigmas
+
+
+def multistep_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """The N integer timesteps of diffusers' DPM-Solver and UniPC ``set_timesteps`` (without Karras σ's), int64:
+    "linspace" and "leading" divide the range into N + 1 parts and drop the last point (t = 0)."""
+    T, N = config.num_train_timesteps, int(num_steps)
+    if not 1 <= N <= T:
+        raise ValueError(f"num_steps must be in [1, {T}] (num_train_timesteps), got {num_steps}")
+    if config.timestep_spacing == "linspace":
+        t = np.linspace(0, T - 1, N + 1).round()[::-1][:-1]
+    elif config.timestep_spacing == "leading":
+        t = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1] + config.steps_offset
+    else:
+        t = spaced_timesteps(T, N, "trailing")
+    _check_last_timestep(t, T, N, config.steps_offset)  # diffusers would reuse σ_{T−1} and divide by h = 0
+    return t.astype(np.int64)
+
+
+def multistep_sigma_grid(config: DPMSolverConfig | UniPCConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """DPM-Solver's and UniPC's grid: (timesteps int64 [N], σ's float64 [N + 1]). σ(t) at the timesteps, or with
+    ``use_karras_sigmas`` Karras σ's between σ_0 and σ_{T−1} of the whole table (timesteps rounded, except
+    DPM-Solver on the cosine schedule, as diffusers); then the final σ (0, or for "sigma_min" σ_0, UniPC's
+    Karras grid its last σ)."""
+    t = multistep_timesteps(config, num_steps)
+    sigmas = _sigmas_at(config, t, config.final_sigmas_type)                          # [N+1]
+    if config.use_karras_sigmas:
+        table = sigma_table(config)
+        rounded = isinstance(config, UniPCConfig) or config.beta_schedule != "squaredcos_cap_v2"
+        t_float, karras = karras_grid(config, table[0], table[-1], len(t), rounded)
+        # UniPC's "sigma_min" is the last Karras σ (σ_max when N = 1), DPM-Solver's σ_0 (diffusers)
+        last = karras[-1] if isinstance(config, UniPCConfig) and config.final_sigmas_type == "sigma_min" else sigmas[-1]
+        t, sigmas = t_float.astype(np.int64), np.append(karras, last)
+    return t, sigmas
+
+
+def euler_sigma_grid(config: EulerConfig | HeunConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Euler's and Heun's grid: (timesteps float64 [N], σ's float64 [N + 1]). σ(t) at the spaced (fractional)
+    timesteps, or with ``use_karras_sigmas`` Karras σ's between that grid's first and last σ, at fractional
+    timesteps; then the final σ (0, or σ_0 for Euler's "sigma_min")."""
+    c = config
+    t = spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset, round_linspace=False)
+    t = t.astype(np.float32).astype(np.float64)  # diffusers' float32 timesteps, the σ's interpolated there
+    sigmas = _sigmas_at(c, t, getattr(c, "final_sigmas_type", "zero"))           # [N+1]
+    if c.use_karras_sigmas:
+        t, karras = karras_grid(c, sigmas[-2], sigmas[0], len(t), round_timesteps=False)
+        sigmas = np.append(karras, sigmas[-1])
+    return t, sigmas
+
+
+def vp_log_snr(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """σ-space → VP, float64: α = 1/√(σ² + 1) (= √ᾱ_t), σ' = σ α (= √(1 − ᾱ_t)) and the half log-SNR
+    λ = log(α/σ') of DPM-Solver and UniPC (+∞ where σ = 0)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    sigma_vp = sigmas * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma_vp)
+    return alpha, sigma_vp, lam
 
 
 def _f32(a: Any) -> jax.Array:
@@ -671,14 +819,11 @@ class EulerScheduler:
     name: ClassVar[str] = "euler"
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
-        """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N] (fractional for "linspace")."""
-        c = self.config
-        return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset,
-                                round_linspace=False).astype(np.float32)
+        """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N] (fractional for "linspace" and Karras)."""
+        return euler_sigma_grid(self.config, num_steps)[0].astype(np.float32)
 
     def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
-        t = self.set_timesteps(num_steps)
-        sigmas = _sigmas_at(self.config, t, self.config.final_sigmas_type)  # [N+1]
+        t, sigmas = euler_sigma_grid(self.config, num_steps)                  # [N], [N+1]
         in_range = (self.s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= self.s_tmax)
         gammas = np.where(in_range, min(self.s_churn / num_steps, math.sqrt(2) - 1), 0.0)
         return EulerState(_f32(t), _f32(sigmas), _f32(gammas), _f32(_euler_init_noise_sigma(self.config, sigmas)))
@@ -755,14 +900,27 @@ class EulerAncestralScheduler:
 
 
 # ================================================================================================
-# DPM-Solver++(2M)
+# DPM-Solver++(2M) and DPM-Solver++(2M) SDE
 # ================================================================================================
 
-def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray,
-                               solver_type: str = "midpoint") -> np.ndarray:
-    """Per-step (A_i, P_i, Q_i), float64 [N, 3], so that DPM-Solver++'s multistep update is
+def _x0_vp(prediction_type: str, model_output: jax.Array, sample: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x̂_0 from the VP sample x = α x̃ at noise level σ (diffusers' DPM-Solver/UniPC ``convert_model_output``):
+    :func:`_denoised` D(x̃; σ) at x̃ = x √(σ² + 1), i.e. (x − σ' ε̂)/α for ε, α x − σ' v̂ for v."""
+    return _denoised(prediction_type, model_output, sample * jnp.sqrt(sigma**2 + 1), sigma, sigma)
 
-        x_{i+1} = A_i x_i + P_i x̂_0(x_i) + Q_i x̂_0(x_{i−1}).
+
+def _add_noise_vp_sigma(state: Any, x0: jax.Array, noise: jax.Array, i: jax.Array | int) -> jax.Array:
+    """x at grid point i from a clean x_0 at the grid's σ_i (Karras' or σ(t_i)): α_i x_0 + σ'_i ε (DDPM Eq. 4
+    with √ᾱ = α_i = 1/√(σ_i² + 1); diffusers' DPM-Solver and UniPC ``add_noise``)."""
+    sigma = state.sigmas[i]
+    return (x0 + noise * sigma) / jnp.sqrt(sigma**2 + 1)
+
+
+def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray, solver_type: str = "midpoint",
+                               sde: bool = False) -> np.ndarray:
+    """Per-step (A_i, P_i, Q_i, S_i), float64 [N, 4], so that DPM-Solver++'s multistep update is
+
+        x_{i+1} = A_i x_i + P_i x̂_0(x_i) + Q_i x̂_0(x_{i−1}) + S_i z,   z ~ N(0, I).
 
     With α = 1/√(σ² + 1), σ' = σ α (the VP noise level, ``sigmas`` are σ = σ'/α), λ = log(α/σ') and
     h_i = λ_{i+1} − λ_i (Lu et al. 2022, DPM-Solver++ Algorithm 2):
@@ -771,48 +929,52 @@ def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray,
     - second order, "midpoint" (Algorithm 2): replace x̂_0,i by D_i = (1 + 1/(2r_i)) x̂_0,i − 1/(2r_i) x̂_0,i−1,
       r_i = h_{i−1}/h_i;
     - "heun" (diffusers' variant): + α_{i+1}((e^{−h} − 1)/h + 1)(x̂_0,i − x̂_0,i−1)/r_i instead.
+    - ``sde`` ("sde-dpmsolver++", DPM-Solver++(2M) SDE, Lu et al. 2022's data-prediction SDE solver): the
+      reverse SDE solved exactly with x̂_0 held fixed over the step,
+      x_{i+1} = (σ'_{i+1}/σ'_i) e^{−h} x_i + α_{i+1}(1 − e^{−2h}) x̂_0,i + σ'_{i+1} √(1 − e^{−2h}) z,
+      i.e. the ODE coefficients with h → 2h in the x̂_0 terms (midpoint D_i as above; "heun" with
+      ((1 − e^{−2h})/(−2h) + 1)), A scaled by e^{−h}, and the fresh noise S = σ'_{i+1} √(1 − e^{−2h}).
 
-    At σ_{i+1} = 0 (the last step with final σ "zero"): λ = ∞, A = 0, and the step returns x̂_0.
+    At σ_{i+1} = 0 (the last step with final σ "zero"): λ = ∞, A = S = 0, and the step returns x̂_0.
     """
-    sigmas = np.asarray(sigmas, np.float64)                # [N+1]
-    alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
-    sigma_vp = sigmas * alpha
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma_vp)             # [N+1], +inf where σ = 0
-    coefficients = np.zeros((len(sigmas) - 1, 3))
+    alpha, sigma_vp, lam = vp_log_snr(sigmas)              # [N+1] each
+    coefficients = np.zeros((len(sigmas) - 1, 4))
     for i in range(len(sigmas) - 1):
         h = lam[i + 1] - lam[i]
-        phi = -alpha[i + 1] * np.expm1(-h)                 # α_{i+1}(1 − e^{−h})
-        A, P, Q = sigma_vp[i + 1] / sigma_vp[i], phi, 0.0
+        hh = 2 * h if sde else h                           # the exponent of the x̂_0 terms
+        phi = -alpha[i + 1] * np.expm1(-hh)                # α_{i+1}(1 − e^{−h}), or (1 − e^{−2h}) for the SDE
+        A = sigma_vp[i + 1] / sigma_vp[i] * (np.exp(-h) if sde else 1.0)
+        P, Q, S = phi, 0.0, sigma_vp[i + 1] * np.sqrt(-np.expm1(-2 * h)) if sde else 0.0
         if second_order[i]:
             r = (lam[i] - lam[i - 1]) / h
             if solver_type == "midpoint":
                 P, Q = phi * (1 + 0.5 / r), -phi * 0.5 / r
             else:
-                psi = alpha[i + 1] * (np.expm1(-h) / h + 1.0)
+                psi = alpha[i + 1] * (np.expm1(-hh) / hh + 1.0)
                 P, Q = phi + psi / r, -psi / r
-        coefficients[i] = A, P, Q
+        coefficients[i] = A, P, Q, S
     return coefficients
 
 
 @struct.dataclass
 class DPMSolverState:
-    schedule: Schedule
     timesteps: jax.Array         # [N] int32
-    sigmas: jax.Array            # [N+1] float32, σ_i = √((1 − ᾱ)/ᾱ); σ_N = 0 or σ_min
-    coefficients: jax.Array      # [N, 3] float32, (A, P, Q) of dpm_solver_pp_coefficients
+    sigmas: jax.Array            # [N+1] float32, σ_i = √((1 − ᾱ)/ᾱ) at t_i, or Karras'; σ_N = 0 or σ_min
+    coefficients: jax.Array      # [N, 4] float32, (A, P, Q, S) of dpm_solver_pp_coefficients
     init_noise_sigma: jax.Array  # [] 1
     prev_x0: jax.Array           # [*shape] x̂_0 of the previous step (zeros before the first)
 
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverMultistepScheduler:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as diffusers' ``DPMSolverMultistepScheduler``.
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as diffusers' ``DPMSolverMultistepScheduler``, and with
+    ``algorithm_type="sde-dpmsolver++"`` DPM-Solver++(2M) SDE (fresh noise z at every step, from ``key``).
 
-    Data prediction: the model output is converted to x̂_0 (:func:`diffusion.predict_x0_and_eps`) and the
+    Data prediction: the model output is converted to x̂_0 at the grid's σ_i (:func:`_x0_vp`) and the
     multistep history is the previous x̂_0. Order per step as diffusers: first order at step 0, and at the last
     step when ``final_sigmas_type="zero"`` or ``euler_at_final`` or (``lower_order_final`` and N < 15);
-    second order otherwise (if ``solver_order=2``).
+    second order otherwise (if ``solver_order=2``). ``use_karras_sigmas``: Karras σ's ("DPM++ 2M Karras",
+    :func:`multistep_sigma_grid`).
     """
 
     config: DPMSolverConfig = DPMSolverConfig()
@@ -820,20 +982,8 @@ class DPMSolverMultistepScheduler:
     name: ClassVar[str] = "dpmsolver++"
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
-        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]. "linspace" and "leading" divide
-        the range into N + 1 parts and drop the last point (t = 0)."""
-        c = self.config
-        T, N = c.num_train_timesteps, int(num_steps)
-        if not 1 <= N <= T:
-            raise ValueError(f"num_steps must be in [1, {T}] (num_train_timesteps), got {num_steps}")
-        if c.timestep_spacing == "linspace":
-            t = np.linspace(0, T - 1, N + 1).round()[::-1][:-1]
-        elif c.timestep_spacing == "leading":
-            t = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1] + c.steps_offset
-        else:
-            t = spaced_timesteps(T, N, "trailing")
-        _check_last_timestep(t, T, N, c.steps_offset)  # diffusers would reuse σ_{T−1} and divide by h = 0
-        return t.astype(np.int64)
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""
+        return multistep_sigma_grid(self.config, num_steps)[0]
 
     def orders(self, num_steps: int) -> np.ndarray:
         """The order (1 or 2) of each of the N steps, as diffusers' ``step`` chooses it."""
@@ -847,25 +997,214 @@ class DPMSolverMultistepScheduler:
         return orders
 
     def init_state(self, num_steps: int, sample: jax.Array) -> DPMSolverState:
-        t = self.set_timesteps(num_steps)
-        sigmas = _sigmas_at(self.config, t, self.config.final_sigmas_type)          # [N+1]
-        coefficients = dpm_solver_pp_coefficients(sigmas, self.orders(num_steps) == 2, self.config.solver_type)
-        return DPMSolverState(self.config.schedule(), _timestep_array(t, np.int32), _f32(sigmas), _f32(coefficients),
-                              _f32(1.0), prev_x0=jnp.zeros(sample.shape, jnp.float32))
+        t, sigmas = multistep_sigma_grid(self.config, num_steps)                      # [N], [N+1]
+        coefficients = dpm_solver_pp_coefficients(sigmas, self.orders(num_steps) == 2, self.config.solver_type,
+                                                  sde=self.config.algorithm_type == "sde-dpmsolver++")
+        return DPMSolverState(_timestep_array(t, np.int32), _f32(sigmas), _f32(coefficients), _f32(1.0),
+                              prev_x0=jnp.zeros(sample.shape, jnp.float32))
 
     def scale_model_input(self, state: DPMSolverState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
         return sample
 
     def step(self, state: DPMSolverState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
              key: jax.Array | None = None) -> tuple[jax.Array, DPMSolverState]:
-        """x_{i+1} = A_i x_i + P_i x̂_0,i + Q_i x̂_0,i−1 (see :func:`dpm_solver_pp_coefficients`)."""
-        x0, _ = predict_x0_and_eps(state.schedule, model_output, sample, state.timesteps[i],
-                                   prediction=self.config.prediction)
-        A, P, Q = state.coefficients[i]
+        """x_{i+1} = A_i x_i + P_i x̂_0,i + Q_i x̂_0,i−1 (+ S_i z for the SDE; :func:`dpm_solver_pp_coefficients`)."""
+        x0 = _x0_vp(self.config.prediction_type, model_output, sample, state.sigmas[i])
+        A, P, Q, S = state.coefficients[i]
         prev = A * sample + P * x0 + Q * state.prev_x0
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            prev = prev + S * _step_noise(key, sample)
         return prev, state.replace(prev_x0=x0)
 
-    add_noise = staticmethod(_add_noise_vp)
+    add_noise = staticmethod(_add_noise_vp_sigma)
+
+
+# ================================================================================================
+# Heun (EDM Algorithm 2)
+# ================================================================================================
+
+@struct.dataclass
+class HeunState:
+    timesteps: jax.Array         # [2N−1] float32: t_0, t_1, t_1, t_2, t_2, …, t_{N−1}, t_{N−1}
+    sigmas: jax.Array            # [2N] float32:   σ_0, σ_1, σ_1, …, σ_{N−1}, σ_{N−1}, 0
+    init_noise_sigma: jax.Array  # []
+    derivative: jax.Array        # [*shape] d_k of the Euler half of the current step (Algorithm 2, line 6)
+    start_sample: jax.Array      # [*shape] x̃_k, where the current step started
+
+
+@dataclasses.dataclass(frozen=True)
+class HeunScheduler:
+    """EDM (Karras et al. 2022) Algorithm 2 with S_churn = 0: Heun's second-order method on the probability-flow
+    ODE dx̃/dσ = (x̃ − D(x̃; σ))/σ, as diffusers' ``HeunDiscreteScheduler``.
+
+    Each step k = 0 … N−1 calls the model twice, so the grid has 2N − 1 points (diffusers' interleaved
+    timesteps; the last step, to σ_N = 0, is a plain Euler step: Algorithm 2 corrects only if σ_{i+1} ≠ 0):
+
+    - even grid point 2k, at (x̃_k, σ_k): d_k = (x̃_k − D(x̃_k; σ_k))/σ_k,  x̃' = x̃_k + (σ_{k+1} − σ_k) d_k
+      (lines 5–8, the Euler step);
+    - odd grid point 2k + 1, at (x̃', σ_{k+1}): d' = (x̃' − D(x̃'; σ_{k+1}))/σ_{k+1},
+      x̃_{k+1} = x̃_k + (σ_{k+1} − σ_k)(d_k + d')/2 (lines 9–11, the trapezoidal correction).
+
+    The step is pure in the grid index, so a run may start at any even grid point (img2img: diffusers' begin
+    index t_start · order, order = 2). ``use_karras_sigmas`` puts the σ_k on Karras' Eq. 5 grid.
+    """
+
+    config: HeunConfig = HeunConfig()
+
+    name: ClassVar[str] = "heun"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [2N − 1], every t after the first twice."""
+        t = euler_sigma_grid(self.config, num_steps)[0]
+        return np.concatenate([t[:1], np.repeat(t[1:], 2)]).astype(np.float32)
+
+    def init_state(self, num_steps: int, sample: jax.Array) -> HeunState:
+        _, sigmas = euler_sigma_grid(self.config, num_steps)                          # [N+1], σ_N = 0
+        interleaved = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])  # [2N]
+        return HeunState(_f32(self.set_timesteps(num_steps)), _f32(interleaved),
+                         _f32(_euler_init_noise_sigma(self.config, sigmas)),
+                         derivative=jnp.zeros(sample.shape, jnp.float32),
+                         start_sample=jnp.zeros(sample.shape, jnp.float32))
+
+    scale_model_input = staticmethod(_scale_by_sigma)
+
+    def step(self, state: HeunState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, HeunState]:
+        """Even i: x̃' = x̃_k + (σ_{k+1} − σ_k) d_k; odd i: x̃_{k+1} = x̃_k + (σ_{k+1} − σ_k)(d_k + d')/2."""
+        sigma = state.sigmas[i]                                  # σ_k (even i) or σ_{k+1} (odd i)
+        denoised = _denoised(self.config.prediction_type, model_output, sample, sigma, sigma)
+        if self.config.clip_sample:
+            denoised = jnp.clip(denoised, -1.0, 1.0)
+        derivative = (sample - denoised) / sigma
+        first = i % 2 == 0
+        euler = sample + derivative * (state.sigmas[i + 1] - sigma)
+        heun = state.start_sample + (state.derivative + derivative) / 2 * (sigma - state.sigmas[i - 1])
+        new_state = state.replace(derivative=jnp.where(first, derivative, state.derivative),
+                                  start_sample=jnp.where(first, sample, state.start_sample))
+        return jnp.where(first, euler, heun), new_state
+
+    add_noise = staticmethod(_add_noise_sigma)
+
+
+# ================================================================================================
+# UniPC (bh1/bh2, orders 1 and 2)
+# ================================================================================================
+
+def unipc_coefficients(sigmas: np.ndarray, s: int, order: int, corrector: bool,
+                       solver_type: str = "bh2") -> np.ndarray:
+    """(A, C_t, C_0, C_1), float64 [4]: one UniPC update of the data-prediction form (Zhao et al. 2023, UniPC:
+    UniP-p, the predictor, and UniC-p, the corrector) from grid point s to t = s + 1,
+
+        x_t = A x_s + C_t x̂_0(t) + C_0 x̂_0(s) + C_1 x̂_0(s − 1).
+
+    With λ = log(α/σ') (:func:`vp_log_snr`), h = λ_t − λ_s, r = (λ_{s−1} − λ_s)/h and B(h) = e^{−h} − 1 ("bh2")
+    or −h ("bh1"), in diffusers' variables hh = −h:
+
+        x_t = (σ'_t/σ'_s) x_s − α_t (e^{−h} − 1) x̂_0(s) − α_t B(h) Σ_k ρ_k D_k,
+
+    D_1 = (x̂_0(s − 1) − x̂_0(s))/r (order 2) and, for the corrector, D_t = x̂_0(t) − x̂_0(s) with r_t = 1. The
+    predictor of order 2 takes ρ = 1/2; the corrector solves R ρ = b, R_{jk} = r_k^{j−1}, b_j = j! φ_{j+1}(hh)/B
+    with hh φ_1 = e^{hh} − 1 and φ_{j+1} = φ_j/hh − 1/j! (order 1: ρ_t = 1/2). C_t = 0 for the predictor.
+    """
+    alpha, sigma_vp, lam = vp_log_snr(sigmas)
+    t = s + 1
+    h = lam[t] - lam[s]
+    hh = -h
+    h_phi_1 = np.expm1(hh)
+    B = np.expm1(hh) if solver_type == "bh2" else hh
+    A, C_t, C_0, C_1 = sigma_vp[t] / sigma_vp[s], 0.0, -alpha[t] * h_phi_1, 0.0
+    rks = ([(lam[s - 1] - lam[s]) / h] if order == 2 else []) + [1.0]
+    if corrector:
+        if order == 1:
+            rhos = np.array([0.5])
+        else:
+            R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+            for j in range(1, order + 1):
+                R.append(np.power(rks, j - 1))
+                b.append(h_phi_k * factorial / B)
+                factorial *= j + 1
+                h_phi_k = h_phi_k / hh - 1 / factorial
+            rhos = np.linalg.solve(np.array(R), np.array(b))
+        C_t, C_0 = -alpha[t] * B * rhos[-1], C_0 + alpha[t] * B * rhos[-1]       # ρ_t D_t
+    else:
+        rhos = np.array([0.5] * (order - 1) + [0.0])
+    if order == 2:                                                               # ρ_1 D_1
+        c = alpha[t] * B * rhos[0] / rks[0]
+        C_0, C_1 = C_0 + c, C_1 - c
+    return np.array([A, C_t, C_0, C_1])
+
+
+@struct.dataclass
+class UniPCState:
+    timesteps: jax.Array         # [N] int32
+    sigmas: jax.Array            # [N+1] float32, σ_N = 0 or σ_min
+    predictor: jax.Array         # [N, 2, 4] float32: step i's UniP coefficients for order 1, 2
+    corrector: jax.Array         # [N, 2, 4] float32: step i's UniC coefficients (i − 1 → i) for order 1, 2
+    max_order: jax.Array         # [N] int32, the order diffusers allows at step i (lower_order_final)
+    init_noise_sigma: jax.Array  # [] 1
+    x0s: jax.Array               # [2, *shape] x̂_0 of the last two steps, most recent first
+    last_sample: jax.Array       # [*shape] x_{i−1} (corrected), where the last predictor started
+    last_order: jax.Array        # [] int32, the order of the last predictor step
+    num_steps_taken: jax.Array   # [] int32, steps run so far (capped at solver_order): the warm-up
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPCMultistepScheduler:
+    """UniPC (Zhao et al. 2023) as diffusers' ``UniPCMultistepScheduler`` (data prediction, B(h) "bh2" as the
+    Stable Diffusion configs, or "bh1"; orders 1 and 2).
+
+    At step i the model output at x_i first *corrects* x_i (UniC, from x_{i−1} with x̂_0 at i as the new point;
+    not at a run's first step), then the *predictor* (UniP) moves the corrected x_i to x_{i+1}. The order warms
+    up from 1 as a run starts (state ``num_steps_taken``, not the grid index, so a run may start at any grid
+    point, as diffusers' img2img), and is 1 at the last step with ``lower_order_final``. x̂_0 is taken at the
+    grid's σ_i, like DPM-Solver; ``use_karras_sigmas`` puts the σ's on Karras' grid.
+    """
+
+    config: UniPCConfig = UniPCConfig()
+
+    name: ClassVar[str] = "unipc"
+
+    def set_timesteps(self, num_steps: int) -> np.ndarray:
+        """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""
+        return multistep_sigma_grid(self.config, num_steps)[0]
+
+    def init_state(self, num_steps: int, sample: jax.Array) -> UniPCState:
+        c = self.config
+        t, sigmas = multistep_sigma_grid(c, num_steps)                               # [N], [N+1]
+        n = len(t)
+        tables = np.zeros((2, n, 2, 4))                                      # [predictor/corrector, N, order, 4]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for i in range(n):
+                for order in (1, 2):
+                    if i - order + 1 >= 0:                                           # the predictor's history exists
+                        tables[0, i, order - 1] = unipc_coefficients(sigmas, i, order, False, c.solver_type)
+                    if i - order >= 0:                                               # the corrector's (from i − 1)
+                        tables[1, i, order - 1] = unipc_coefficients(sigmas, i - 1, order, True, c.solver_type)
+        max_order = np.minimum(c.solver_order, n - np.arange(n)) if c.lower_order_final else np.full(n, c.solver_order)
+        return UniPCState(_timestep_array(t, np.int32), _f32(sigmas), _f32(tables[0]), _f32(tables[1]),
+                          jnp.asarray(max_order, jnp.int32), _f32(1.0),
+                          x0s=jnp.zeros((2, *sample.shape), jnp.float32),
+                          last_sample=jnp.zeros(sample.shape, jnp.float32),
+                          last_order=jnp.zeros((), jnp.int32), num_steps_taken=jnp.zeros((), jnp.int32))
+
+    def scale_model_input(self, state: UniPCState, sample: jax.Array, i: jax.Array | int) -> jax.Array:
+        return sample
+
+    def step(self, state: UniPCState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
+             key: jax.Array | None = None) -> tuple[jax.Array, UniPCState]:
+        """x_i ← UniC(x_{i−1}, x̂_0(x_i), x̂_0's) (not on a run's first step); x_{i+1} = UniP(x_i, x̂_0's)."""
+        x0 = _x0_vp(self.config.prediction_type, model_output, sample, state.sigmas[i])   # at the uncorrected x_i
+        A, C_t, C_0, C_1 = state.corrector[i, jnp.maximum(state.last_order, 1) - 1]
+        corrected = A * state.last_sample + C_t * x0 + C_0 * state.x0s[0] + C_1 * state.x0s[1]
+        sample = jnp.where(state.num_steps_taken > 0, corrected, sample)
+        x0s = jnp.stack([x0, state.x0s[0]])                                             # [2, *shape]
+        order = jnp.minimum(state.max_order[i], state.num_steps_taken + 1)
+        A, _, C_0, C_1 = state.predictor[i, order - 1]
+        prev = A * sample + C_0 * x0s[0] + C_1 * x0s[1]
+        taken = jnp.minimum(state.num_steps_taken + 1, self.config.solver_order)
+        return prev, state.replace(x0s=x0s, last_sample=sample, last_order=order, num_steps_taken=taken)
+
+    add_noise = staticmethod(_add_noise_vp_sigma)
 
 
 # ================================================================================================
@@ -878,33 +1217,50 @@ SCHEDULERS: dict[str, type] = {
     "euler": EulerScheduler,
     "euler_ancestral": EulerAncestralScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
+    "sde-dpmsolver++": DPMSolverMultistepScheduler,
+    "heun": HeunScheduler,
+    "unipc": UniPCMultistepScheduler,
     "ddpm": DDPMScheduler,
 }
 CONFIGS: dict[str, type[SchedulerConfig]] = {
     "ddim": DDIMConfig, "pndm": PNDMConfig, "euler": EulerConfig, "euler_ancestral": EulerAncestralConfig,
-    "dpmsolver++": DPMSolverConfig, "ddpm": DDPMConfig,
+    "dpmsolver++": DPMSolverConfig, "sde-dpmsolver++": DPMSolverConfig, "heun": HeunConfig, "unipc": UniPCConfig,
+    "ddpm": DDPMConfig,
 }
-# diffusers' _class_name -> our name
+# what a name sets in the config whatever the config says ("sde-dpmsolver++" is DPM-Solver's SDE algorithm_type)
+NAME_OVERRIDES: dict[str, dict[str, Any]] = {"sde-dpmsolver++": {"algorithm_type": "sde-dpmsolver++"},
+                                             "dpmsolver++": {"algorithm_type": "dpmsolver++"}}
+# the schedulers with Karras σ's: "<name>_karras" sets use_karras_sigmas=True ("DPM++ 2M Karras" = "dpmsolver++_karras")
+KARRAS_SUFFIX = "_karras"
+KARRAS_SCHEDULERS = tuple(name for name, config in CONFIGS.items()
+                          if "use_karras_sigmas" in {f.name for f in dataclasses.fields(config)})
+NAMES = tuple(SCHEDULERS) + tuple(name + KARRAS_SUFFIX for name in KARRAS_SCHEDULERS)  # every name get_scheduler takes
+# diffusers' _class_name -> our name (DPMSolverMultistepScheduler: the config's algorithm_type picks ODE or SDE)
 DIFFUSERS_CLASS_NAMES = {
     "DDIMScheduler": "ddim",
     "PNDMScheduler": "pndm",
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "DPMSolverMultistepScheduler": "dpmsolver++",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc",
     "DDPMScheduler": "ddpm",
 }
 
 Scheduler = (DDPMScheduler | DDIMScheduler | PNDMScheduler | EulerScheduler | EulerAncestralScheduler
-             | DPMSolverMultistepScheduler)
+             | DPMSolverMultistepScheduler | HeunScheduler | UniPCMultistepScheduler)
 
 
 def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | SchedulerConfig | None = None, *,
                   schedule: Schedule | None = None, prediction: str | None = None, clip_sample: bool | None = None,
                   variance: str | None = None, **kwargs: Any) -> Scheduler:
-    """The scheduler ``name`` ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", or a diffusers
-    ``_class_name`` such as "EulerDiscreteScheduler"), configured from ``config``: a diffusers config dict, a
-    ``scheduler_config.json`` or its folder, one of our config dataclasses, or None (diffusers' defaults).
-    ``name=None`` takes the config's ``_class_name``.
+    """The scheduler ``name`` (one of :data:`NAMES`: "ddpm", "ddim", "pndm", "euler", "euler_ancestral",
+    "dpmsolver++", "sde-dpmsolver++", "heun", "unipc", each of :data:`KARRAS_SCHEDULERS` with "_karras" for
+    Karras σ's, e.g. "dpmsolver++_karras"; or a diffusers ``_class_name`` such as "EulerDiscreteScheduler"),
+    configured from ``config``: a diffusers config dict, a ``scheduler_config.json`` or its folder, one of our
+    config dataclasses, or None (diffusers' defaults). ``name=None`` takes the config's ``_class_name``. A short
+    name sets what it names whatever the config says ("sde-dpmsolver++" the SDE algorithm_type, "dpmsolver++"
+    the ODE one, "_karras" use_karras_sigmas); a diffusers class name takes the config as it is.
 
     ``schedule``: a library :class:`~ddpm_jax.schedules.Schedule` whose ᾱ's to use (a model trained with
     ``schedules.get_schedule``; see the module docstring). ``prediction`` ("eps", "x0", "v"), ``clip_sample``
@@ -919,8 +1275,12 @@ def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | Sch
         if name is None:
             raise ValueError("get_scheduler: no name given and the config has no _class_name")
     key = DIFFUSERS_CLASS_NAMES.get(name, name)
+    overrides: dict[str, Any] = dict(NAME_OVERRIDES.get(name, {}))
+    if key.endswith(KARRAS_SUFFIX) and key[:-len(KARRAS_SUFFIX)] in KARRAS_SCHEDULERS:
+        key = key[:-len(KARRAS_SUFFIX)]
+        overrides.update(NAME_OVERRIDES.get(key, {}), use_karras_sigmas=True)
     if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)} "
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(NAMES)} "
                          f"(or diffusers' {', '.join(DIFFUSERS_CLASS_NAMES)})")
     config_cls, scheduler_cls = CONFIGS[key], SCHEDULERS[key]
     if config is None:
@@ -931,7 +1291,6 @@ def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | Sch
             config = config_cls(**{k: v for k, v in config.fields().items() if k in names})
     else:
         config = config_cls.from_config(config)
-    overrides: dict[str, Any] = {}
     if schedule is not None:
         overrides.update(num_train_timesteps=schedule.num_timesteps, trained_schedule=schedule)
     if prediction is not None:

@@ -1,4 +1,4 @@
-"""Every model can use every solver: the six names of ``samplers.SAMPLERS`` through the CLI and the pipelines.
+"""Every model can use every solver: the nine names of ``samplers.SAMPLERS`` through the CLI and the pipelines.
 
 - an unconditional workdir (``ddpm-jax sample --workdir … --sampler X``),
 - a class-conditional workdir trained for two steps (``--labels`` with guidance),
@@ -32,13 +32,14 @@ from ddpm_jax.workdir import diffusion_model_from_config
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
-SIX = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++")
+SOLVERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc")
 STEPS = 3
-STOCHASTIC = ("ddpm", "euler_ancestral")  # the solvers that draw fresh noise z at every step
+STOCHASTIC = ("ddpm", "euler_ancestral", "sde-dpmsolver++")  # the solvers that draw fresh noise z at every step
 
 
-def test_the_six_names():
-    assert tuple(samplers.SAMPLERS) == SIX
+def test_the_nine_names():
+    assert tuple(samplers.SAMPLERS) == SOLVERS
+    assert "dpmsolver++_karras" in samplers.SAMPLER_NAMES and "heun_karras" in samplers.SAMPLER_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def sample_npz(capsys, args, out):
 def test_each_solver_samples_a_workdir_through_the_cli(workdirs, capsys, kind):
     extra = ["--labels", "0,1", "--guidance", "2"] if kind == "class" else []
     images = {}
-    for name in SIX:
+    for name in SOLVERS:
         args = ["--workdir", str(workdirs / kind), "--sampler", name, *extra]
         images[name] = sample_npz(capsys, args, workdirs / f"{kind}_{name}.npz")
         assert images[name].shape == (2, 8, 8, 1) and images[name].dtype == np.uint8
@@ -78,12 +79,12 @@ def test_each_solver_samples_a_workdir_through_the_cli(workdirs, capsys, kind):
             np.testing.assert_array_equal(images[name], again)
     # 8-bit grids of a two-step model saturate at 0/255, so two solvers can write the same bytes; that every
     # solver gives its own numbers is checked on float latents below
-    assert len({images[name].tobytes() for name in SIX}) > 1
+    assert len({images[name].tobytes() for name in SOLVERS}) > 1
 
 
 def test_an_unknown_solver_is_one_line(workdirs, capsys):
-    status, _, stderr = run_cli(["sample", "--workdir", str(workdirs / "plain"), "--sampler", "heun"], capsys)
-    assert status == 2 and "invalid choice: 'heun'" in stderr
+    status, _, stderr = run_cli(["sample", "--workdir", str(workdirs / "plain"), "--sampler", "lms"], capsys)
+    assert status == 2 and "invalid choice: 'lms'" in stderr
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_each_solver_generates_from_a_latent_text_model(text_latent_model):
     model = text_latent_model
     assert model.kind == "text" and not model.clip_denoised   # latents are not clipped to [-1, 1]
     images = {}
-    for name in SIX:
+    for name in SOLVERS:
         out = generate.generate(model, prompts=["a thick seven", "a slanted two"], sampler=name, steps=STEPS, seed=1,
                                 return_latents=True)
         assert out["images"].shape == (2, 32, 32, 1) and out["x0"].shape == (2, 8, 8, 2)
@@ -127,7 +128,7 @@ def test_each_solver_generates_from_a_latent_text_model(text_latent_model):
         assert out["model_inputs"].shape[0] == out["timesteps"].shape[0] == calls
         assert out["trajectory"].shape[0] == calls + 1
         images[name] = out["x0"]
-    assert len({v.tobytes() for v in images.values()}) == len(SIX)
+    assert len({v.tobytes() for v in images.values()}) == len(SOLVERS)
 
 
 def test_each_solver_samples_a_pretrained_ddpm_folder(tmp_path, capsys):
@@ -135,6 +136,6 @@ def test_each_solver_samples_a_pretrained_ddpm_folder(tmp_path, capsys):
 
     _save_ddpm_folder(tmp_path / "ddpm", layout="pipeline")
     images = {name: sample_npz(capsys, ["--pretrained", str(tmp_path / "ddpm"), "--sampler", name],
-                               tmp_path / f"{name}.npz") for name in SIX}
+                               tmp_path / f"{name}.npz") for name in SOLVERS}
     assert all(v.shape == (2, 8, 8, 3) for v in images.values())
     assert len({v.tobytes() for v in images.values()}) > 1

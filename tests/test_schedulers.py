@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.schedulers import (scheduling_ddpm, scheduling_euler_ancestral_discrete,  # noqa: E402
-                                  scheduling_euler_discrete)
+from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_multistep,  # noqa: E402
+                                  scheduling_euler_ancestral_discrete, scheduling_euler_discrete)
 
 from ddpm_jax import schedulers as S  # noqa: E402
 
@@ -33,8 +33,11 @@ SD_CONFIG = {
 }
 DIFFUSERS = {"ddim": diffusers.DDIMScheduler, "pndm": diffusers.PNDMScheduler, "euler": diffusers.EulerDiscreteScheduler,
              "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-             "dpmsolver++": diffusers.DPMSolverMultistepScheduler, "ddpm": diffusers.DDPMScheduler}
-SIGMA_SPACE = ("euler", "euler_ancestral")  # σ-space samplers: float32 σ grid, large |x|
+             "dpmsolver++": diffusers.DPMSolverMultistepScheduler, "ddpm": diffusers.DDPMScheduler,
+             "sde-dpmsolver++": diffusers.DPMSolverMultistepScheduler, "heun": diffusers.HeunDiscreteScheduler,
+             "unipc": diffusers.UniPCMultistepScheduler}
+SIGMA_SPACE = ("euler", "euler_ancestral", "heun")  # σ-space samplers: float32 σ grid, large |x|
+STOCHASTIC = ("euler_ancestral", "sde-dpmsolver++")  # fresh noise at every step
 NAMES = tuple(DIFFUSERS)
 S_DATA = 1.0  # data x0 ~ N(0, S_DATA² I) for the analytic model
 
@@ -42,8 +45,18 @@ f32 = lambda a: jnp.asarray(a, jnp.float32)
 f64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))
 
 
+def our_sigmas64(name, config, num_steps):
+    """Our σ grid in float64 as diffusers lays it out (Heun's interleaved)."""
+    sched = S.get_scheduler(name, config)
+    if name in ("dpmsolver++", "sde-dpmsolver++", "unipc"):
+        return S.multistep_sigma_grid(sched.config, num_steps)[1]
+    sigmas = S.euler_sigma_grid(sched.config, num_steps)[1]
+    return np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]]) if name == "heun" else sigmas
+
+
 def reference(name, config, num_steps, float64=True, **step_kw):
     """diffusers' scheduler for ``config`` after set_timesteps(num_steps); in float64 (see the module docstring)."""
+    config = {**config, **S.NAME_OVERRIDES.get(name, {})}
     ref = DIFFUSERS[name].from_config(config)
     ref.set_timesteps(num_steps)
     if float64:
@@ -56,10 +69,15 @@ def reference(name, config, num_steps, float64=True, **step_kw):
             ref.one = f64(1.0)
         elif name in ("ddim", "pndm"):
             ref.final_alpha_cumprod = f64(1.0 if config.get("set_alpha_to_one", name == "ddim") else ab[0])
-        else:  # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
+        elif not config.get("use_karras_sigmas") and name != "heun":
+            # σ(t) interpolated at the grid, then the final σ: diffusers' formula, in float64
             sig = np.sqrt((1 - ab) / ab)
             last = sig[0] if config.get("final_sigmas_type") == "sigma_min" else 0.0
             sigmas = np.append(np.interp(ref.timesteps.numpy().astype(np.float64), np.arange(len(sig)), sig), last)
+            np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=3e-5)
+            ref.sigmas = f64(sigmas)
+        else:  # Karras' σ's, Heun's interleaved grid: ours in float64, checked against diffusers' float32
+            sigmas = our_sigmas64(name, config, num_steps)
             np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=3e-5)
             ref.sigmas = f64(sigmas)
     return ref
@@ -97,7 +115,8 @@ class FeedNoise:
 
     def __init__(self, monkeypatch, noise_of):
         self.noise_of, self.i, self.calls = noise_of, None, 0
-        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_ddpm):
+        for module in (scheduling_euler_discrete, scheduling_euler_ancestral_discrete, scheduling_ddpm,
+                       scheduling_dpmsolver_multistep):
             monkeypatch.setattr(module, "randn_tensor", self)
 
     def __call__(self, shape, **kw):
@@ -123,10 +142,9 @@ def test_timesteps_and_sigmas_match_set_timesteps(name, spacing, offset):
     config = {**SD_CONFIG, "timestep_spacing": spacing, "steps_offset": offset}
     sched = S.get_scheduler(name, config)
     for num_steps in (1, 2, 3, 7, 20, 50, 999):
-        if name == "dpmsolver++" and (spacing, offset, num_steps) == ("leading", 1, 999):
+        if name in ("dpmsolver++", "sde-dpmsolver++", "unipc") and (spacing, offset, num_steps) == ("leading", 1, 999):
             continue  # gives t = 1000: an error (test_bad_num_steps_and_missing_config_file)
-        ref = DIFFUSERS[name].from_config(config)
-        ref.set_timesteps(num_steps)
+        ref = reference(name, config, num_steps, float64=False)
         ours = sched.set_timesteps(num_steps)
         assert ours.dtype == ref.timesteps.numpy().dtype
         np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f"{num_steps} steps")
@@ -136,6 +154,35 @@ def test_timesteps_and_sigmas_match_set_timesteps(name, spacing, offset):
         np.testing.assert_allclose(float(state.init_noise_sigma), float(ref.init_noise_sigma), rtol=3e-5)
         if hasattr(state, "sigmas"):
             np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=3e-5, atol=1e-7)
+
+
+KARRAS = ("euler", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc")
+
+
+@pytest.mark.parametrize("name", KARRAS)
+@pytest.mark.parametrize("extra", [{}, {"timestep_spacing": "leading", "steps_offset": 1},
+                                   {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}])
+def test_karras_timesteps_and_sigmas_match_set_timesteps(name, extra):
+    """use_karras_sigmas (Karras et al. 2022 Eq. 5, ρ = 7): σ's between the ends of the grid (Euler, Heun) or of
+    the whole table (DPM-Solver, UniPC), timesteps by σ → t (rounded for the multistep solvers): the same
+    integer timesteps as diffusers; the σ's and fractional timesteps to rtol 3e-5 (diffusers' float32 cumprod,
+    module docstring). Not compared: the cosine schedule, whose float32 σ_{T−1} in diffusers is off by far more
+    (β_T = 0.999, see test_diffusers_parity_schedulers.py), which moves Karras' whole grid."""
+    config = {**SD_CONFIG, "use_karras_sigmas": True, **extra}
+    sched = S.get_scheduler(name, config)
+    for num_steps in (1, 2, 7, 25, 50):
+        ref = reference(name, config, num_steps, float64=False)
+        ours = sched.set_timesteps(num_steps)
+        assert ours.dtype == ref.timesteps.numpy().dtype
+        if ours.dtype == np.int64:  # rounded: equal
+            np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f"{num_steps} steps")
+        else:  # fractional (Euler, Heun): σ → t on diffusers' float32 table drifts like its σ's
+            np.testing.assert_allclose(ours, ref.timesteps.numpy(), rtol=3e-5, atol=1e-4, err_msg=f"{num_steps} steps")
+        state = sched.init_state(num_steps, jnp.zeros((1, 2)))
+        np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=3e-5, atol=1e-7)
+        np.testing.assert_allclose(float(state.init_noise_sigma), float(ref.init_noise_sigma), rtol=3e-5)
+    assert S.get_scheduler(name + "_karras", SD_CONFIG).config == sched.config.__class__.from_config(
+        {**SD_CONFIG, "use_karras_sigmas": True, **S.NAME_OVERRIDES.get(name, {})})
 
 
 def test_sd_leading_grid_is_981_to_1():
@@ -162,6 +209,23 @@ STEP_CASES = [
      20),
     ("dpmsolver++", {"solver_type": "heun", "final_sigmas_type": "sigma_min", "lower_order_final": False}, {}, 10),
     ("dpmsolver++", {"solver_order": 1, "timestep_spacing": "leading", "prediction_type": "sample"}, {}, 10),
+    # Karras σ's ("DPM++ 2M Karras", Euler and Heun with use_karras_sigmas)
+    ("dpmsolver++", {"use_karras_sigmas": True}, {}, 20),
+    ("dpmsolver++", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+     {}, 10),
+    ("euler", {"use_karras_sigmas": True}, {}, 10),
+    ("euler", {"use_karras_sigmas": True, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, {}, 10),
+    # DPM-Solver++(2M) SDE
+    ("sde-dpmsolver++", {}, {}, 10), ("sde-dpmsolver++", {"use_karras_sigmas": True}, {}, 20),
+    ("sde-dpmsolver++", {"solver_type": "heun", "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"},
+     {}, 10),
+    # Heun (EDM Algorithm 2): 2N − 1 model calls
+    ("heun", {}, {}, 10), ("heun", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {}, 10),
+    ("heun", {"prediction_type": "sample", "clip_sample": True, "timestep_spacing": "leading"}, {}, 7),
+    # UniPC (bh2 as SD configs; bh1; Karras; order 1)
+    ("unipc", {}, {}, 10), ("unipc", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, {}, 20),
+    ("unipc", {"solver_type": "bh1", "lower_order_final": False, "final_sigmas_type": "sigma_min"}, {}, 10),
+    ("unipc", {"solver_order": 1, "timestep_spacing": "trailing", "prediction_type": "sample"}, {}, 10),
 ]
 
 
@@ -190,7 +254,7 @@ def test_step_sequence_matches_diffusers_step(name, config, kwargs, num_steps, m
         prev, state = sched.step(state, f32(model_output), i, f32(x), jax.random.fold_in(key, i))
         worst = max(worst, close(prev, prev_ref, name))
     assert worst <= ATOL, worst
-    assert (feed.calls > 0) == (name == "euler_ancestral" or "s_churn" in kwargs)  # our noise reached diffusers
+    assert (feed.calls > 0) == (name in STOCHASTIC or "s_churn" in kwargs)  # our noise reached diffusers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,10 +280,51 @@ def test_sample_loop_matches_diffusers_loop(name, monkeypatch):
     assert close(ours, x.numpy(), "loop") <= ATOL  # the final x is O(1): absolute tolerance
 
 
+@pytest.mark.parametrize("name", ["dpmsolver++_karras", "sde-dpmsolver++_karras", "heun_karras", "unipc_karras"])
+def test_karras_sample_loop_matches_diffusers_loop(name, monkeypatch):
+    """"DPM++ 2M Karras" and friends: the whole 12-step loop as in test_sample_loop_matches_diffusers_loop."""
+    base, num_steps, shape = name[:-len("_karras")], 12, (2, 4, 4, 3)
+    sched = S.get_scheduler(name, SD_CONFIG)
+    x_T = np.asarray(jax.random.normal(jax.random.key(7), shape), np.float64)
+    key = jax.random.key(3)
+    ours = jax.jit(lambda x_T, key: S.run(sched, optimal_eps_jax(sched.config), x_T, key, num_steps))(f32(x_T), key)
+    ref = reference(base, {**SD_CONFIG, "use_karras_sigmas": True}, num_steps)
+    noise_of = lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64)  # noqa: E731
+    feed = FeedNoise(monkeypatch, noise_of)
+    eps = optimal_eps_torch(sched.config)
+    x = f64(x_T) * float(ref.init_noise_sigma)
+    for i, t in enumerate(ref.timesteps):
+        feed.i = i
+        x = ref.step(eps(ref.scale_model_input(x, t), t), t, x).prev_sample
+    assert close(ours, x.numpy(), "loop") <= ATOL
+
+
+@pytest.mark.parametrize("name,start", [("heun", 6), ("unipc", 3), ("unipc_karras", 4)])
+def test_a_run_from_mid_grid_matches_diffusers_begin_index(name, start):
+    """img2img starts a run at grid point ``start`` (diffusers: ``set_begin_index(t_start · order)``, Heun's order
+    is 2); the multistep UniPC warms up again from order 1 without a corrector, as diffusers' fresh history."""
+    base, num_steps, shape = name.removesuffix("_karras"), 10, (2, 4, 4, 3)
+    config = {**SD_CONFIG, "use_karras_sigmas": name.endswith("_karras")}
+    sched = S.get_scheduler(name, SD_CONFIG)
+    x = np.asarray(jax.random.normal(jax.random.key(7), shape), np.float64)
+    ours = S.run(sched, optimal_eps_jax(sched.config), f32(x), None, num_steps, start=start, x_is_noise=False)
+    ref = reference(base, config, num_steps)
+    ref.set_begin_index(start)
+    eps, x = optimal_eps_torch(sched.config), f64(x)
+    for t in ref.timesteps[start:]:
+        x = ref.step(eps(ref.scale_model_input(x, t), t), t, x).prev_sample
+    assert close(ours, x.numpy(), "loop") <= ATOL
+
+
 # |Var(x_0)/s² − 1| measured at 50 steps (Stable Diffusion's config, s = 1): DDIM 5.2%, PNDM 0.1%, Euler 6.0%,
 # DPM-Solver++(2M) 1.5% (its last step jumps from σ ≈ 0.12 to 0, x̂_0 = D(x), which shrinks by s²/(s² + σ²));
 # at 100 steps 2.7%, 0.0%, 3.3%, 0.8%: the first-order solvers' error halves.
-VARIANCE_BOUNDS_50 = {"ddim": 0.06, "pndm": 0.005, "euler": 0.07, "dpmsolver++": 0.02}
+# UniPC 1.6% / 0.9%, DPM++ 2M Karras 0.26% / 0.01%, UniPC Karras 0.03% (Karras' grid spends its steps at small σ,
+# where the last-step shrinkage comes from); Heun 0.39% at 50 steps (0.14% at 25, 0.51% at 100: its last step
+# is an Euler step from σ(t = 0) ≈ 0.029 to 0 on every linspace grid, which floors the error, so no convergence
+# check for it).
+VARIANCE_BOUNDS_50 = {"ddim": 0.06, "pndm": 0.005, "euler": 0.07, "dpmsolver++": 0.02, "unipc": 0.02, "heun": 0.006,
+                      "dpmsolver++_karras": 0.005, "unipc_karras": 0.001}
 
 
 @pytest.mark.parametrize("name", list(VARIANCE_BOUNDS_50))
@@ -232,7 +337,8 @@ def test_deterministic_solvers_sample_the_data_variance(name):
     error = {n: abs(float(S.run(sched, eps_fn, jnp.ones((1, 1, 1, 1)), None, n).squeeze()) ** 2 / S_DATA**2 - 1)
              for n in (50, 100)}
     assert error[50] < VARIANCE_BOUNDS_50[name], error
-    assert error[100] < error[50], error
+    if name not in ("heun", "unipc_karras"):  # UniPC Karras: 0.03% at 50 steps, 0.06% at 100, both at its floor
+        assert error[100] < error[50], error
 
 
 def test_euler_ancestral_samples_the_data_variance():
@@ -294,19 +400,45 @@ def test_registry_names_and_diffusers_class_names(tmp_path):
     assert S.get_scheduler("ddim", S.PNDMConfig(steps_offset=1)).config.steps_offset == 1  # another class's config
 
 
+def test_names_set_what_they_name_and_class_names_take_the_config():
+    dpm_config = {**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++",
+                  "use_karras_sigmas": True}
+    from_class = S.get_scheduler(None, dpm_config)          # diffusers' class + config: DPM++ 2M SDE Karras
+    assert (from_class.config.algorithm_type, from_class.config.use_karras_sigmas) == ("sde-dpmsolver++", True)
+    ode = S.get_scheduler("dpmsolver++", dpm_config)         # the short name sets the ODE, the config keeps Karras
+    assert (ode.config.algorithm_type, ode.config.use_karras_sigmas) == ("dpmsolver++", True)
+    sde = S.get_scheduler("sde-dpmsolver++_karras", SD_CONFIG)
+    assert (sde.config.algorithm_type, sde.config.use_karras_sigmas) == ("sde-dpmsolver++", True)
+    assert isinstance(S.get_scheduler(None, {**SD_CONFIG, "_class_name": "HeunDiscreteScheduler"}), S.HeunScheduler)
+    assert isinstance(S.get_scheduler(None, {**SD_CONFIG, "_class_name": "UniPCMultistepScheduler"}),
+                      S.UniPCMultistepScheduler)
+    assert set(S.NAMES) == set(S.SCHEDULERS) | {n + "_karras" for n in KARRAS}
+    assert S.get_scheduler("heun").config.beta_end == 0.012 and S.HeunConfig().beta_schedule == "linear"  # its defaults
+
+
 def test_unknown_scheduler_lists_the_known_ones():
-    known = r"unknown scheduler 'heun'; known: ddim, pndm, euler, euler_ancestral, dpmsolver\+\+, ddpm \(or diffusers' DDIMSch"
+    known = (r"unknown scheduler 'lms'; known: ddim, pndm, euler, euler_ancestral, dpmsolver\+\+, sde-dpmsolver\+\+, "
+             r"heun, unipc, ddpm, euler_karras, dpmsolver\+\+_karras, .* \(or diffusers' DDIMSch")
     with pytest.raises(ValueError, match=known):
-        S.get_scheduler("heun")
+        S.get_scheduler("lms")
+    with pytest.raises(ValueError, match="unknown scheduler 'euler_ancestral_karras'"):  # diffusers has no such option
+        S.get_scheduler("euler_ancestral_karras")
     with pytest.raises(ValueError, match="no name given"):
         S.get_scheduler(None, {"beta_schedule": "linear"})
 
 
 @pytest.mark.parametrize("name,bad,match", [
-    ("euler", {"use_karras_sigmas": True}, "use_karras_sigmas=True is not implemented"),
+    ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas=True is not implemented"),
+    ("heun", {"use_beta_sigmas": True}, "HeunConfig: use_beta_sigmas=True is not implemented"),
+    ("unipc", {"solver_order": 3}, "UniPCConfig: unknown solver_order 3; valid choices: 1, 2"),
+    ("unipc", {"predict_x0": False}, "predict_x0=False is not implemented"),
+    ("unipc", {"disable_corrector": [0]}, r"disable_corrector=\[0\] is not implemented"),
+    ("unipc", {"solver_type": "bh3"}, "unknown solver_type 'bh3'"),
     ("pndm", {"skip_prk_steps": False}, "skip_prk_steps=False is not implemented"),
     ("ddim", {"thresholding": True}, "thresholding=True is not implemented"),
-    ("dpmsolver++", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type='sde-dpmsolver\\+\\+' is not implemented"),
+    ("dpmsolver++", {"algorithm_type": "dpmsolver"},
+     "DPMSolverConfig: unknown algorithm_type 'dpmsolver'; valid choices: 'dpmsolver\\+\\+', 'sde-dpmsolver\\+\\+'"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "unknown algorithm_type 'sde-dpmsolver'"),
     ("dpmsolver++", {"solver_order": 3}, "unknown solver_order 3"),
     ("ddim", {"timestep_spacing": "uniform"},
      "DDIMConfig: unknown timestep_spacing 'uniform'; valid choices: 'leading', 'trailing', 'linspace'"),

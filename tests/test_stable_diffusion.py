@@ -53,18 +53,27 @@ def by_scheduler(sd):
     return lambda name: cache.setdefault(name, sd.with_scheduler(name))
 
 
+def folder_scheduler_config():
+    """The folder's scheduler config as read from its json (not ``pipe.scheduler.config``, which holds the options
+    of the last test's scheduler, e.g. use_karras_sigmas; nor ``_use_default_values``, which would give another
+    class its own default spacing)."""
+    return {k: v for k, v in diffusers.PNDMScheduler(**SCHEDULER).config.items() if k != "_use_default_values"}
+
+
 def _latents(batch=2, seed=0):
     return np.random.default_rng(seed).standard_normal((batch, SIZE // 2, SIZE // 2, 4)).astype(np.float32)  # NHWC
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-              "dpmsolver++": "DPMSolverMultistepScheduler"}
+              "dpmsolver++": "DPMSolverMultistepScheduler", "heun": "HeunDiscreteScheduler",
+              "unipc_karras": "UniPCMultistepScheduler"}
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_txt2img_equals_diffusers_pipeline(by_scheduler, pipe, name):
     """Same latents, same prompts and negative prompts → the same images to ≤ 1e-3, for each scheduler."""
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    karras = {"use_karras_sigmas": True} if name.endswith("_karras") else {}
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config({**folder_scheduler_config(), **karras})
     latents = _latents()
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
@@ -77,22 +86,35 @@ def test_txt2img_equals_diffusers_pipeline(by_scheduler, pipe, name):
     np.testing.assert_allclose(images, expected, atol=1e-3, rtol=0)
 
 
-def test_txt2img_ddpm_equals_diffusers_pipeline(by_scheduler, pipe, monkeypatch):
-    """scheduler="ddpm" (respaced Algorithm 2): diffusers' StableDiffusionPipeline with DDPMScheduler, the same
-    latents and our per-step noise (image b, step i: fold_in(split(key(seed + b))[1], i)) fed to its randn_tensor."""
-    from diffusers.schedulers import scheduling_ddpm
+# the stochastic solvers: ours by name -> diffusers' class, its config changes, the module whose randn_tensor draws z
+STOCHASTIC = {"ddpm": ("DDPMScheduler", {}, "scheduling_ddpm"),
+              "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, "scheduling_euler_ancestral_discrete"),
+              "sde-dpmsolver++_karras": ("DPMSolverMultistepScheduler",
+                                         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+                                         "scheduling_dpmsolver_multistep")}
 
-    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_txt2img_stochastic_equals_diffusers_pipeline(by_scheduler, pipe, monkeypatch, name):
+    """The solvers that draw fresh noise z at every step: "ddpm" (respaced Algorithm 2), Euler-ancestral and
+    "DPM++ 2M SDE Karras": diffusers' StableDiffusionPipeline with that scheduler, the same latents and our
+    per-step noise (image b, step i: fold_in(split(key(seed + b))[1], i)) fed to its randn_tensor in order."""
+    import importlib
+
+    class_name, changes, module = STOCHASTIC[name]
+    pipe.scheduler = getattr(diffusers, class_name).from_config({**folder_scheduler_config(), **changes})
     latents, seed, steps = _latents(), 3, 6
     key_steps = [jax.random.split(jax.random.key(seed + b))[1] for b in range(len(latents))]
     noise = iter(np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:])) for k in key_steps]
                           ).transpose(0, 3, 1, 2) for i in range(steps))
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
+    monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{module}"), "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(next(noise)))
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
                         num_inference_steps=steps, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np").images
-    ours = by_scheduler("ddpm").txt2img(PROMPTS, NEGATIVE, guidance_scale=5.0, num_steps=steps, height=SIZE,
-                                        width=SIZE, latents=latents, seed=seed)
+    assert next(noise, None) is None  # diffusers drew every step's noise from ours
+    ours = by_scheduler(name).txt2img(PROMPTS, NEGATIVE, guidance_scale=5.0, num_steps=steps, height=SIZE,
+                                      width=SIZE, latents=latents, seed=seed)
     assert expected.std() > 0.05
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
 

@@ -41,8 +41,8 @@ def resolve_sampler(model: DiffusionModel, sampler: str | None = None, steps: in
     """(sampler, steps, eta) with the model's defaults filled in. "ddpm" without ``steps`` runs all T steps
     (Algorithm 2) unless it is the model's own default sampler; every other solver defaults to the model's steps."""
     name = sampler or model.sampler
-    if name not in samplers.SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(samplers.SAMPLERS)}, got {name!r}")
+    if name not in samplers.SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of {', '.join(samplers.SAMPLER_NAMES)}, got {name!r}")
     if steps is None:
         steps = model.steps if (name != "ddpm" or name == model.sampler) else model.schedule.num_timesteps
     if not 1 <= int(steps) <= model.schedule.num_timesteps:
@@ -51,7 +51,7 @@ def resolve_sampler(model: DiffusionModel, sampler: str | None = None, steps: in
 
 
 def model_calls(model: DiffusionModel, sampler: str, steps: int) -> int:
-    """How many times ``sampler`` calls the model for ``steps`` grid points (PNDM: steps + 1)."""
+    """How many times ``sampler`` calls the model for ``steps`` grid points (PNDM: steps + 1; Heun: 2·steps − 1)."""
     return len(samplers.make_scheduler(model.schedule, sampler).set_timesteps(steps))
 
 

@@ -316,7 +316,7 @@ class StableDiffusion:
         Args:
           dtype: the weights' and the computation's dtype: "float32", "bf16" (halves the memory; fine on
             CPU) or "fp16" (GPU only). Schedulers and guidance always run in float32.
-          scheduler: a name ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++"), a diffusers class
+          scheduler: a name (``schedulers.NAMES``: "ddim", "euler", "dpmsolver++_karras", "heun", …), a diffusers class
             name, or a scheduler object; None = the folder's own (PNDM for SD v1). Configured from the
             folder's scheduler_config.json either way.
           variant: diffusers' file variant of the diffusers folder ("fp16", "non_ema", …).
