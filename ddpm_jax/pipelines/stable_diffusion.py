@@ -258,6 +258,7 @@ class StableDiffusion:
         self.text_2 = (TextEncoder(self.tokenizer_2, self.text_encoder_2, self.params["text_encoder_2"], -2)
                        if self.is_sdxl else None)
         self._programs: dict[tuple, Callable] = {}
+        self._encoder = jax.jit(lambda p, x, k: self.vae.apply({"params": p}, x, k, method=AutoencoderKL.encode_latents))
         self._bar = None
         self.trace_count = 0
         self.loras = lora.LoRASet()   # load_lora / set_lora_scales / fuse_lora / unload_lora (pretrained/lora.py)
@@ -393,7 +394,8 @@ class StableDiffusion:
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
         other = dataclasses.replace(self, scheduler=scheduler)
-        other.text, other.text_2, other.loras = self.text, self.text_2, self.loras  # share the text encoders, LoRAs
+        # share the text encoders, the compiled image encoder and the LoRAs
+        other.text, other.text_2, other._encoder, other.loras = self.text, self.text_2, self._encoder, self.loras
         return other
 
     # --------------------------------------------------------------------------------------------
@@ -759,11 +761,8 @@ class StableDiffusion:
 
     def encode_images(self, images: Array, key: Array | None) -> Array:
         """z_0 = s·E(x): images [B, H, W, 3] in [−1, 1] → scaled latents [B, h, w, 4], a sample of q(z|x) from ``key``
-        (the mode if None), as diffusers' pipelines encode (one compiled encoder, reused)."""
-        if "encode" not in self._programs:
-            self._programs["encode"] = jax.jit(lambda p, x, k: self.vae.apply(
-                {"params": p}, x, k, method=AutoencoderKL.encode_latents))
-        return self._programs["encode"](self.params["vae"], jnp.asarray(images, jnp.float32), key)
+        (the mode if None), as diffusers' pipelines encode (one compiled encoder, shared by ``with_scheduler``)."""
+        return self._encoder(self.params["vae"], jnp.asarray(images, jnp.float32), key)
 
     def grid(self, num_steps: int) -> np.ndarray:
         """The scheduler's timesteps for ``num_steps`` [n] (the model's t at each grid point, in sampling order)."""
