@@ -11,7 +11,8 @@
     ddpm-jax train-tokenizer --out tokenizer/
     ddpm-jax txt2img --model sd-v1-5 "a photo of a cat" [--scheduler ddpm]   # or --workdir (text-conditional run)
     ddpm-jax txt2img --model sdxl-base --refiner sdxl-refiner "a photo of a cat" [--high-noise-frac 0.8]
-    ddpm-jax img2img --model sd-v1-5 --image in.png "a painting"
+    ddpm-jax img2img --model sd-v1-5 --image in.png "a painting" [--scheduler dpmsolver++]   # any scheduler
+    ddpm-jax inpaint --model sd-v1-5-inpainting --image in.png --mask mask.png "a cat"      # white = repaint
 
 =====================  ===========================================================================
 command                library call
@@ -22,7 +23,8 @@ train-flow / train-gan
 sample                 ``workdir.load_diffusion_model`` or ``pipelines.generate.load_pretrained_ddpm``,
                        then ``pipelines.generate.sample_to_files`` (any solver of ``samplers.SAMPLERS``)
 eval                   ``evaluation.report.evaluate``
-txt2img / img2img      ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
+txt2img / img2img /    ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
+inpaint
 export                 ``pretrained.export.export_run`` (``--workdir`` → a diffusers / transformers folder)
 =====================  ===========================================================================
 
@@ -255,15 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-noise-frac", type=float, default=0.8,
                    help="with --refiner: the fraction of the denoising the base does (denoising_end/start)")
 
-    p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",
-                       description=sd.img2img_to_files.__doc__)
-    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint")
-    p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
-    add_stable_diffusion(p, steps=50, guidance=7.5, scheduler="ddim")
-    p.add_argument("--strength", type=float, default=0.75, help="fraction of the steps redone, in (0, 1]")
-    p.add_argument("--out", default="img2img.png")
-    p.add_argument("--height", type=int, default=None, help="resize the image (default: its size)")
-    p.add_argument("--width", type=int, default=None)
+    for name, to_files, what, strength in (("img2img", sd.img2img_to_files, "SDEdit: image + text → image", 0.75),
+                                           ("inpaint", sd.inpaint_to_files, "image + mask + text → image", 1.0)):
+        p = sub.add_parser(name, help=f"{what} with Stable Diffusion weights", description=to_files.__doc__)
+        p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint "
+                       "(inpaint: an inpainting folder, 9-channel U-Net, or any SD model: latent blending)")
+        p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="the mask (PNG): white = repaint, resized to the image")
+        add_stable_diffusion(p, steps=50, guidance=7.5, scheduler=None)
+        p.add_argument("--strength", type=float, default=strength, help="fraction of the steps redone, in (0, 1] "
+                       "(1 = from pure noise)")
+        p.add_argument("--out", default=f"{name}.png")
+        p.add_argument("--height", type=int, default=None, help="resize the image (default: its size, rounded "
+                       "down to the VAE's multiple)")
+        p.add_argument("--width", type=int, default=None)
     for command_parser in sub.choices.values():  # compile_cache.py: DDPM_JAX_COMPILE_CACHE=off|<dir> also works
         command_parser.add_argument("--no-compile-cache", action="store_true", help="do not reuse compiled programs")
     return parser
@@ -334,9 +342,11 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
             negative_prompts=negative, height=args.height, width=args.width, attention_maps=args.attention_maps,
             refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
             high_noise_frac=args.high_noise_frac)
-    return sd.img2img_to_files(
-        load_stable_diffusion(args), args.image, args.prompts, args.out, strength=args.strength, steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed, negative_prompts=negative, height=args.height, width=args.width)
+    kwargs = dict(strength=args.strength, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  negative_prompts=negative, height=args.height, width=args.width)
+    if args.command == "inpaint":
+        return sd.inpaint_to_files(load_stable_diffusion(args), args.image, args.mask, args.prompts, args.out, **kwargs)
+    return sd.img2img_to_files(load_stable_diffusion(args), args.image, args.prompts, args.out, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

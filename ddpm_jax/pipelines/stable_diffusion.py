@@ -590,9 +590,8 @@ class StableDiffusion:
         """Runs the program for grid steps start … end−1; with ``end`` (``denoising_end``) the latents at grid point
         ``end`` come back undecoded: {"latents"} (+ the trajectory), no "images". ``inpaint``: see ``_program``."""
         inpaint = inpaint or {}
-        if self.is_inpainting_unet and "masked_latents" not in inpaint:
-            raise ValueError("this U-Net is SD's inpainting U-Net (in_channels = 9: latents, mask, masked image): use "
-                             "inpaint(images, mask, prompts) (ddpm-jax inpaint), not txt2img or img2img")
+        if "masked_latents" not in inpaint:
+            self._check_not_inpainting_unet()
         guidance.check_guidance_scale(guidance_scale)
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1] (φ of Lin et al. 2024 Eq. 16; 0.7 is theirs), "
@@ -639,6 +638,7 @@ class StableDiffusion:
         ``denoising_end`` in (0, 1): SDXL base → refiner (``txt2img_with_refiner``): stop where the grid's timesteps
         fall below round(T − denoising_end·T) (``denoising_end_index``) and return {"latents"} there, undecoded.
         """
+        self._check_not_inpainting_unet()
         if self.is_refiner:
             raise ValueError("this is the SDXL refiner (an img2img model for the low noise levels, Podell et al. 2023 "
                              "§2.5): txt2img needs the SDXL base; run base → refiner (--model <base> --refiner <this>)")
@@ -678,6 +678,7 @@ class StableDiffusion:
         added, ``strength`` ignored); the steps run are those whose timestep is below round(T − denoising_start·T)
         (``denoising_start_index``).
         """
+        self._check_not_inpainting_unet()
         start = strength_start(num_steps, strength) if denoising_start is None else None
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         key_x_T, key_steps = jax.random.split(jax.random.key(seed))                    # the noise-key rule
@@ -749,6 +750,11 @@ class StableDiffusion:
         z = self.scheduler.add_noise(state, image_latents, noise, start)                  # z at grid point start
         return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
                             return_latents, progress, guidance_rescale, inpaint=inputs)
+
+    def _check_not_inpainting_unet(self) -> None:
+        if self.is_inpainting_unet:
+            raise ValueError("this U-Net is SD's inpainting U-Net (in_channels = 9: latents, mask, masked image): use "
+                             "inpaint(images, mask, prompts) (ddpm-jax inpaint), not txt2img or img2img")
 
     def _check_images(self, images: Array, batch: int) -> Array:
         """images [B, H, W, 3] in [−1, 1] with B = ``batch`` and a size the VAE and U-Net take, as float32."""
