@@ -188,6 +188,23 @@ def lora_spec(text: str) -> tuple[str, float]:
                                          ) from None
 
 
+def add_image_commands(sub: Any) -> None:
+    """``img2img`` and ``inpaint``: an image (and a mask) + prompts → images, with any scheduler."""
+    for name, to_files, what, strength in (("img2img", sd.img2img_to_files, "SDEdit: image + text → image", 0.75),
+                                           ("inpaint", sd.inpaint_to_files, "image + mask + text → image", 1.0)):
+        p = sub.add_parser(name, help=f"{what} with Stable Diffusion weights", description=to_files.__doc__)
+        p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint "
+                       "(inpaint: an inpainting folder, 9-channel U-Net, or any SD model: latent blending)")
+        p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="the mask (PNG): white = repaint, resized to the image")
+        add_stable_diffusion(p, steps=50, guidance=7.5, scheduler=None)
+        p.add_argument("--strength", type=float, default=strength, help="steps redone, in (0, 1] (1: from noise)")
+        p.add_argument("--out", default=f"{name}.png")
+        p.add_argument("--height", type=int, default=None, help="resize the image (default: its size, floor to 8)")
+        p.add_argument("--width", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddpm-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog=PROG, description="DDPM and Stable Diffusion in JAX.")
@@ -257,21 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-noise-frac", type=float, default=0.8,
                    help="with --refiner: the fraction of the denoising the base does (denoising_end/start)")
 
-    for name, to_files, what, strength in (("img2img", sd.img2img_to_files, "SDEdit: image + text → image", 0.75),
-                                           ("inpaint", sd.inpaint_to_files, "image + mask + text → image", 1.0)):
-        p = sub.add_parser(name, help=f"{what} with Stable Diffusion weights", description=to_files.__doc__)
-        p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint "
-                       "(inpaint: an inpainting folder, 9-channel U-Net, or any SD model: latent blending)")
-        p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
-        if name == "inpaint":
-            p.add_argument("--mask", required=True, help="the mask (PNG): white = repaint, resized to the image")
-        add_stable_diffusion(p, steps=50, guidance=7.5, scheduler=None)
-        p.add_argument("--strength", type=float, default=strength, help="fraction of the steps redone, in (0, 1] "
-                       "(1 = from pure noise)")
-        p.add_argument("--out", default=f"{name}.png")
-        p.add_argument("--height", type=int, default=None, help="resize the image (default: its size, rounded "
-                       "down to the VAE's multiple)")
-        p.add_argument("--width", type=int, default=None)
+    add_image_commands(sub)
     for command_parser in sub.choices.values():  # compile_cache.py: DDPM_JAX_COMPILE_CACHE=off|<dir> also works
         command_parser.add_argument("--no-compile-cache", action="store_true", help="do not reuse compiled programs")
     return parser
