@@ -536,8 +536,8 @@ class DDIMScheduler:
 # PNDM (PLMS)
 # ================================================================================================
 
-# Rows: the multistep weights on (ε̂_i, the last three stored ε̂'s, most recent first) at step i = 0, 1, 2, 3, ≥4.
-# Step 0 is one DDIM step; step 1 re-does it from the same x with the average of ε̂_0 and the ε̂ at the point it
+# Rows: the multistep weights on (ε̂_i, the last three stored ε̂'s, most recent first) at the run's k-th step,
+# k = i − start = 0, 1, 2, 3, ≥4. Step 0 is one DDIM step; step 1 re-does it from the same x with the average of ε̂_0 and the ε̂ at the point it
 # reached (a second-order, Heun-like start); then Adams–Bashforth of orders 2, 3 and 4 (PNDM Eq. 12).
 PLMS_WEIGHTS = np.array([
     [1.0, 0.0, 0.0, 0.0],

@@ -20,7 +20,12 @@ new prompts or a new w do not recompile. The batch is split over every device (`
 img2img is SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations"): encode the image, z_0 = s·E(x); noise it to the point s·N of the grid,
 z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, ``diffusion.q_sample``; in σ-space z_0 + σ_t ε: the
-scheduler's ``add_noise``); then run the remaining steps of the same loop.
+scheduler's ``add_noise``); then run the remaining steps of the same loop, with any scheduler (a multistep one
+restarted there: ``init_state(N, z, start)``, as diffusers' ``set_begin_index``).
+
+Inpainting (``inpaint``; ``pipelines/inpainting.py``) repaints under a mask, as diffusers'
+``StableDiffusionInpaintPipeline``: SD's 9-channel inpainting U-Net reads [z_t, m↓, s·E(x ⊙ (1 − m))]; a plain
+U-Net has the known region blended back, noised to the next grid point, after each step.
 
 Randomness follows the library's noise-key rule (``schedulers.py``): ``key_x_T, key_steps =
 jax.random.split(jax.random.key(seed))``; txt2img draws z_T from ``key_x_T``, img2img splits ``key_x_T`` into
@@ -668,7 +673,8 @@ class StableDiffusion:
                 denoising_start: float | None = None, aesthetic_score: float = 6.0,
                 negative_aesthetic_score: float = 2.5) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
-        grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
+        grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded, with any scheduler (a multistep
+        one restarts its history there, as diffusers' ``set_begin_index``). ``init_latents`` (scaled
         latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (for tests). SDXL's
         time ids are the defaults for the image's size; the refiner's hold ``aesthetic_score`` for c and
         ``negative_aesthetic_score`` for ∅ (diffusers' defaults 6.0 and 2.5; ``refiner_time_ids``).
