@@ -324,7 +324,7 @@ def check_with_diffusers_single_file_loader(path, folder):
 # Inputs shared by the img2img and inpainting parity tests
 # ------------------------------------------------------------------------------------------------
 
-def test_image(height, width, k=0):
+def smooth_image(height, width, k=0):
     """A smooth RGB PIL image (sines of the coordinates, phase k): something a VAE encodes to structured latents."""
     import numpy as np
     from PIL import Image
@@ -334,7 +334,6 @@ def test_image(height, width, k=0):
     return Image.fromarray(np.round((rgb * 0.5 + 0.5) * 255).astype(np.uint8))
 
 
-test_image.__test__ = False  # a helper, not a pytest test
 
 
 def inject_step_noise(monkeypatch, module, seed, shape, steps):

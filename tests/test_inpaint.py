@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from ddpm_jax.pipelines import inpainting  # noqa: E402
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion, preprocess_image, strength_start  # noqa: E402
 
-from _sd_fixtures import UNET_V1, inject_step_noise, test_image, write_sd_folder  # noqa: E402
+from _sd_fixtures import UNET_V1, inject_step_noise, smooth_image, write_sd_folder  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
@@ -49,17 +49,16 @@ def pipelines(folders):
         folder, safety_checker=None, requires_safety_checker=False)) for k, folder in folders.items()}
 
 
-def test_image_and_mask():
+def images_and_masks():
     """Two images and masks as PIL (the mask a soft grayscale disc, so binarising matters)."""
     y, x = np.mgrid[:SIZE, :SIZE]
     masks = [np.clip(1.5 - np.hypot(x - c, y - c) / 6.0, 0, 1) for c in (12, 20)]           # white = repaint
     from PIL import Image
 
-    return ([test_image(SIZE, SIZE, k) for k in range(2)],
+    return ([smooth_image(SIZE, SIZE, k) for k in range(2)],
             [Image.fromarray(np.round(m * 255).astype(np.uint8), "L") for m in masks])
 
 
-test_image_and_mask.__test__ = False
 
 
 @pytest.mark.parametrize("channels,name,strength", [(9, "ddim", 1.0), (9, "pndm", 0.6), (4, "dpmsolver++", 1.0),
@@ -75,7 +74,7 @@ def test_inpaint_equals_diffusers_pipeline(pipelines, channels, name, strength, 
     ours, theirs = pipelines[channels]
     ours = ours.with_scheduler(name)
     theirs.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(theirs.scheduler.config)
-    images, masks = test_image_and_mask()
+    images, masks = images_and_masks()
     seed, steps = 4, 5
     noise = np.random.default_rng(2).standard_normal((2, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
     monkeypatch.setattr(inpaint_module, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise.transpose(0, 3, 1, 2)))
@@ -97,7 +96,7 @@ def test_mask_preprocessing_equals_diffusers(pipelines):
     """prepare_mask (binarised at 0.5) = diffusers' mask processor, masked_image = image · (mask < 0.5), latent_mask =
     torch's nearest interpolate to latent size, as StableDiffusionInpaintPipeline prepares them."""
     theirs = pipelines[9][1]
-    images, masks = test_image_and_mask()
+    images, masks = images_and_masks()
     expected_mask = theirs.mask_processor.preprocess(masks, height=SIZE, width=SIZE)              # [2, 1, H, W]
     soft = np.concatenate([preprocess_image(m, multiple=2, grayscale=True) for m in masks])
     mask = inpainting.prepare_mask(soft, (2, SIZE, SIZE, 3))
@@ -135,7 +134,7 @@ def test_cli_inpaint(folders, tmp_path):
     """ddpm-jax inpaint --model M --image I --mask K prompt: a PNG; img2img --scheduler pndm (every scheduler works)."""
     from ddpm_jax import cli
 
-    images, masks = test_image_and_mask()
+    images, masks = images_and_masks()
     images[0].save(tmp_path / "in.png")
     masks[0].resize((40, 40)).save(tmp_path / "mask.png")      # any size: resized to the image's, as diffusers
     out = tmp_path / "out.png"

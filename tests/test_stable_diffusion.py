@@ -29,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-from _sd_fixtures import (UNET_V1, check_with_diffusers, inject_step_noise, pipe, sd, test_image,  # noqa: E402,F401
+from _sd_fixtures import (UNET_V1, check_with_diffusers, inject_step_noise, pipe, sd, smooth_image,  # noqa: E402,F401
                           to_single_file, write_sd_folder)  # (pipe, sd: module fixtures)
 from _training_fixtures import subprocess_env  # noqa: E402
 
@@ -115,7 +115,7 @@ def test_img2img_from_an_image_equals_diffusers_pipeline(by_scheduler, img2img_p
     from ddpm_jax.pipelines.stable_diffusion import preprocess_image, strength_start
 
     img2img_pipe.scheduler = getattr(diffusers, ALL_SCHEDULERS[name]).from_config(img2img_pipe.scheduler.config)
-    images, seed, steps, strength = [test_image(SIZE, SIZE, k) for k in range(2)], 5, 5, 0.6
+    images, seed, steps, strength = [smooth_image(SIZE, SIZE, k) for k in range(2)], 5, 5, 0.6
     noise = _latents(seed=1)
     monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise.transpose(0, 3, 1, 2)))
     grid = range(strength_start(steps, strength), len(by_scheduler(name).grid(steps)))   # the steps run (grid indices)
@@ -139,7 +139,7 @@ def test_image_preprocessing_equals_diffusers():
 
     from ddpm_jax.pipelines.stable_diffusion import preprocess_image
 
-    im = test_image(37, 43, 3)
+    im = smooth_image(37, 43, 3)
     image_processor, mask_processor = VaeImageProcessor(vae_scale_factor=8), VaeImageProcessor(
         vae_scale_factor=8, do_normalize=False, do_convert_grayscale=True)
     for size in ({}, {"height": 24, "width": 48}):
