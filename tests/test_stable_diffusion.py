@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
+from ddpm_jax.pipelines.stable_diffusion import (StableDiffusion, preprocess_image, read_image,  # noqa: E402
+                                                 strength_start)
 
 from _sd_fixtures import (UNET_V1, check_with_diffusers, inject_step_noise, pipe, sd, smooth_image,  # noqa: E402,F401
                           to_single_file, write_sd_folder)  # (pipe, sd: module fixtures)
@@ -112,8 +113,6 @@ def test_img2img_from_an_image_equals_diffusers_pipeline(by_scheduler, img2img_p
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
     from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
-    from ddpm_jax.pipelines.stable_diffusion import preprocess_image, strength_start
-
     img2img_pipe.scheduler = getattr(diffusers, ALL_SCHEDULERS[name]).from_config(img2img_pipe.scheduler.config)
     images, seed, steps, strength = [smooth_image(SIZE, SIZE, k) for k in range(2)], 5, 5, 0.6
     noise = _latents(seed=1)
@@ -131,13 +130,11 @@ def test_img2img_from_an_image_equals_diffusers_pipeline(by_scheduler, img2img_p
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
 
 
-def test_image_preprocessing_equals_diffusers():
+def test_image_preprocessing_equals_diffusers(tmp_path):
     """preprocess_image = VaeImageProcessor.preprocess (Lanczos resize to height × width, or the size rounded down
     to the VAE's multiple; [0, 255] → [−1, 1]), and its grayscale form = the inpainting mask processor before
     binarising; a PNG read by read_image is the same array."""
     from diffusers.image_processor import VaeImageProcessor
-
-    from ddpm_jax.pipelines.stable_diffusion import preprocess_image
 
     im = smooth_image(37, 43, 3)
     image_processor, mask_processor = VaeImageProcessor(vae_scale_factor=8), VaeImageProcessor(
@@ -149,6 +146,8 @@ def test_image_preprocessing_equals_diffusers():
         np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
         expected = mask_processor.preprocess(im, **size).numpy().transpose(0, 2, 3, 1)
         np.testing.assert_allclose(preprocess_image(im, grayscale=True, **size), expected, atol=1e-6, rtol=0)
+    im.save(tmp_path / "im.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "im.png"), preprocess_image(im))
 
 
 def test_one_program_for_new_prompts_and_guidance_seed_determinism(by_scheduler):
