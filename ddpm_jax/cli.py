@@ -11,7 +11,8 @@
     ddpm-jax train-tokenizer --out tokenizer/
     ddpm-jax txt2img --model sd-v1-5 "a photo of a cat" [--scheduler ddpm]   # or --workdir (text-conditional run)
     ddpm-jax txt2img --model sdxl-base --refiner sdxl-refiner "a photo of a cat" [--high-noise-frac 0.8]
-    ddpm-jax img2img --model sd-v1-5 --image in.png "a painting"
+    ddpm-jax img2img --model sd-v1-5 --image in.png "a painting" [--scheduler dpmsolver++]   # any scheduler
+    ddpm-jax inpaint --model sd-v1-5-inpainting --image in.png --mask mask.png "a cat"      # white = repaint
     ddpm-jax txt2img --from-png txt2img_3.png [--steps 30]   # re-run the parameters a PNG recorded
 
 =====================  ===========================================================================
@@ -24,7 +25,8 @@ sample                 ``workdir.load_diffusion_model`` or ``pipelines.generate.
                        then ``pipelines.generate.sample_to_files`` (any solver of ``samplers.SAMPLERS``)
 demo                   ``demo.run_demo`` (what ``make demo`` runs)
 eval                   ``evaluation.report.evaluate``
-txt2img / img2img      ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
+txt2img / img2img /    ``pipelines.stable_diffusion`` (``--model``), ``pipelines.cross_attention`` (``--workdir``)
+inpaint
 export                 ``pretrained.export.export_run`` (``--workdir`` → a diffusers / transformers folder)
 =====================  ===========================================================================
 
@@ -147,6 +149,23 @@ def lora_spec(text: str) -> tuple[str, float]:
                                          ) from None
 
 
+def add_image_commands(sub: Any) -> None:
+    """``img2img`` and ``inpaint``: an image (and a mask) + prompts → images, with any scheduler."""
+    for name, to_files, what, strength in (("img2img", sd.img2img_to_files, "SDEdit: image + text → image", 0.75),
+                                           ("inpaint", sd.inpaint_to_files, "image + mask + text → image", 1.0)):
+        p = sub.add_parser(name, help=f"{what} with Stable Diffusion weights", description=to_files.__doc__)
+        p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint "
+                       "(inpaint: an inpainting folder, 9-channel U-Net, or any SD model: latent blending)")
+        p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="the mask (PNG): white = repaint, resized to the image")
+        add_stable_diffusion(p, steps=50, guidance=7.5, scheduler=None)
+        p.add_argument("--strength", type=float, default=strength, help="steps redone, in (0, 1] (1: from noise)")
+        p.add_argument("--out", default=f"{name}.png")
+        p.add_argument("--height", type=int, default=None, help="resize the image (default: its size, floor to 8)")
+        p.add_argument("--width", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ddpm-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog=PROG, description="DDPM and Stable Diffusion in JAX.")
@@ -226,15 +245,7 @@ def add_stable_diffusion_commands(sub: Any) -> None:
     p.add_argument("--from-png", default=None, help="re-run the parameters recorded in a PNG written by txt2img; "
                    "options given here override them")
 
-    p = sub.add_parser("img2img", help="SDEdit: image + text → image with Stable Diffusion weights",
-                       description=sd.img2img_to_files.__doc__)
-    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder or a single-file checkpoint")
-    p.add_argument("--image", required=True, help="the input image (PNG/JPEG)")
-    add_stable_diffusion(p, steps=50, guidance=7.5, scheduler="ddim")
-    p.add_argument("--strength", type=float, default=0.75, help="fraction of the steps redone, in (0, 1]")
-    p.add_argument("--out", default="img2img.png")
-    p.add_argument("--height", type=int, default=None, help="resize the image (default: its size)")
-    p.add_argument("--width", type=int, default=None)
+    add_image_commands(sub)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,18 +324,18 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",
             guidance_scale=args.guidance, steps=args.steps, seed=args.seed or 0, attention_maps=args.attention_maps,
             sampler=args.scheduler)
+    kwargs = dict(seed=args.seed or 0, negative_prompts=negative, height=args.height, width=args.width,
+                  num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
     if args.command == "txt2img":
         return sd.txt2img_to_files(
             load_stable_diffusion(args), args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
-            guidance_scale=7.5 if args.guidance is None else args.guidance, seed=args.seed or 0,
-            negative_prompts=negative, height=args.height, width=args.width, attention_maps=args.attention_maps,
+            guidance_scale=7.5 if args.guidance is None else args.guidance, attention_maps=args.attention_maps,
             refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
-            high_noise_frac=args.high_noise_frac or 0.8, num_images_per_prompt=args.num_images_per_prompt,
-            guidance_rescale=args.guidance_rescale or 0.0)
-    return sd.img2img_to_files(
-        load_stable_diffusion(args), args.image, args.prompts, args.out, strength=args.strength, steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed or 0, negative_prompts=negative, height=args.height,
-        width=args.width, num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
+            high_noise_frac=args.high_noise_frac or 0.8, **kwargs)
+    kwargs |= dict(strength=args.strength, steps=args.steps, guidance_scale=args.guidance)
+    if args.command == "inpaint":
+        return sd.inpaint_to_files(load_stable_diffusion(args), args.image, args.mask, args.prompts, args.out, **kwargs)
+    return sd.img2img_to_files(load_stable_diffusion(args), args.image, args.prompts, args.out, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

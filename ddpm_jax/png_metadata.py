@@ -38,8 +38,8 @@ A1111_SAMPLERS = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_ances
 class Generation:
     """What made one image: enough to make it again (with the same weights and LoRA files).
 
-    ``loras``: (file, scale) pairs in load order. ``image`` and ``strength``: img2img's source image and SDEdit
-    strength (None for txt2img). ``refiner`` and ``high_noise_frac``: SDXL base → refiner.
+    ``loras``: (file, scale) pairs in load order. ``mode``: "txt2img", "img2img" or "inpaint"; ``image``,
+    ``mask`` and ``strength``: img2img's / inpainting's source image, mask and strength (None for txt2img). ``refiner`` and ``high_noise_frac``: SDXL base → refiner.
     """
 
     prompt: str
@@ -55,6 +55,7 @@ class Generation:
     guidance_rescale: float = 0.0
     mode: str = "txt2img"
     image: str | None = None
+    mask: str | None = None
     strength: float | None = None
     refiner: str | None = None
     high_noise_frac: float | None = None

@@ -37,7 +37,7 @@ Diffusion both run these schedulers with :func:`run`.
 Conventions
 -----------
 - **The protocol.** Every scheduler is a frozen dataclass with ``name``, ``config``, ``set_timesteps(N)``,
-  ``init_state(N, sample)``, ``scale_model_input(state, x, i)``, a pure ``step(state, model_output, i, x, key)
+  ``init_state(N, sample, start=0)``, ``scale_model_input(state, x, i)``, a pure ``step(state, model_output, i, x, key)
   -> (x, state)`` and ``add_noise(state, x_0, noise, i)`` (x at grid point i from a clean x_0: img2img/SDEdit).
   Equation-swap arguments are dataclass fields with the library's defaults: ``DDPMScheduler(p_sample_fn=
   diffusion.p_sample, p_mean_variance_fn=diffusion.p_mean_variance)``, ``DDIMScheduler(ddim_step_fn=
@@ -47,14 +47,17 @@ Conventions
   Euler schedulers and Heun, whose "linspace" and Karras timesteps are fractional). N is ``num_steps``, except
   PNDM, which calls the model ``num_steps + 1`` times (PLMS's second step re-evaluates, as in diffusers), and
   Heun, ``2·num_steps − 1`` times (diffusers' interleaved grid: each step but the last is two grid points).
-- **Starting mid-grid** (img2img, the SDXL refiner): ``run(start=k)``. Heun starts at even grid points (diffusers'
-  begin index t_start · order); UniPC's history and order warm-up are counted from the run's first step (state
-  ``num_steps_taken``), as diffusers' after ``set_begin_index``.
 - **σ-space.** The Euler schedulers integrate x̃ = x/√ᾱ, the variance-exploding form x̃ = x̃_0 + σ ε with
   σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM Sec. 2). So the starting noise is ``init_noise_sigma`` · N(0, I) instead of
   N(0, I), and the model, trained on x_t = x̃/√(1 + σ²), gets ``scale_model_input(x̃) = x̃/√(σ² + 1)``.
   Every scheduler has both (identity / 1 for the others), and :func:`run` calls them as diffusers'
   pipelines do.
+- **A run may begin mid-grid** (img2img / SDEdit, inpainting, the SDXL refiner): ``init_state(N, sample, start)``
+  is the state of a run whose first step is grid point ``start``, as diffusers' ``set_begin_index(start)`` on a
+  fresh scheduler. A one-step method ignores it; a multistep one begins its history and its lower-order start
+  there (PNDM's PLMS warm-up counts from ``start``; DPM-Solver++'s first step at ``start`` is first order; UniPC's
+  history and order warm-up count the steps taken, state ``num_steps_taken``), so the step index ``i`` always stays
+  the grid index. Heun starts at even grid points (diffusers' begin index t_start · order, order 2).
 - **Pure steps.** ``state = scheduler.init_state(num_steps, sample)`` holds the grid (timesteps, σ's, per-step
   coefficients, computed in float64 NumPy and stored as float32) and, for the multistep methods, the history
   (PNDM's last three ε̂, DPM-Solver's last x̂_0, UniPC's last two x̂_0 and x, Heun's half-step).
@@ -606,7 +609,8 @@ class DDPMScheduler:
         c = self.config
         return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset).astype(np.int64)
 
-    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> DDPMState:
+    def init_state(self, num_steps: int, sample: jax.Array | None = None, start: int = 0) -> DDPMState:
+        """The grid and the respaced schedule (a one-step method: ``start`` changes nothing)."""
         t = self.set_timesteps(num_steps)
         if len(t) == self.config.num_train_timesteps:  # every timestep: Algorithm 2 on the schedule itself
             schedule = self.config.schedule()
@@ -664,7 +668,8 @@ class DDIMScheduler:
         c = self.config
         return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset).astype(np.int64)
 
-    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> DDIMState:
+    def init_state(self, num_steps: int, sample: jax.Array | None = None, start: int = 0) -> DDIMState:
+        """The grid and each step's target timestep (a one-step method: ``start`` changes nothing)."""
         t = self.set_timesteps(num_steps)
         t_prev = t - self.config.num_train_timesteps // num_steps
         # "after the last step": ᾱ = 1 (ddim_step's t_prev < 0), or ᾱ_1 = alphas_cumprod[0] without set_alpha_to_one
@@ -690,8 +695,8 @@ class DDIMScheduler:
 # PNDM (PLMS)
 # ================================================================================================
 
-# Rows: the multistep weights on (ε̂_i, the last three stored ε̂'s, most recent first) at step i = 0, 1, 2, 3, ≥4.
-# Step 0 is one DDIM step; step 1 re-does it from the same x with the average of ε̂_0 and the ε̂ at the point it
+# Rows: the multistep weights on (ε̂_i, the last three stored ε̂'s, most recent first) at the run's k-th step,
+# k = i − start = 0, 1, 2, 3, ≥4. Step 0 is one DDIM step; step 1 re-does it from the same x with the average of ε̂_0 and the ε̂ at the point it
 # reached (a second-order, Heun-like start); then Adams–Bashforth of orders 2, 3 and 4 (PNDM Eq. 12).
 PLMS_WEIGHTS = np.array([
     [1.0, 0.0, 0.0, 0.0],
@@ -709,6 +714,7 @@ class PNDMState:
     from_timesteps: jax.Array   # [N+1] int32, the transfer φ goes from here …
     to_timesteps: jax.Array     # [N+1] int32, … to here (−1: ᾱ = 1)
     init_noise_sigma: jax.Array  # [] 1
+    start: jax.Array            # [] int32, the grid point the run begins at: the PLMS warm-up counts from it
     ets: jax.Array              # [3, *shape] the last three stored model outputs, most recent first
     cur_sample: jax.Array       # [*shape] x at step 0, from which step 1 starts again
 
@@ -733,15 +739,18 @@ class PNDMScheduler:
         t = spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset)[::-1]  # ascending
         return np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].astype(np.int64)
 
-    def init_state(self, num_steps: int, sample: jax.Array) -> PNDMState:
+    def init_state(self, num_steps: int, sample: jax.Array, start: int = 0) -> PNDMState:
+        """The grid and each step's transfer, for a run beginning at grid point ``start`` (diffusers' counter,
+        which orders the warm-up, starts at 0 there: its second step, ``start + 1``, redoes the first's move from
+        t + δ to t, whatever t is at that point of the grid, as diffusers does)."""
         t = self.set_timesteps(num_steps)
         delta = self.config.num_train_timesteps // num_steps
         t_from, t_to = t.copy(), t - delta
-        if len(t) > 1:  # step 1 redoes step 0's move (t_1 + δ → t_1) with the averaged ε
-            t_from[1], t_to[1] = t[1] + delta, t[1]
+        if start + 1 < len(t):  # step start + 1 redoes step start's move (t + δ → t) with the averaged ε
+            t_from[start + 1], t_to[start + 1] = t[start + 1] + delta, t[start + 1]
         t_to = np.where(t_to < 0, -1 if self.config.set_alpha_to_one else 0, t_to)
         return PNDMState(self.config.schedule(), _timestep_array(t, np.int32), _timestep_array(t_from, np.int32),
-                         _timestep_array(t_to, np.int32), _f32(1.0),
+                         _timestep_array(t_to, np.int32), _f32(1.0), start=jnp.int32(start),
                          ets=jnp.zeros((3, *sample.shape), jnp.float32),
                          cur_sample=jnp.zeros(sample.shape, jnp.float32))
 
@@ -751,15 +760,16 @@ class PNDMScheduler:
     def step(self, state: PNDMState, model_output: jax.Array, i: jax.Array | int, sample: jax.Array,
              key: jax.Array | None = None) -> tuple[jax.Array, PNDMState]:
         """x_{t−δ} = φ(x_t, ε', t, t−δ),  ε' = Σ_k w_k ε̂_{i−k} (PNDM Eqs. 11–12)."""
-        w = jnp.asarray(PLMS_WEIGHTS, jnp.float32)[jnp.minimum(i, 4)]                  # [4]
+        k = i - state.start                                       # the step's place in the warm-up (diffusers' counter)
+        w = jnp.asarray(PLMS_WEIGHTS, jnp.float32)[jnp.minimum(k, 4)]                  # [4]
         history = jnp.concatenate([model_output[None], state.ets])                      # [4, *shape]
         eps_prime = jnp.tensordot(w, history, axes=1)                                    # [*shape]
-        x_from = jnp.where(i == 1, state.cur_sample, sample)
+        x_from = jnp.where(k == 1, state.cur_sample, sample)
         prev = ddim_step(state.schedule, eps_prime, x_from, state.from_timesteps[i], state.to_timesteps[i],
                          jnp.zeros_like(sample), eta=0.0, prediction=self.config.prediction, clip_denoised=False)
         # diffusers stores every model output but step 1's (taken at the provisional point)
-        ets = jnp.where(i == 1, state.ets, history[:3])
-        cur_sample = jnp.where(i == 0, sample, state.cur_sample)
+        ets = jnp.where(k == 1, state.ets, history[:3])
+        cur_sample = jnp.where(k == 0, sample, state.cur_sample)
         return prev, state.replace(ets=ets, cur_sample=cur_sample)
 
     add_noise = staticmethod(_add_noise_vp)
@@ -822,7 +832,8 @@ class EulerScheduler:
         """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N] (fractional for "linspace" and Karras)."""
         return euler_sigma_grid(self.config, num_steps)[0].astype(np.float32)
 
-    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerState:
+    def init_state(self, num_steps: int, sample: jax.Array | None = None, start: int = 0) -> EulerState:
+        """The grid, its σ's and churn γ's (a one-step method: ``start`` changes nothing)."""
         t, sigmas = euler_sigma_grid(self.config, num_steps)                  # [N], [N+1]
         in_range = (self.s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= self.s_tmax)
         gammas = np.where(in_range, min(self.s_churn / num_steps, math.sqrt(2) - 1), 0.0)
@@ -875,7 +886,8 @@ class EulerAncestralScheduler:
         return spaced_timesteps(c.num_train_timesteps, num_steps, c.timestep_spacing, c.steps_offset,
                                 round_linspace=False).astype(np.float32)
 
-    def init_state(self, num_steps: int, sample: jax.Array | None = None) -> EulerAncestralState:
+    def init_state(self, num_steps: int, sample: jax.Array | None = None, start: int = 0) -> EulerAncestralState:
+        """The grid, its σ's, σ_up's and σ_down's (a one-step method: ``start`` changes nothing)."""
         t = self.set_timesteps(num_steps)
         sigmas = _sigmas_at(self.config, t)                                      # [N+1], float64
         s_from, s_to = sigmas[:-1], sigmas[1:]
@@ -985,20 +997,22 @@ class DPMSolverMultistepScheduler:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""
         return multistep_sigma_grid(self.config, num_steps)[0]
 
-    def orders(self, num_steps: int) -> np.ndarray:
-        """The order (1 or 2) of each of the N steps, as diffusers' ``step`` chooses it."""
+    def orders(self, num_steps: int, start: int = 0) -> np.ndarray:
+        """The order (1 or 2) of each of the N steps, as diffusers' ``step`` chooses it for a run beginning at grid
+        point ``start`` (its ``lower_order_nums`` counts from there: no history before it; "< 15" is of the whole grid)."""
         c = self.config
         n = len(self.set_timesteps(num_steps))
         last_first_order = c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
         orders = np.full(n, c.solver_order)
-        orders[0] = 1
+        orders[:start + 1] = 1
         if last_first_order:
             orders[-1] = 1
         return orders
 
-    def init_state(self, num_steps: int, sample: jax.Array) -> DPMSolverState:
+    def init_state(self, num_steps: int, sample: jax.Array, start: int = 0) -> DPMSolverState:
+        """The grid, its σ's and each step's (A, P, Q, S) for a run beginning at grid point ``start`` (first order there)."""
         t, sigmas = multistep_sigma_grid(self.config, num_steps)                      # [N], [N+1]
-        coefficients = dpm_solver_pp_coefficients(sigmas, self.orders(num_steps) == 2, self.config.solver_type,
+        coefficients = dpm_solver_pp_coefficients(sigmas, self.orders(num_steps, start) == 2, self.config.solver_type,
                                                   sde=self.config.algorithm_type == "sde-dpmsolver++")
         return DPMSolverState(_timestep_array(t, np.int32), _f32(sigmas), _f32(coefficients), _f32(1.0),
                               prev_x0=jnp.zeros(sample.shape, jnp.float32))
@@ -1058,7 +1072,8 @@ class HeunScheduler:
         t = euler_sigma_grid(self.config, num_steps)[0]
         return np.concatenate([t[:1], np.repeat(t[1:], 2)]).astype(np.float32)
 
-    def init_state(self, num_steps: int, sample: jax.Array) -> HeunState:
+    def init_state(self, num_steps: int, sample: jax.Array, start: int = 0) -> HeunState:
+        """The interleaved grid and σ's; pure in the grid index, so ``start`` (an even grid point) changes nothing."""
         _, sigmas = euler_sigma_grid(self.config, num_steps)                          # [N+1], σ_N = 0
         interleaved = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])  # [2N]
         return HeunState(_f32(self.set_timesteps(num_steps)), _f32(interleaved),
@@ -1168,7 +1183,9 @@ class UniPCMultistepScheduler:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""
         return multistep_sigma_grid(self.config, num_steps)[0]
 
-    def init_state(self, num_steps: int, sample: jax.Array) -> UniPCState:
+    def init_state(self, num_steps: int, sample: jax.Array, start: int = 0) -> UniPCState:
+        """The grid, σ's and history; the warm-up counts the steps taken (``num_steps_taken``), so ``start`` changes
+        nothing here."""
         c = self.config
         t, sigmas = multistep_sigma_grid(c, num_steps)                               # [N], [N+1]
         n = len(t)
@@ -1323,13 +1340,16 @@ class Trajectory(NamedTuple):
 def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None, num_steps: int, *,
         start: int = 0, end: int | None = None, x_is_noise: bool = True,
         on_step: Callable[[jax.Array], None] | None = None,
+        after_step: Callable[[jax.Array, jax.Array, Any], jax.Array] | None = None,
         return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
     """THE sampling loop: steps ``start … end−1`` (default ``end`` = n) of the scheduler's grid for ``num_steps``
     as ONE ``lax.scan``, as diffusers' pipelines run them::
 
+        state = init_state(num_steps, x, start)                     (a multistep history begins at start)
         x = x_T · init_noise_sigma                                  (x_is_noise)
         for i, t in enumerate(timesteps[start:end], start):
             x = step(state, eps_fn(scale_model_input(x, i), t), i, x, fold_in(key, i))
+            x = after_step(x, i, state)                             (if given)
 
     Args:
       x: [B, ...] the initial noise x_T ~ N(0, I) (``x_is_noise``, multiplied by init_noise_sigma here), or,
@@ -1344,6 +1364,8 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
         ``denoising_end``: the rest of the grid is another model's).
       on_step: ``on_step(i)`` runs on the host after step i (``jax.debug.callback``: a progress bar without
         splitting the program).
+      after_step: ``after_step(x, i, state) -> x``, traced into the loop after step i (x is the sample at grid point
+        i + 1): a change of the sample between steps, e.g. inpainting's latent blending with the known region.
 
     Returns x after the last step [B, ...]; with ``return_trajectory`` the pair (x, :class:`Trajectory`).
     To compile once and vary the model's inputs, jit a function that takes them as arguments::
@@ -1352,10 +1374,11 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
             scheduler, lambda x, t: guided_unet(params, x, t, cond, g), x_T, key, 50))
     """
     x = jnp.asarray(x, jnp.float32)
-    state = scheduler.init_state(num_steps, x)
-    batch, n = x.shape[0], state.timesteps.shape[0]
+    n = len(scheduler.set_timesteps(num_steps))
     if not 0 <= start < n:
         raise ValueError(f"start must be in [0, {n - 1}] (the grid has {n} points), got {start}")
+    state = scheduler.init_state(num_steps, x, start=start)
+    batch = x.shape[0]
     end = n if end is None else end
     if not start < end <= n:
         raise ValueError(f"end must be in [{start + 1}, {n}] (after start {start}; the grid has {n} points), got {end}")
@@ -1369,6 +1392,8 @@ def run(scheduler: Scheduler, eps_fn: EpsFn, x: jax.Array, key: jax.Array | None
         t = jnp.full((batch,), state.timesteps[i], state.timesteps.dtype)   # [B]
         x_in = scheduler.scale_model_input(state, x, i)                     # [B, ...]
         x_next, state = scheduler.step(state, eps_fn(x_in, t), i, x, step_key(key, i))
+        if after_step is not None:
+            x_next = after_step(x_next, i, state)
         if on_step is not None:
             jax.debug.callback(on_step, i)
         return (x_next, state), ((x_in, x_next) if return_trajectory else None)

@@ -59,8 +59,21 @@ def copy_bpe_files(tok, folder):
         (folder / name).write_bytes((tok / name).read_bytes())
 
 
+def sharp_posterior(vae):
+    """Makes the VAE's posterior q(z|x) a point mass to far below the tests' 1e-3: the log-variance half of quant_conv
+    is set to the constant −30 (σ = e^−15 ≈ 3e−7), so a sample of q(z|x) is its mean whatever noise either library
+    draws, and "from the same image" comparisons are exact without sharing torch's generator."""
+    import torch
+
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:] = 0.0
+        vae.quant_conv.bias[half:] = -30.0
+    return vae
+
+
 def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gelu", sdxl=False, refiner=False,
-                    vae=None, width_2=32):
+                    vae=None, width_2=32, sharp_vae=False, inpainting=False):
     """A tiny random StableDiffusionPipeline folder under ``root``: U-Net config ``unet``, the VAE above, a
     2-layer CLIP text model, the BPE tokenizer (padding with ``pad_token``, else end-of-text) and ``scheduler``
     (a diffusers scheduler object). With ``sdxl`` a StableDiffusionXLPipeline folder: SDXL's VAE scale 0.13025,
@@ -68,7 +81,9 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
     tokenizer_2 padding with "!", as SDXL's. With ``refiner`` the SDXL refiner's StableDiffusionXLImg2ImgPipeline
     folder: text_encoder_2 alone (the same weights as the base's, as in SDXL 1.0), requires_aesthetics_score,
     force_zeros_for_empty_prompt false (as stabilityai/stable-diffusion-xl-refiner-1.0). ``vae``: AutoencoderKL
-    arguments instead of VAE's; ``width_2``: text_encoder_2's hidden size. Returns the folder."""
+    arguments instead of VAE's; ``width_2``: text_encoder_2's hidden size; ``sharp_vae``: a point-mass posterior
+    (``sharp_posterior``); ``inpainting``: a StableDiffusionInpaintPipeline folder (give a 9-channel ``unet``).
+    Returns the folder."""
     import diffusers
     import transformers
 
@@ -85,6 +100,7 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
 
     tokenizer, text = text_model(transformers.CLIPTextModel, pad_token, hidden_act, 2)
     vae = perturb(diffusers.AutoencoderKL(**(vae or VAE), **({"scaling_factor": 0.13025} if sdxl or refiner else {})), 1)
+    vae = sharp_posterior(vae) if sharp_vae else vae
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer,
                  unet=perturb(diffusers.UNet2DConditionModel(**unet), 5 if refiner else 3), scheduler=scheduler)
     if refiner:
@@ -98,8 +114,8 @@ def write_sd_folder(root, unet, scheduler, pad_token=None, hidden_act="quick_gel
         pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
                                                    force_zeros_for_empty_prompt=True)
     else:
-        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+        cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "model", safe_serialization=True)
     for name in ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
         copy_bpe_files(root / "tok", root / "model" / name)
@@ -302,3 +318,32 @@ def check_with_diffusers_single_file_loader(path, folder):
         assert set(a) == set(b), name
         for k in b:
             assert not a[k].is_meta and torch.equal(a[k], b[k]), (name, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs shared by the img2img and inpainting parity tests
+# ------------------------------------------------------------------------------------------------
+
+def smooth_image(height, width, k=0):
+    """A smooth RGB PIL image (sines of the coordinates, phase k): something a VAE encodes to structured latents."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[:height, :width] / max(height, width)
+    rgb = np.stack([np.sin(6 * x + k), np.cos(5 * y - k), np.sin(4 * (x + y) + 2 * k)], -1)
+    return Image.fromarray(np.round((rgb * 0.5 + 0.5) * 255).astype(np.uint8))
+
+
+
+
+def inject_step_noise(monkeypatch, module, seed, shape, steps):
+    """Feeds a diffusers scheduler module's ``randn_tensor`` our step noise, in order: at step i (a grid index of
+    ``steps``) image b draws z from fold_in(split(key(seed + b))[1], i) (the library's noise-key rule per image,
+    ``stable_diffusion.image_keys``), shape [B, ...] NHWC → NCHW."""
+    import jax
+    import numpy as np
+
+    key_steps = [jax.random.split(jax.random.key(seed + b))[1] for b in range(shape[0])]
+    noise = iter([np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), shape[1:])) for k in key_steps]
+                           ).transpose(0, 3, 1, 2) for i in steps])
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))

@@ -232,17 +232,33 @@ STEP_CASES = [
 @pytest.mark.parametrize("name,config,kwargs,num_steps", STEP_CASES)
 def test_step_sequence_matches_diffusers_step(name, config, kwargs, num_steps, monkeypatch):
     """Every step of a run on random (x_i, model output_i), fed identically to both, with the same noise."""
+    _check_step_sequence(name, config, kwargs, num_steps, monkeypatch)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_from_mid_grid_match_diffusers_begin_index(name, monkeypatch):
+    """A run that begins at grid point 3 of 10 (img2img, inpainting): init_state(N, x, start) against diffusers'
+    fresh scheduler with set_begin_index(3) stepping timesteps[3:] (PNDM: its warm-up counter starts there too);
+    the multistep methods' history and lower-order start restart at 3, so steps 3, 4, … are not those of a run
+    from 0 (checked: they differ)."""
+    _check_step_sequence(name, {}, {}, 10, monkeypatch, start=3)
+
+
+def _check_step_sequence(name, config, kwargs, num_steps, monkeypatch, start=0):
     config = {**SD_CONFIG, **config}
     sched = S.get_scheduler(name, config, **kwargs)
     ref = reference(name, config, num_steps)
+    if start and hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(start)
     rng = np.random.default_rng(0)
     shape = (2, 4, 4, 3)
-    state = sched.init_state(num_steps, jnp.zeros(shape))
+    state = sched.init_state(num_steps, jnp.zeros(shape), start=start)
+    from_zero = sched.init_state(num_steps, jnp.zeros(shape))
     key = jax.random.key(1)
     noise_of = lambda i: np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape), np.float64)
     feed = FeedNoise(monkeypatch, noise_of)
-    worst = 0.0
-    for i, t in enumerate(ref.timesteps):
+    worst, unlike_from_zero = 0.0, 0.0
+    for i, t in enumerate(ref.timesteps[start:], start):
         feed.i = i
         x = (float(state.init_noise_sigma) * rng.standard_normal(shape)).astype(np.float32).astype(np.float64)
         model_output = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
@@ -253,7 +269,11 @@ def test_step_sequence_matches_diffusers_step(name, config, kwargs, num_steps, m
         prev_ref = ref.step(f64(model_output), t, f64(x), **step_kw).prev_sample.numpy()
         prev, state = sched.step(state, f32(model_output), i, f32(x), jax.random.fold_in(key, i))
         worst = max(worst, close(prev, prev_ref, name))
+        if start:  # the same inputs through a state made for a run from grid point 0
+            prev_from_zero, from_zero = sched.step(from_zero, f32(model_output), i, f32(x), jax.random.fold_in(key, i))
+            unlike_from_zero = max(unlike_from_zero, close(prev_from_zero, prev_ref, name))
     assert worst <= ATOL, worst
+    assert (unlike_from_zero > 1e-2) == (start > 0 and name in ("pndm", "dpmsolver++")), unlike_from_zero
     assert (feed.calls > 0) == (name in STOCHASTIC or "s_churn" in kwargs)  # our noise reached diffusers
 
 

@@ -3,8 +3,8 @@
 Tiny random components (U-Net with cross-attention, AutoencoderKL, CLIP text model, a CLIP BPE
 tokenizer written to disk) are saved as a diffusers StableDiffusionPipeline folder; our txt2img from
 the same initial latents must equal diffusers' output (images in [0, 1]) to ≤ 1e-3 for DDIM, PNDM,
-Euler and DPM-Solver++, with a negative prompt; img2img equals diffusers' Img2Img pipeline (DDIM,
-Euler). The same folder written as a single-file CompVis checkpoint — its layout checked by
+Euler and DPM-Solver++, with a negative prompt; img2img from the same image equals diffusers' Img2Img pipeline
+for every scheduler (the multistep ones restarted mid-grid; the VAE's posterior a point mass, ``sharp_posterior``). The same folder written as a single-file CompVis checkpoint — its layout checked by
 diffusers' own CompVis→diffusers converters — loads to identical params. Plus: compile once for
 new prompts and guidance scales, seed determinism, sharding over 8 simulated devices, errors.
 """
@@ -27,9 +27,11 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from ddpm_jax.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
+from ddpm_jax.pipelines.stable_diffusion import (StableDiffusion, preprocess_image, read_image,  # noqa: E402
+                                                 strength_start)
 
-from _sd_fixtures import UNET_V1, check_with_diffusers, pipe, sd, to_single_file, write_sd_folder  # noqa: E402,F401 (module fixtures)
+from _sd_fixtures import (UNET_V1, check_with_diffusers, inject_step_noise, pipe, sd, smooth_image,  # noqa: E402,F401
+                          to_single_file, write_sd_folder)  # (pipe, sd: module fixtures)
 from _training_fixtures import subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
@@ -43,7 +45,7 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET_V1, diffusers.PNDMScheduler(**SCHEDULER))
+    return write_sd_folder(tmp_path_factory.mktemp("sd"), UNET_V1, diffusers.PNDMScheduler(**SCHEDULER), sharp_vae=True)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,8 @@ def _latents(batch=2, seed=0):
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "dpmsolver++": "DPMSolverMultistepScheduler", "heun": "HeunDiscreteScheduler",
               "unipc_karras": "UniPCMultistepScheduler"}
+ALL_SCHEDULERS = {k: SCHEDULERS[k] for k in ("ddim", "pndm", "euler", "dpmsolver++")} | {
+    "euler_ancestral": "EulerAncestralDiscreteScheduler", "ddpm": "DDPMScheduler"}
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -104,11 +108,8 @@ def test_txt2img_stochastic_equals_diffusers_pipeline(by_scheduler, pipe, monkey
     class_name, changes, module = STOCHASTIC[name]
     pipe.scheduler = getattr(diffusers, class_name).from_config({**folder_scheduler_config(), **changes})
     latents, seed, steps = _latents(), 3, 6
-    key_steps = [jax.random.split(jax.random.key(seed + b))[1] for b in range(len(latents))]
-    noise = iter(np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), latents.shape[1:])) for k in key_steps]
-                          ).transpose(0, 3, 1, 2) for i in range(steps))
-    monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{module}"), "randn_tensor",
-                        lambda shape, **kw: torch.from_numpy(next(noise)))
+    inject_step_noise(monkeypatch, importlib.import_module(f"diffusers.schedulers.{module}"), seed, latents.shape,
+                      range(steps))
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
                         num_inference_steps=steps, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np").images
@@ -119,30 +120,67 @@ def test_txt2img_stochastic_equals_diffusers_pipeline(by_scheduler, pipe, monkey
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["euler"])
-def test_img2img_equals_diffusers_pipeline(by_scheduler, folder, name):
-    """SDEdit from given latents and noise: diffusers' StableDiffusionImg2ImgPipeline (latents as `image`)."""
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
+@pytest.fixture(scope="module")
+def img2img_pipe(folder):
+    return diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
                                                                     requires_safety_checker=False)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-    init = _latents(seed=1)
-    noise = torch.randn((2, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("name", list(ALL_SCHEDULERS))
+def test_img2img_from_an_image_equals_diffusers_pipeline(by_scheduler, img2img_pipe, name, monkeypatch):
+    """SDEdit from the same PIL images (preprocessing, VAE encoding, noising to grid point N − ⌊strength·N⌋, the
+    rest of the grid) equals diffusers' StableDiffusionImg2ImgPipeline for every scheduler: PNDM's warm-up and
+    DPM-Solver++'s first-order step restart at the start point (diffusers' set_begin_index). The same ε is given to
+    both (ours: ``noise=``; diffusers': its randn_tensor), the ancestral steps get our step noise, and q(z|x) is a
+    point mass (``sharp_posterior``), so the encoder's draw changes nothing."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
+    from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+
+    img2img_pipe.scheduler = getattr(diffusers, ALL_SCHEDULERS[name]).from_config(img2img_pipe.scheduler.config)
+    images, seed, steps, strength = [smooth_image(SIZE, SIZE, k) for k in range(2)], 5, 5, 0.6
+    noise = _latents(seed=1)
+    monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise.transpose(0, 3, 1, 2)))
+    grid = range(strength_start(steps, strength), len(by_scheduler(name).grid(steps)))   # the steps run (grid indices)
+    for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
+        inject_step_noise(monkeypatch, module, seed, noise.shape, grid)
     with torch.no_grad():
-        expected = pipe(PROMPTS, image=torch.from_numpy(init.transpose(0, 3, 1, 2)), strength=0.6,
-                        num_inference_steps=10, guidance_scale=4.0, output_type="np",
-                        generator=torch.Generator().manual_seed(7)).images
-    ours = by_scheduler(name).img2img(None, PROMPTS, strength=0.6, guidance_scale=4.0, num_steps=10,
-                                          init_latents=init, noise=noise.numpy().transpose(0, 2, 3, 1))
+        expected = img2img_pipe(PROMPTS, image=images, strength=strength, num_inference_steps=steps,
+                                guidance_scale=4.0, negative_prompt=NEGATIVE, output_type="np").images
+    pixels = np.concatenate([preprocess_image(im, multiple=2) for im in images])          # [2, 32, 32, 3]
+    ours = by_scheduler(name).img2img(pixels, PROMPTS, strength=strength, negative_prompts=NEGATIVE,
+                                      guidance_scale=4.0, num_steps=steps, seed=seed, noise=noise)
+    assert expected.std() > 0.05
     np.testing.assert_allclose((ours["images"] + 1) / 2, expected, atol=1e-3, rtol=0)
+
+
+def test_image_preprocessing_equals_diffusers(tmp_path):
+    """preprocess_image = VaeImageProcessor.preprocess (Lanczos resize to height × width, or the size rounded down
+    to the VAE's multiple; [0, 255] → [−1, 1]), and its grayscale form = the inpainting mask processor before
+    binarising; a PNG read by read_image is the same array."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    im = smooth_image(37, 43, 3)
+    image_processor, mask_processor = VaeImageProcessor(vae_scale_factor=8), VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_convert_grayscale=True)
+    for size in ({}, {"height": 24, "width": 48}):
+        expected = image_processor.preprocess(im, **size).numpy().transpose(0, 2, 3, 1)
+        ours = preprocess_image(im, **size)
+        assert ours.shape == expected.shape == ((1, 32, 40, 3) if not size else (1, 24, 48, 3))
+        np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+        expected = mask_processor.preprocess(im, **size).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(preprocess_image(im, grayscale=True, **size), expected, atol=1e-6, rtol=0)
+    im.save(tmp_path / "im.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "im.png"), preprocess_image(im))
 
 
 def test_one_program_for_new_prompts_and_guidance_seed_determinism(by_scheduler):
     model = by_scheduler("euler_ancestral")
+    before = model.trace_count  # the shared pipeline may have compiled img2img's program already
     a = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=3)
-    assert model.trace_count == 1
+    assert model.trace_count == before + 1
     b = model.txt2img(["the dog"], ["cat"], guidance_scale=2.0, num_steps=3, height=SIZE, width=SIZE, seed=3)
     c = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=3)
-    assert model.trace_count == 1  # prompts, negative prompts and w are traced arguments
+    assert model.trace_count == before + 1  # prompts, negative prompts and w are traced arguments
     np.testing.assert_array_equal(a["images"], c["images"])  # seed → identical images
     assert np.abs(a["images"] - b["images"]).max() > 1e-3
     d = model.txt2img(["a cat"], num_steps=3, height=SIZE, width=SIZE, seed=4)
@@ -249,10 +287,9 @@ def test_errors(sd, folder, tmp_path):
         sd.txt2img(PROMPTS, ["a", "b", "c"], height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="latents must have shape"):
         sd.txt2img(PROMPTS, height=SIZE, width=SIZE, latents=np.zeros((1, 16, 16, 4)))
-    with pytest.raises(ValueError, match="img2img supports"):
-        sd.img2img(np.zeros((1, SIZE, SIZE, 3)), "a cat")  # the folder's PNDM
-    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
-        sd.with_scheduler("ddim").img2img(np.zeros((1, SIZE, SIZE, 3)), "a cat", strength=1.5)  # before compiling
+    for strength in (1.5, 0.0, -0.2):
+        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+            sd.img2img(np.zeros((1, SIZE, SIZE, 3)), "a cat", strength=strength)  # before compiling
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     for name in ("model_index.json", "unet", "vae", "tokenizer", "scheduler"):

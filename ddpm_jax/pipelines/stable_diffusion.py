@@ -20,7 +20,12 @@ new prompts or a new w do not recompile. The batch is split over every device (`
 img2img is SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations"): encode the image, z_0 = s·E(x); noise it to the point s·N of the grid,
 z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, ``diffusion.q_sample``; in σ-space z_0 + σ_t ε: the
-scheduler's ``add_noise``); then run the remaining steps of the same loop.
+scheduler's ``add_noise``); then run the remaining steps of the same loop, with any scheduler (a multistep one
+restarted there: ``init_state(N, z, start)``, as diffusers' ``set_begin_index``).
+
+Inpainting (``inpaint``; ``pipelines/inpainting.py``) repaints under a mask, as diffusers'
+``StableDiffusionInpaintPipeline``: SD's 9-channel inpainting U-Net reads [z_t, m↓, s·E(x ⊙ (1 − m))]; a plain
+U-Net has the known region blended back, noised to the next grid point, after each step.
 
 Randomness follows the library's noise-key rule (``schedulers.py``): ``key_x_T, key_steps =
 jax.random.split(jax.random.key(seed))``; txt2img draws z_T from ``key_x_T``, img2img splits ``key_x_T`` into
@@ -71,6 +76,7 @@ from ddpm_jax.diffusion_model import TextEncoder
 from ddpm_jax.models.clip import CLIPTextModelWithProjection, CLIPTextTransformer
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.models.vae import AutoencoderKL
+from ddpm_jax.pipelines import inpainting
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
 from ddpm_jax.pretrained import compvis, lora
 from ddpm_jax.pretrained.convert import Params
@@ -88,8 +94,9 @@ REFINER_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2
 SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 # the refiner's five (§2.5, diffusers' requires_aesthetics_score): the target size replaced by an aesthetic score
 REFINER_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",  # model_index.json _class_name we read
-                    "StableDiffusionXLImg2ImgPipeline")                      # (the SDXL refiner's)
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")  # base; the refiner's
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",  # model_index.json _class_name we read
+                    *SDXL_PIPELINE_CLASSES)                                       # (the inpainting one: a 9-channel U-Net)
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 # Stable Diffusion v1's scheduler_config.json (PNDM), for single-file checkpoints that carry none.
@@ -106,9 +113,6 @@ SDXL_SCHEDULER_CONFIG = {
 }
 SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
                           "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
-# Schedulers whose step depends only on the grid index, so that img2img can start mid-grid exactly as
-# diffusers does (PNDM's and DPM-Solver's warm-up counters would need a restart at the first step).
-IMG2IMG_SCHEDULERS = ("ddpm", "ddim", "euler", "euler_ancestral")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -161,7 +165,7 @@ def folder_components(index: dict[str, Any]) -> tuple[str, ...]:
     class_name = index.get("_class_name")
     if class_name == "StableDiffusionXLImg2ImgPipeline" and (index.get("text_encoder") or [None])[0] is None:
         return REFINER_COMPONENTS
-    return SDXL_COMPONENTS if class_name in PIPELINE_CLASSES[1:] else COMPONENTS
+    return SDXL_COMPONENTS if class_name in SDXL_PIPELINE_CLASSES else COMPONENTS
 
 
 def check_folder(folder: Path) -> dict[str, Any]:
@@ -260,6 +264,7 @@ class StableDiffusion:
         self.text_2 = (TextEncoder(self.tokenizer_2, self.text_encoder_2, self.params["text_encoder_2"], -2)
                        if self.is_sdxl else None)
         self._programs: dict[tuple, Callable] = {}
+        self._encoder = jax.jit(self._encode)
         self._bar = None
         self.trace_count = 0
         self.loras = lora.LoRASet()   # load_lora / set_lora_scales / fuse_lora / unload_lora (pretrained/lora.py)
@@ -268,6 +273,11 @@ class StableDiffusion:
     def is_sdxl(self) -> bool:
         """True for SDXL (two text encoders, the U-Net's added conditioning), base or refiner."""
         return self.text_encoder_2 is not None
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        """True for SD's inpainting U-Net, which reads [z, m↓, s·E(x ⊙ (1 − m))]: in_channels = 2·latent + 1 (9)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
     @property
     def is_refiner(self) -> bool:
@@ -407,7 +417,8 @@ class StableDiffusion:
         if isinstance(scheduler, str):
             scheduler = schedulers.get_scheduler(scheduler, config or self.scheduler.config)
         other = dataclasses.replace(self, scheduler=scheduler)
-        other.text, other.text_2, other.loras = self.text, self.text_2, self.loras  # share the text encoders, LoRAs
+        # share the text encoders, the compiled image encoder and the LoRAs
+        other.text, other.text_2, other._encoder, other.loras = self.text, self.text_2, self._encoder, self.loras
         return other
 
     # --------------------------------------------------------------------------------------------
@@ -494,7 +505,7 @@ class StableDiffusion:
         if (height // f) % levels or (width // f) % levels:
             raise ValueError(f"height and width must be multiples of {f * levels} for this U-Net (latents divisible "
                              f"by 2^(levels−1) = {levels}), got {height}×{width}")
-        return batch, height // f, width // f, self.unet.config.in_channels
+        return batch, height // f, width // f, self.vae.config.latent_channels
 
     def prompt_condition(self, prompts: Sequence[str]) -> dict[str, Array]:
         """prompts → the U-Net's text conditions: {"context": the text encoder's last hidden states [B, 77, D]}
@@ -561,22 +572,31 @@ class StableDiffusion:
 
     def _program(self, num_steps: int, start: int, end: int | None, scale_init: bool, keep_trajectory: bool,
                  sharded: bool, decode: bool = True) -> Callable:
-        """The compiled sampler: (params, LoRAs, c, ∅, w, φ, z, key) → (images, z, trajectory), c and ∅ dicts of
-        U-Net condition arguments (``_conditions``), LoRAs the U-Net's factors and their traced scales
+        """The compiled sampler: (params, LoRAs, c, ∅, w, φ, z, key, inpaint) → (images, z, trajectory), c and ∅ dicts
+        of U-Net condition arguments (``_conditions``), LoRAs the U-Net's factors and their traced scales
         (``LoRASet.traced``); grid steps start … end−1, z the sample after them (z_0 when the grid is run to its
-        end); images None without ``decode`` (SDXL's base part of base → refiner). One per static setting."""
+        end); images None without ``decode`` (SDXL's base part of base → refiner). ``inpaint``: {} or the traced
+        inputs of inpainting (``inpaint``: m↓ and the masked image's latents for a 9-channel U-Net; m↓, the image's
+        latents and ε for latent blending). One per static setting (and kind of ``inpaint``)."""
         key = (num_steps, start, end, scale_init, keep_trajectory, sharded, decode)
         if key in self._programs:
             return self._programs[key]
 
-        def run(params, loras, cond, uncond, guidance_scale, guidance_rescale, z, rng):
+        def run(params, loras, cond, uncond, guidance_scale, guidance_rescale, z, rng, inpaint):
             self.trace_count += 1                                                     # Python: runs at trace time only
             unet_params = lora.merge(params["unet"], *loras)        # W + Σ s_k B_k A_k, scales traced (no LoRA: W)
             eps_fn = guidance.guided_eps_fn(guidance.unet_model_fn(self.unet, unet_params),
                                             cond, uncond, guidance_scale, guidance_rescale)
+            after_step = None
+            if "masked_latents" in inpaint:        # SD's inpainting U-Net reads [z, m↓, s·E(x ⊙ (1 − m))]: 9 channels
+                eps_fn = inpainting.unet_inputs(eps_fn, inpaint["mask"], inpaint["masked_latents"])
+            elif inpaint:                          # a plain U-Net: the known region blended back after each step
+                after_step = inpainting.blend_fn(self.scheduler, inpaint["image_latents"], inpaint["noise"],
+                                                 inpaint["mask"])
             # txt2img (scale_init): z is z_T, scaled by init_noise_sigma in run; img2img: z at grid point start
             out = schedulers.run(self.scheduler, eps_fn, z, rng, num_steps, start=start, end=end,
-                                 x_is_noise=scale_init, on_step=self._on_step, return_trajectory=keep_trajectory)
+                                 x_is_noise=scale_init, on_step=self._on_step, after_step=after_step,
+                                 return_trajectory=keep_trajectory)
             z0, trajectory = out if keep_trajectory else (out, None)                 # [B, h, w, 4], Trajectory
             if not decode:
                 return None, z0, trajectory
@@ -585,7 +605,7 @@ class StableDiffusion:
 
         if sharded:
             batch, rep = parallel.batch_sharding(self.mesh), self._replicated
-            program = jax.jit(run, in_shardings=(rep, rep, batch, batch, rep, rep, batch, rep))
+            program = jax.jit(run, in_shardings=(rep, rep, batch, batch, rep, rep, batch, rep, batch))
         else:
             program = jax.jit(run)
         self._programs[key] = program
@@ -593,9 +613,13 @@ class StableDiffusion:
 
     def _sample(self, prompts: list[str], cond: dict[str, Array], uncond: dict[str, Array], guidance_scale: float,
                 z: Array, key: Array, num_steps: int, start: int, scale_init: bool, keep: bool, progress: bool,
-                guidance_rescale: float = 0.0, end: int | None = None) -> dict[str, Any]:
+                guidance_rescale: float = 0.0, end: int | None = None, inpaint: dict[str, Array] | None = None
+                ) -> dict[str, Any]:
         """Runs the program for grid steps start … end−1; with ``end`` (``denoising_end``) the latents at grid point
-        ``end`` come back undecoded: {"latents"} (+ the trajectory), no "images"."""
+        ``end`` come back undecoded: {"latents"} (+ the trajectory), no "images". ``inpaint``: see ``_program``."""
+        inpaint = inpaint or {}
+        if "masked_latents" not in inpaint:
+            self._check_not_inpainting_unet()
         guidance.check_guidance_scale(guidance_scale)
         if not 0.0 <= float(guidance_rescale) <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1] (φ of Lin et al. 2024 Eq. 16; 0.7 is theirs), "
@@ -609,7 +633,8 @@ class StableDiffusion:
             self._bar, self._bar_start = progress_bar(total=n - start, desc="denoising", unit="step"), start
         try:
             images, z0, trajectory = program(self.params, self.loras.traced("unet"), cond, uncond,
-                                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), z, key)
+                                             jnp.float32(guidance_scale), jnp.float32(guidance_rescale), z, key,
+                                             inpaint)
             z0 = np.asarray(z0)
         finally:
             if self._bar is not None:
@@ -642,6 +667,7 @@ class StableDiffusion:
         ``denoising_end`` in (0, 1): SDXL base → refiner (``txt2img_with_refiner``): stop where the grid's timesteps
         fall below round(T − denoising_end·T) (``denoising_end_index``) and return {"latents"} there, undecoded.
         """
+        self._check_not_inpainting_unet()
         if self.is_refiner:
             raise ValueError("this is the SDXL refiner (an img2img model for the low noise levels, Podell et al. 2023 "
                              "§2.5): txt2img needs the SDXL base; run base → refiner (--model <base> --refiner <this>)")
@@ -650,8 +676,8 @@ class StableDiffusion:
         prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
         shape = self.latent_shape(len(prompts), height, width)
         key_latents, key_steps = image_keys(seed, len(prompts))                          # [B] keys each
-        if latents is None:                                                              # z_T [B, h, w, 4]
-            latents = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key_latents)
+        if latents is None:
+            latents = normal_each(key_latents, shape[1:])                                  # z_T [B, h, w, 4]
         elif tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (NHWC) for {len(prompts)} prompts at {height}×{width}, "
                              f"got {tuple(np.shape(latents))}")
@@ -671,7 +697,8 @@ class StableDiffusion:
                 denoising_start: float | None = None, aesthetic_score: float = 6.0,
                 negative_aesthetic_score: float = 2.5) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
-        grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded. ``init_latents`` (scaled
+        grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded, with any scheduler (a multistep
+        one restarts its history there, as diffusers' ``set_begin_index``). ``init_latents`` (scaled
         latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (for tests). SDXL's
         time ids are the defaults for the image's size; the refiner's hold ``aesthetic_score`` for c and
         ``negative_aesthetic_score`` for ∅ (diffusers' defaults 6.0 and 2.5; ``refiner_time_ids``).
@@ -681,23 +708,13 @@ class StableDiffusion:
         added, ``strength`` ignored); the steps run are those whose timestep is below round(T − denoising_start·T)
         (``denoising_start_index``).
         """
-        name = self.scheduler.name
-        if name not in IMG2IMG_SCHEDULERS:
-            raise ValueError(f"img2img supports the schedulers {', '.join(IMG2IMG_SCHEDULERS)}, not {name!r}: "
-                             f"use sd.with_scheduler('ddim') (or --scheduler ddim)")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo), got {strength}")
+        self._check_not_inpainting_unet()
+        start = strength_start(num_steps, strength) if denoising_start is None else None
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        key_x_T, key_steps = jax.random.split(jax.random.key(seed))                    # the noise-key rule
-        key_encode, key_noise = jax.random.split(key_x_T)
+        key_x_T, key_steps = image_keys(seed, len(prompts))          # the noise-key rule per image: [B] keys each
+        key_encode, key_noise = split_each(key_x_T)
         if init_latents is None:
-            images = jnp.asarray(images, jnp.float32)
-            if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(prompts):
-                raise ValueError(f"images must be [B, H, W, 3] in [-1, 1] with B = {len(prompts)} (one per prompt), "
-                                 f"got shape {tuple(images.shape)}")
-            self.latent_shape(len(prompts), images.shape[1], images.shape[2])
-            init_latents = jax.jit(lambda p, x, k: self.vae.apply({"params": p}, x, k, method=AutoencoderKL.encode_latents)
-                                   )(self.params["vae"], images, key_encode)            # [B, h, w, 4]
+            init_latents = self.encode_images(self._check_images(images, len(prompts)), key_encode)  # [B, h, w, 4]
         init_latents = jnp.asarray(init_latents, jnp.float32)
         size = (init_latents.shape[1] * self.vae_scale_factor, init_latents.shape[2] * self.vae_scale_factor)
         if self.is_refiner:                       # c with the aesthetic score, ∅ with the negative one
@@ -709,16 +726,86 @@ class StableDiffusion:
             start = denoising_start_index(self.grid(num_steps), denoising_start, self.scheduler.config.num_train_timesteps)
             return self._sample(prompts, cond, uncond, guidance_scale, init_latents, key_steps, num_steps, start, False,
                                 return_latents, progress, guidance_rescale)
-        # diffusers' get_timesteps: redo the last ⌊strength·N⌋ steps of the N-step grid
-        start = num_steps - min(int(num_steps * strength), num_steps)
-        if start >= num_steps:
-            raise ValueError(f"strength {strength} × {num_steps} steps leaves no step to run; raise either")
         if noise is None:
-            noise = jax.random.normal(key_noise, init_latents.shape, jnp.float32)
-        state = self.scheduler.init_state(num_steps, init_latents)
+            noise = normal_each(key_noise, init_latents.shape[1:])                          # ε [B, h, w, 4]
+        state = self.scheduler.init_state(num_steps, init_latents, start=start)
         z = self.scheduler.add_noise(state, init_latents, jnp.asarray(noise, jnp.float32), start)   # z at t_start
         return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
                             return_latents, progress, guidance_rescale)
+
+    def inpaint(self, images: Array, mask: Array, prompts: str | Sequence[str], strength: float = 1.0,
+                negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 7.5, num_steps: int = 50,
+                seed: int = 0, noise: Array | None = None, return_latents: bool = False, progress: bool = False,
+                guidance_rescale: float = 0.0) -> dict[str, Any]:
+        """Repaint images [B, H, W, 3] in [−1, 1] where ``mask`` is 1 (white), keep the rest (``pipelines/inpainting.py``),
+        as diffusers' ``StableDiffusionInpaintPipeline``: SD's 9-channel inpainting U-Net reads [z, m↓, s·E(x ⊙ (1 − m))];
+        a plain U-Net blends the image's noised latents back into the known region after each step. ``mask``: one
+        channel in [0, 1] of the images' size ([B, H, W(, 1)] or one [H, W(, 1)] for all), binarised at 0.5.
+
+        ``strength`` as in img2img: the last ⌊strength·N⌋ steps of the grid are run from s·E(x) noised to that point;
+        1.0 (the default) starts from pure noise z_T·init_noise_sigma, as diffusers. ``noise``: the ε [B, h, w, 4]
+        drawn from ``seed`` otherwise (for tests). Any scheduler; one compiled program as txt2img. Returns {"images",
+        "latents"} (+ the trajectory with ``return_latents``)."""
+        if self.is_sdxl:
+            raise ValueError("inpaint runs SD v1/2.x U-Nets (StableDiffusionInpaintPipeline); SDXL inpainting is not "
+                             "implemented: use an SD v1/2.x model or its inpainting variant")
+        channels = self.vae.config.latent_channels
+        if self.unet.config.in_channels not in (channels, 2 * channels + 1):
+            raise ValueError(f"inpainting needs a U-Net with {channels} input channels (latent blending) or "
+                             f"{2 * channels + 1} (SD's inpainting U-Net), got {self.unet.config.in_channels}")
+        start = strength_start(num_steps, strength)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = self._check_images(images, len(prompts))                                 # [B, H, W, 3]
+        mask = jnp.asarray(inpainting.prepare_mask(mask, images.shape))                   # [B, H, W, 1] of 0/1
+        key_x_T, key_steps = image_keys(seed, len(prompts))          # the noise-key rule per image: [B] keys each
+        key_encode, key_noise = split_each(key_x_T)
+        key_image, key_masked = split_each(key_encode)
+        if noise is None:
+            noise = normal_each(key_noise, self.latent_shape(*images.shape[:3])[1:])      # ε [B, h, w, 4]
+        noise = jnp.asarray(noise, jnp.float32)
+        mask_latent = inpainting.latent_mask(mask, self.vae_scale_factor)                 # m↓ [B, h, w, 1]
+        if self.is_inpainting_unet:
+            inputs = {"mask": mask_latent,
+                      "masked_latents": self.encode_images(inpainting.masked_image(images, mask), key_masked)}
+        else:
+            inputs = {"mask": mask_latent, "noise": noise}
+        image_latents = self.encode_images(images, key_image) if strength < 1.0 or "noise" in inputs else None
+        if "noise" in inputs:
+            inputs["image_latents"] = image_latents                                        # z_0^image [B, h, w, 4]
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        if strength == 1.0:                                       # diffusers: pure noise, scaled by init_noise_sigma
+            return self._sample(prompts, cond, uncond, guidance_scale, noise, key_steps, num_steps, 0, True,
+                                return_latents, progress, guidance_rescale, inpaint=inputs)
+        state = self.scheduler.init_state(num_steps, image_latents, start=start)
+        z = self.scheduler.add_noise(state, image_latents, noise, start)                  # z at grid point start
+        return self._sample(prompts, cond, uncond, guidance_scale, z, key_steps, num_steps, start, False,
+                            return_latents, progress, guidance_rescale, inpaint=inputs)
+
+    def _check_not_inpainting_unet(self) -> None:
+        if self.is_inpainting_unet:
+            raise ValueError("this U-Net is SD's inpainting U-Net (in_channels = 9: latents, mask, masked image): use "
+                             "inpaint(images, mask, prompts) (ddpm-jax inpaint), not txt2img or img2img")
+
+    def _check_images(self, images: Array, batch: int) -> Array:
+        """images [B, H, W, 3] in [−1, 1] with B = ``batch`` and a size the VAE and U-Net take, as float32."""
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != batch:
+            raise ValueError(f"images must be [B, H, W, 3] in [-1, 1] with B = {batch} (one per prompt), "
+                             f"got shape {tuple(images.shape)}")
+        self.latent_shape(batch, images.shape[1], images.shape[2])
+        return images
+
+    def encode_images(self, images: Array, key: Array | None) -> Array:
+        """z_0 = s·E(x): images [B, H, W, 3] in [−1, 1] → scaled latents [B, h, w, 4], a sample of q(z|x) from ``key``
+        (one key, or per-image keys [B]: image b's draw from its own; the mode if None), as diffusers' pipelines
+        encode (one compiled encoder, shared by ``with_scheduler``)."""
+        return self._encoder(self.params["vae"], jnp.asarray(images, jnp.float32), key)
+
+    def _encode(self, params: Params, images: Array, key: Array | None) -> Array:
+        encode = lambda x, k: self.vae.apply({"params": params}, x, k, method=AutoencoderKL.encode_latents)  # noqa: E731
+        if key is None or key.ndim == 0:
+            return encode(images, key)
+        return jax.vmap(lambda x, k: encode(x[None], k)[0])(images, key)                 # per-image keys [B]
 
     def grid(self, num_steps: int) -> np.ndarray:
         """The scheduler's timesteps for ``num_steps`` [n] (the model's t at each grid point, in sampling order)."""
@@ -742,8 +829,18 @@ def image_keys(seed: int, batch: int) -> tuple[Array, Array]:
     from ``split(key(seed + b))`` = (its z_T key, its steps' key), so it is the same image whatever the batch it is
     made in, and its own seed is seed + b (as AUTOMATIC1111 numbers a batch's seeds; ``png_metadata``).
     Returns (key_x_T [B], key_steps [B]); the steps' keys go to ``schedulers.run`` as per-example keys."""
-    keys = jnp.stack([jax.random.split(jax.random.key(seed + b)) for b in range(batch)])    # [B, 2]
-    return keys[:, 0], keys[:, 1]
+    return split_each(jnp.stack([jax.random.key(seed + b) for b in range(batch)]))
+
+
+def split_each(keys: Array) -> tuple[Array, Array]:
+    """Per-image keys [B] → two per-image keys [B] each: ``jax.random.split`` of every key."""
+    pairs = jax.vmap(jax.random.split)(keys)                                            # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def normal_each(keys: Array, shape: Sequence[int]) -> Array:
+    """ε ~ N(0, I) [B, *shape], image b's from its own key (so it does not depend on the batch)."""
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), jnp.float32))(keys)
 
 
 def byte_tokenizer(vocab_size: int = 514) -> Tokenizer:
@@ -778,6 +875,20 @@ def refiner_time_ids(height: int, width: int, aesthetic_score: float = 6.0,
     training image, in place of the target size; diffusers asks for a = 6.0 with the prompt, 2.5 with ∅."""
     return np.concatenate([sdxl_time_ids(height, width, original_size, crops_coords_top_left)[:4],
                            np.asarray([aesthetic_score], np.float32)])                       # [5]
+
+
+def strength_start(num_steps: int, strength: float) -> int:
+    """The grid point an img2img/inpainting run begins at, diffusers' ``get_timesteps``: the last ⌊strength·N⌋ steps of
+    the N-step grid are run, from index N − ⌊strength·N⌋ (SDEdit's t_0 = strength, Meng et al. 2022 §3)."""
+    if isinstance(strength, bool) or not isinstance(strength, (float, int, np.floating)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo; 1 = from pure noise), "
+                         f"got {strength!r}")
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    if start >= num_steps:
+        raise ValueError(f"strength {strength} × {num_steps} steps leaves no step to run; raise either")
+    return start
 
 
 def _timestep_cutoff(fraction: float, num_train_timesteps: int, name: str) -> int:
@@ -882,25 +993,36 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
 
 
 __all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",
-           "denoising_start_index", "folder_components", "img2img_to_files", "load_text_encoder", "load_text_encoder_2",
-           "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path", "sdxl_time_ids", "txt2img_to_files",
-           "txt2img_with_refiner"]
+           "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files", "load_text_encoder",
+           "load_text_encoder_2", "preprocess_image", "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path",
+           "sdxl_time_ids", "strength_start", "txt2img_to_files", "txt2img_with_refiner"]
 
 
 # ================================================================================================
 # What `ddpm-jax txt2img --model` and `ddpm-jax img2img` write
 # ================================================================================================
 
-def read_image(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """A PNG/JPEG → [1, H, W, 3] float32 in [−1, 1], resized (bicubic) to height × width if given."""
+def preprocess_image(im: Image.Image, height: int | None = None, width: int | None = None, multiple: int = 8,
+                     grayscale: bool = False) -> np.ndarray:
+    """A PIL image → [1, H, W, C] float32 as diffusers' ``VaeImageProcessor.preprocess``: H × W = ``height`` ×
+    ``width``, default the image's own size rounded down to a ``multiple`` of the VAE's factor, resized with Lanczos
+    (before the mode conversion, as diffusers); then RGB in [−1, 1] (C = 3), or with ``grayscale`` (the mask
+    processor) one channel in [0, 1] (C = 1)."""
+    height = height or im.height - im.height % multiple
+    width = width or im.width - im.width % multiple
+    im = im.resize((width, height), Image.LANCZOS)
+    pixels = np.asarray(im.convert("L" if grayscale else "RGB"), np.float32) / 255.0        # [H, W(, 3)] in [0, 1]
+    return pixels[None, ..., None] if grayscale else (2.0 * pixels - 1.0)[None]
+
+
+def read_image(path: str | Path, height: int | None = None, width: int | None = None, multiple: int = 8,
+               grayscale: bool = False, name: str = "--image") -> np.ndarray:
+    """A PNG/JPEG → [1, H, W, 3] float32 in [−1, 1] (``preprocess_image``: diffusers' preprocessing; a mask with
+    ``grayscale``: [1, H, W, 1] in [0, 1])."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--image {path}: no such file")
+        raise FileNotFoundError(f"{name} {path}: no such file")
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if height and width:
-            im = im.resize((width, height), Image.BICUBIC)
-        pixels = np.asarray(im, np.float32)
-    return (pixels / 127.5 - 1.0)[None]
+        return preprocess_image(im, height, width, multiple, grayscale)
 
 
 def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | Path = "txt2img.png", *,
@@ -944,7 +1066,7 @@ def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence
                      guidance_rescale: float = 0.0) -> list[Path]:
     """SDEdit on the image file: encode it, noise it to ``strength``, denoise with each prompt; each result its own
     PNG ``<out stem>_<k>.png`` recording how it was made (``png_metadata``), and all of them as the grid ``out``."""
-    pixels = read_image(image, height, width)
+    pixels = read_image(image, height, width, pipe.vae_scale_factor)
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
     negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
@@ -954,6 +1076,28 @@ def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence
     record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=pixels.shape[1],
                   width=pixels.shape[2], model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
                   mode="img2img", image=str(image), strength=strength)
+    return save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
+
+
+def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path, prompts: Sequence[str],
+                     out: str | Path = "inpaint.png", *, strength: float = 1.0, steps: int = 50,
+                     guidance_scale: float = 7.5, seed: int = 0, negative_prompts: Sequence[str] | None = None,
+                     height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                     guidance_rescale: float = 0.0) -> list[Path]:
+    """Inpainting on the image file where the mask file is white (``StableDiffusion.inpaint``), each prompt; each
+    result its own PNG recording how it was made, and the grid ``out``. The mask is resized to the image's size and
+    read as one channel in [0, 1] (diffusers' mask processor)."""
+    pixels = read_image(image, height, width, pipe.vae_scale_factor)
+    masks = read_image(mask, pixels.shape[1], pixels.shape[2], pipe.vae_scale_factor, grayscale=True, name="--mask")
+    n = num_images_per_prompt
+    prompts = png_metadata.per_image(prompts, n)
+    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
+    result = pipe.inpaint(np.repeat(pixels, len(prompts), axis=0), masks, prompts, strength=strength,
+                          negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
+                          seed=seed, progress=True, guidance_rescale=guidance_rescale)
+    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=pixels.shape[1],
+                  width=pixels.shape[2], model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
+                  mode="inpaint", image=str(image), mask=str(mask), strength=strength)
     return save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
 
 
