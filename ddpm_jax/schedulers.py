@@ -36,7 +36,8 @@ Diffusion both run these schedulers with :func:`run`.
 
 Conventions
 -----------
-- **The protocol.** Every scheduler is a frozen dataclass with ``name``, ``config``, ``set_timesteps(N)``,
+- **The protocol.** Every scheduler is a frozen dataclass with ``name``, ``order`` (grid points per step: 2 for
+  Heun, 1 for the others, diffusers' ``scheduler.order``), ``config``, ``set_timesteps(N)``,
   ``init_state(N, sample, start=0)``, ``scale_model_input(state, x, i)``, a pure ``step(state, model_output, i, x, key)
   -> (x, state)`` and ``add_noise(state, x_0, noise, i)`` (x at grid point i from a clean x_0: img2img/SDEdit).
   Equation-swap arguments are dataclass fields with the library's defaults: ``DDPMScheduler(p_sample_fn=
@@ -603,6 +604,7 @@ class DDPMScheduler:
     p_mean_variance_fn: Callable = p_mean_variance
 
     name: ClassVar[str] = "ddpm"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]."""
@@ -662,6 +664,7 @@ class DDIMScheduler:
     ddim_step_fn: Callable = ddim_step
 
     name: ClassVar[str] = "ddim"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N]."""
@@ -732,6 +735,7 @@ class PNDMScheduler:
     config: PNDMConfig = PNDMConfig()
 
     name: ClassVar[str] = "pndm"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N + 1] (the second grid point twice)."""
@@ -827,6 +831,7 @@ class EulerScheduler:
     s_noise: float = 1.0
 
     name: ClassVar[str] = "euler"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N] (fractional for "linspace" and Karras)."""
@@ -879,6 +884,7 @@ class EulerAncestralScheduler:
     config: EulerAncestralConfig = EulerAncestralConfig()
 
     name: ClassVar[str] = "euler_ancestral"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [N]."""
@@ -992,6 +998,7 @@ class DPMSolverMultistepScheduler:
     config: DPMSolverConfig = DPMSolverConfig()
 
     name: ClassVar[str] = "dpmsolver++"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""
@@ -1066,6 +1073,7 @@ class HeunScheduler:
     config: HeunConfig = HeunConfig()
 
     name: ClassVar[str] = "heun"
+    order: ClassVar[int] = 2    # grid points per step (diffusers' scheduler.order): img2img starts at t_start · 2
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: float32 [2N − 1], every t after the first twice."""
@@ -1178,6 +1186,7 @@ class UniPCMultistepScheduler:
     config: UniPCConfig = UniPCConfig()
 
     name: ClassVar[str] = "unipc"
+    order: ClassVar[int] = 1    # grid points per step (diffusers' scheduler.order)
 
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """diffusers' ``set_timesteps(num_steps); timesteps``: int64 [N] (:func:`multistep_sigma_grid`)."""

@@ -347,3 +347,4 @@ def inject_step_noise(monkeypatch, module, seed, shape, steps):
     noise = iter([np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), shape[1:])) for k in key_steps]
                            ).transpose(0, 3, 1, 2) for i in steps])
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
+    return noise  # exhausted once diffusers drew every step's noise

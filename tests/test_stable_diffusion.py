@@ -108,8 +108,8 @@ def test_txt2img_stochastic_equals_diffusers_pipeline(by_scheduler, pipe, monkey
     class_name, changes, module = STOCHASTIC[name]
     pipe.scheduler = getattr(diffusers, class_name).from_config({**folder_scheduler_config(), **changes})
     latents, seed, steps = _latents(), 3, 6
-    inject_step_noise(monkeypatch, importlib.import_module(f"diffusers.schedulers.{module}"), seed, latents.shape,
-                      range(steps))
+    noise = inject_step_noise(monkeypatch, importlib.import_module(f"diffusers.schedulers.{module}"), seed,
+                              latents.shape, range(steps))
     with torch.no_grad():
         expected = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
                         num_inference_steps=steps, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np").images
@@ -279,8 +279,8 @@ def test_errors(sd, folder, tmp_path):
         sd.txt2img("a cat", height=33, width=SIZE)
     with pytest.raises(ValueError, match="multiples of 4 for this U-Net"):
         sd.txt2img("a cat", height=34, width=SIZE)
-    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
-        StableDiffusion.from_pretrained(folder, scheduler="heun")
+    with pytest.raises(ValueError, match="unknown scheduler 'lms'"):
+        StableDiffusion.from_pretrained(folder, scheduler="lms")
     with pytest.raises(ValueError, match="float16 weights need a GPU"):
         StableDiffusion.from_pretrained(folder, dtype="fp16")
     with pytest.raises(ValueError, match="2 prompts but 3 negative prompts"):

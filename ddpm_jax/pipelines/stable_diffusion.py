@@ -709,7 +709,7 @@ class StableDiffusion:
         (``denoising_start_index``).
         """
         self._check_not_inpainting_unet()
-        start = strength_start(num_steps, strength) if denoising_start is None else None
+        start = strength_start(num_steps, strength, self.scheduler.order) if denoising_start is None else None
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         key_x_T, key_steps = image_keys(seed, len(prompts))          # the noise-key rule per image: [B] keys each
         key_encode, key_noise = split_each(key_x_T)
@@ -753,7 +753,7 @@ class StableDiffusion:
         if self.unet.config.in_channels not in (channels, 2 * channels + 1):
             raise ValueError(f"inpainting needs a U-Net with {channels} input channels (latent blending) or "
                              f"{2 * channels + 1} (SD's inpainting U-Net), got {self.unet.config.in_channels}")
-        start = strength_start(num_steps, strength)
+        start = strength_start(num_steps, strength, self.scheduler.order)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = self._check_images(images, len(prompts))                                 # [B, H, W, 3]
         mask = jnp.asarray(inpainting.prepare_mask(mask, images.shape))                   # [B, H, W, 1] of 0/1
@@ -877,9 +877,10 @@ def refiner_time_ids(height: int, width: int, aesthetic_score: float = 6.0,
                            np.asarray([aesthetic_score], np.float32)])                       # [5]
 
 
-def strength_start(num_steps: int, strength: float) -> int:
+def strength_start(num_steps: int, strength: float, order: int = 1) -> int:
     """The grid point an img2img/inpainting run begins at, diffusers' ``get_timesteps``: the last ⌊strength·N⌋ steps of
-    the N-step grid are run, from index N − ⌊strength·N⌋ (SDEdit's t_0 = strength, Meng et al. 2022 §3)."""
+    the N-step grid are run, from step N − ⌊strength·N⌋ (SDEdit's t_0 = strength, Meng et al. 2022 §3), which is grid
+    point (N − ⌊strength·N⌋)·order (``order`` = the scheduler's grid points per step: 2 for Heun)."""
     if isinstance(strength, bool) or not isinstance(strength, (float, int, np.floating)) or not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to redo; 1 = from pure noise), "
                          f"got {strength!r}")
@@ -888,7 +889,7 @@ def strength_start(num_steps: int, strength: float) -> int:
     start = num_steps - min(int(num_steps * strength), num_steps)
     if start >= num_steps:
         raise ValueError(f"strength {strength} × {num_steps} steps leaves no step to run; raise either")
-    return start
+    return start * order
 
 
 def _timestep_cutoff(fraction: float, num_train_timesteps: int, name: str) -> int:
