@@ -962,7 +962,8 @@ def dpm_solver_pp_coefficients(sigmas: np.ndarray, second_order: np.ndarray, sol
         hh = 2 * h if sde else h                           # the exponent of the x̂_0 terms
         phi = -alpha[i + 1] * np.expm1(-hh)                # α_{i+1}(1 − e^{−h}), or (1 − e^{−2h}) for the SDE
         A = sigma_vp[i + 1] / sigma_vp[i] * (np.exp(-h) if sde else 1.0)
-        P, Q, S = phi, 0.0, sigma_vp[i + 1] * np.sqrt(-np.expm1(-2 * h)) if sde else 0.0
+        S = sigma_vp[i + 1] * np.sqrt(-np.expm1(-2 * h)) if sde else 0.0   # σ'_{i+1} √(1 − e^{−2h})
+        P, Q = phi, 0.0
         if second_order[i]:
             r = (lam[i] - lam[i - 1]) / h
             if solver_type == "midpoint":

@@ -20,7 +20,7 @@ import pytest
 
 from _cli import run_cli
 from _training_fixtures import tiny_config, tiny_images
-from ddpm_jax import samplers
+from ddpm_jax import cli, samplers
 from ddpm_jax import tokenizer as tok_lib
 from ddpm_jax.diffusion_model import LatentCodec, TextEncoder
 from ddpm_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
@@ -85,6 +85,8 @@ def test_each_solver_samples_a_workdir_through_the_cli(workdirs, capsys, kind):
 def test_an_unknown_solver_is_one_line(workdirs, capsys):
     status, _, stderr = run_cli(["sample", "--workdir", str(workdirs / "plain"), "--sampler", "lms"], capsys)
     assert status == 2 and "invalid choice: 'lms'" in stderr
+    for name in ("dpmsolver++_karras", "sde-dpmsolver++_karras", "heun_karras"):  # Karras variants are names too
+        assert cli.build_parser().parse_args(["sample", "--workdir", "w", "--sampler", name]).sampler == name
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,7 @@ def test_bad_input_raises_one_clear_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# samplers.sample: the six solvers by name; the runner's trajectory, callback and noise-key rule
+# samplers.sample: the nine solvers by name; the runner's trajectory, callback and noise-key rule
 # ------------------------------------------------------------------------------------------------
 
 def interpolated_optimal_eps_fn(schedule, sigma=SIGMA):

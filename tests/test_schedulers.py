@@ -24,6 +24,8 @@ from diffusers.schedulers import (scheduling_ddpm, scheduling_dpmsolver_multiste
 
 from ddpm_jax import schedulers as S  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: many tiny programs, each run once (tests/conftest.py)
+
 ATOL = 1e-5
 # Stable Diffusion v1.x scheduler_config.json (PNDM), as on the Hub
 SD_CONFIG = {
@@ -361,6 +363,7 @@ def test_deterministic_solvers_sample_the_data_variance(name):
         assert error[100] < error[50], error
 
 
+@pytest.mark.full_optimization  # 40k samples × 100 steps: run-bound
 def test_euler_ancestral_samples_the_data_variance():
     """Monte-Carlo, 40k samples (SE of the variance 0.7%): the ancestral (SDE) sampler is first order and needs
     more steps than the ODE solvers; measured Var/s² − 1: −10.6% at 50 steps, −6.0% at 100, −3.9% at 200."""
