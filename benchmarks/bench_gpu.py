@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "benchmarks"):
@@ -72,8 +72,11 @@ class Sizes:
 FULL = Sizes("cifar10", 128, 10, 256, 1000, "sd15", 50)
 DRY = Sizes("tiny", 2, 1, 2, 25, "tiny", 2, ("float32",))  # bf16 U-Nets: tests/test_mixed_precision.py
 # (part, its time limit in seconds on the GPU): the order is the priority when the budget runs out
-PARTS = (("train_jax", 100), ("train_diffusers", 50), ("ddpm_sample", 80), ("sd_jax_float32", 110),
+PARTS = (("train_jax", 120), ("train_diffusers", 50), ("ddpm_sample", 80), ("sd_jax_float32", 120),
          ("sd_diffusers", 70), ("sd_jax_bfloat16", 90))
+
+
+Part = Callable[[Sizes, pathlib.Path, float], Iterator[dict]]
 
 
 def row(part: str, framework: str, dtype: str, what: str, value: float | None, unit: str, **extra: Any) -> dict:
@@ -94,40 +97,37 @@ def torch_peak_mb() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The parts: part(sizes, work, budget_s) -> rows
+# The parts: part(sizes, work, budget_s) yields its rows as it measures them
 # ------------------------------------------------------------------------------------------------
 
-def part_train_jax(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def part_train_jax(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
     import jax.numpy as jnp
 
     import bench_unet
 
-    cfg, rows = bench_unet.CONFIGS[sizes.unet_config](), []
+    cfg = bench_unet.CONFIGS[sizes.unet_config]()
     for name in sizes.train_dtypes:
         r = bench_unet.bench_jax(cfg, sizes.train_batch, sizes.train_batch, sizes.iters, 0, dtype=jnp.dtype(name))
-        rows.append(row("train_jax", "jax", name, f"train step, batch {sizes.train_batch}", r["train_steps_per_s"],
-                        "steps/s", compile_s=r["compile_s"], peak_mb=r.get("peak_mb_allocator") or r["peak_mb"],
-                        params=r["params"], device=r["device"]))
-        rows.append(row("train_jax", "jax", name, f"U-Net forward, batch {sizes.train_batch}",
-                        r["forward_images_per_s"], "img/s"))
-    return rows
+        yield row("train_jax", "jax", name, f"train step, batch {sizes.train_batch}", r["train_steps_per_s"],
+                  "steps/s", compile_s=r["compile_s"], peak_mb=r.get("peak_mb_allocator") or r["peak_mb"],
+                  params=r["params"], device=r["device"])
+        yield row("train_jax", "jax", name, f"U-Net forward, batch {sizes.train_batch}", r["forward_images_per_s"],
+                  "img/s")
 
 
-def part_train_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def part_train_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
     import bench_unet
 
-    cfg, rows = bench_unet.CONFIGS[sizes.unet_config](), []
+    cfg = bench_unet.CONFIGS[sizes.unet_config]()
     for autocast in (None, "bfloat16"):
         r = bench_unet.bench_diffusers(cfg, sizes.train_batch, sizes.train_batch, sizes.iters, 0, autocast=autocast)
-        rows.append(row("train_diffusers", "diffusers", r["dtype"], f"train step, batch {sizes.train_batch}",
-                        r["train_steps_per_s"], "steps/s", peak_mb=r["peak_mb"], params=r["params"],
-                        device=r["device"]))
-        rows.append(row("train_diffusers", "diffusers", r["dtype"], f"U-Net forward, batch {sizes.train_batch}",
-                        r["forward_images_per_s"], "img/s"))
-    return rows
+        yield row("train_diffusers", "diffusers", r["dtype"], f"train step, batch {sizes.train_batch}",
+                  r["train_steps_per_s"], "steps/s", peak_mb=r["peak_mb"], params=r["params"], device=r["device"])
+        yield row("train_diffusers", "diffusers", r["dtype"], f"U-Net forward, batch {sizes.train_batch}",
+                  r["forward_images_per_s"], "img/s")
 
 
-def part_ddpm_sample(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def part_ddpm_sample(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
     """Algorithm 2 over all T steps for ``sizes.sample_images`` images: one compiled chain, timed once after its
     compilation; extrapolated from T timed forwards when the chain would not fit ``budget_s``."""
     import jax
@@ -149,8 +149,9 @@ def part_ddpm_sample(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[
     what = f"{sizes.sample_images} images × {sizes.sample_steps} ancestral steps"
     common = dict(estimate_s=estimate, forward_s=forward_s)
     if estimate * 1.2 + (time.perf_counter() - start) > budget_s - 30:  # 30 s: the chain's compilation, at most
-        return [row("ddpm_sample", "jax", "float32", what, estimate, "s", note="extrapolated: T × one forward",
-                    peak_mb=jax_peak_mb(), **common)]
+        yield row("ddpm_sample", "jax", "float32", what, estimate, "s", note="extrapolated: T × one forward",
+                  peak_mb=jax_peak_mb(), **common)
+        return
     chain = jax.jit(lambda p, k: samplers.ddpm_sample(lambda x, t: model.apply({"params": p}, x, t), schedule,
                                                       shape, k, variance="fixed_large"))
     compile_start = time.perf_counter()
@@ -160,26 +161,24 @@ def part_ddpm_sample(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[
     images = compiled(params, jax.random.key(1)).block_until_ready()
     seconds = time.perf_counter() - run_start
     assert bool(jnp.isfinite(images).all()), "the chain produced non-finite images"
-    return [row("ddpm_sample", "jax", "float32", what, seconds, "s", compile_s=compile_s, peak_mb=jax_peak_mb(),
-                **common)]
+    yield row("ddpm_sample", "jax", "float32", what, seconds, "s", compile_s=compile_s, peak_mb=jax_peak_mb(), **common)
 
 
-def part_sd_jax(dtype: str) -> Callable[[Sizes, pathlib.Path, float], list[dict]]:
-    def part(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def part_sd_jax(dtype: str) -> Part:
+    def part(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
         import bench_stable_diffusion as bench_sd
 
         config = bench_sd.CONFIGS[sizes.sd_config]
         start = time.perf_counter()
         pipe = bench_sd.random_pipeline(config, dtype)
         init_s = time.perf_counter() - start
+        if dtype == "float32":  # first, so that sd_diffusers has them even if our txt2img runs out of time
+            save_diffusers_weights(pipe, work)
         r = bench_sd.bench_txt2img(config, sizes.sd_steps, pipe)
         what = f"txt2img {config.size}², {sizes.sd_steps} steps, guided, s/image"
-        rows = [row(f"sd_jax_{dtype}", "jax", dtype, what, r["txt2img_s"], "s",
-                    compile_s=r["txt2img_first_call_s"] - r["txt2img_s"], init_s=init_s, peak_mb=jax_peak_mb(),
-                    recompiled=r["txt2img_recompiled"], note="compile s = first call − second call")]
-        if dtype == "float32":
-            save_diffusers_weights(pipe, work)
-        return rows
+        yield row(f"sd_jax_{dtype}", "jax", dtype, what, r["txt2img_s"], "s",
+                  compile_s=r["txt2img_first_call_s"] - r["txt2img_s"], init_s=init_s, peak_mb=jax_peak_mb(),
+                  recompiled=r["txt2img_recompiled"], note="compile s = first call − second call")
 
     return part
 
@@ -238,14 +237,14 @@ def diffusers_pipeline(sizes: Sizes, work: pathlib.Path) -> Any:
     return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def part_sd_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def part_sd_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
     import torch
 
     import bench_stable_diffusion as bench_sd
 
     if not (work / "unet.safetensors").exists():
         raise FileNotFoundError("no weights from sd_jax_float32 (did it fail?): nothing to compare on")
-    pipe, size, rows = diffusers_pipeline(sizes, work), bench_sd.CONFIGS[sizes.sd_config].size, []
+    pipe, size = diffusers_pipeline(sizes, work), bench_sd.CONFIGS[sizes.sd_config].size
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for dtype in ("float32", "bfloat16"):
         pipe = pipe.to(dtype=getattr(torch, dtype))
@@ -260,12 +259,11 @@ def part_sd_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> list
         sync()
         seconds = time.perf_counter() - start
         assert images.shape == (1, size, size, 3)
-        rows.append(row("sd_diffusers", "diffusers", dtype, f"txt2img {size}², {sizes.sd_steps} steps, guided, "
-                        "s/image", seconds, "s", peak_mb=torch_peak_mb()))
-    return rows
+        yield row("sd_diffusers", "diffusers", dtype, f"txt2img {size}², {sizes.sd_steps} steps, guided, s/image",
+                  seconds, "s", peak_mb=torch_peak_mb())
 
 
-PART_FUNCTIONS: dict[str, Callable[[Sizes, pathlib.Path, float], list[dict]]] = {
+PART_FUNCTIONS: dict[str, Part] = {
     "train_jax": part_train_jax, "train_diffusers": part_train_diffusers, "ddpm_sample": part_ddpm_sample,
     "sd_jax_float32": part_sd_jax("float32"), "sd_diffusers": part_sd_diffusers,
     "sd_jax_bfloat16": part_sd_jax("bfloat16"),
@@ -280,17 +278,26 @@ def failed(part: str, why: str) -> list[dict]:
     return [row(part, "-", "-", "FAILED", None, "-", note=why)]
 
 
-def run_in_process(part: str, sizes: Sizes, work: pathlib.Path, budget_s: float) -> list[dict]:
+def run_in_process(part: str, sizes: Sizes, work: pathlib.Path, budget_s: float,
+                   out: pathlib.Path | None = None) -> list[dict]:
+    """The part's rows (and, with ``out``, each written there as soon as it is measured); a FAILED row last if it
+    raised."""
+    rows = []
     try:
-        return PART_FUNCTIONS[part](sizes, work, budget_s)
+        for measured in PART_FUNCTIONS[part](sizes, work, budget_s):
+            rows.append(measured)
+            if out is not None:
+                out.write_text(json.dumps(rows, default=str))
     except Exception as err:  # noqa: BLE001 (a failing part is a row of the table; the rest still runs)
         traceback.print_exc()
-        return failed(part, f"{type(err).__name__}: {err}"[:300])
+        rows += failed(part, f"{type(err).__name__}: {err}"[:300])
+    return rows
 
 
 def run_in_subprocess(part: str, dry_run: bool, work: pathlib.Path, budget_s: float) -> list[dict]:
     """``part`` in its own process (its own GPU memory, killed with its process group after ``budget_s``)."""
     out = work / f"{part}.json"
+    measured = lambda: json.loads(out.read_text()) if out.exists() else []  # noqa: E731  (what it wrote so far)
     command = [sys.executable, __file__, "--part", part, "--work", str(work), "--part-budget", str(budget_s)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command + (["--dry-run"] if dry_run else []), env=env, start_new_session=True)
@@ -299,10 +306,10 @@ def run_in_subprocess(part: str, dry_run: bool, work: pathlib.Path, budget_s: fl
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        return failed(part, f"timed out after {budget_s:g} s (killed)")
-    if not out.exists():
-        return failed(part, f"the process exited with {process.returncode} and no result (see its stderr above)")
-    return json.loads(out.read_text())
+        return measured() + failed(part, f"timed out after {budget_s:g} s (killed)")
+    if process.returncode != 0:
+        return measured() + failed(part, f"the process exited with {process.returncode} (see its stderr above)")
+    return measured()
 
 
 def environment() -> dict[str, Any]:
@@ -346,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     sizes = DRY if args.dry_run else FULL
     if args.part:  # the subprocess: one part, its rows to work/<part>.json
-        rows = run_in_process(args.part, sizes, args.work, args.part_budget)
+        rows = run_in_process(args.part, sizes, args.work, args.part_budget, out=args.work / f"{args.part}.json")
         (args.work / f"{args.part}.json").write_text(json.dumps(rows, default=str))
         return {"rows": rows}
 
