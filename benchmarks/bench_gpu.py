@@ -26,8 +26,10 @@ hang in one part is a row of the table and the rest still runs; the whole run ke
 5. ``sd_diffusers``: diffusers' ``StableDiffusionPipeline`` on the SAME random weights (our parameters through
    ``convert.export_state_dict``), float32 and bfloat16, the same prompt, steps and guidance.
 
-Every part reports compile seconds where there is a compilation and the peak GPU memory of its process (JAX:
-``memory_stats()["peak_bytes_in_use"]``; torch: ``max_memory_allocated``). JAX's parts run with
+Every part reports compile seconds where there is a compilation and peak GPU memory (JAX's train step: XLA's
+buffer accounting of the compiled step, ``process_peak_mb`` the allocator's peak so far; JAX's other parts: the
+process's ``memory_stats()["peak_bytes_in_use"]``; torch: ``max_memory_allocated`` since the measurement began).
+float32 means TF32 products on an NVIDIA GPU on both sides (XLA's default precision; torch told so, ``allow_tf32``). JAX's parts run with
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that the peak is what the programs use, not 75% of the card.
 Output: a Markdown table on stdout (and ``--markdown``), the JSON (``--json``, rewritten after every part so a killed
 run keeps what it measured). torch is imported only here (and in the other benchmarks), never by the library.
@@ -109,15 +111,25 @@ def part_train_jax(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterato
     for name in sizes.train_dtypes:
         r = bench_unet.bench_jax(cfg, sizes.train_batch, sizes.train_batch, sizes.iters, 0, dtype=jnp.dtype(name))
         yield row("train_jax", "jax", name, f"train step, batch {sizes.train_batch}", r["train_steps_per_s"],
-                  "steps/s", compile_s=r["compile_s"], peak_mb=r.get("peak_mb_allocator") or r["peak_mb"],
+                  "steps/s", compile_s=r["compile_s"], peak_mb=r["peak_mb"], process_peak_mb=r.get("peak_mb_allocator"),
                   params=r["params"], device=r["device"])
         yield row("train_jax", "jax", name, f"U-Net forward, batch {sizes.train_batch}", r["forward_images_per_s"],
                   "img/s")
 
 
+def allow_tf32() -> None:
+    """float32 matrix products and convolutions in TF32 on NVIDIA GPUs, as XLA does by default (precision DEFAULT):
+    torch allows it for convolutions only unless told."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def part_train_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iterator[dict]:
     import bench_unet
 
+    allow_tf32()
     cfg = bench_unet.CONFIGS[sizes.unet_config]()
     for autocast in (None, "bfloat16"):
         r = bench_unet.bench_diffusers(cfg, sizes.train_batch, sizes.train_batch, sizes.iters, 0, autocast=autocast)
@@ -244,6 +256,7 @@ def part_sd_diffusers(sizes: Sizes, work: pathlib.Path, budget_s: float) -> Iter
 
     if not (work / "unet.safetensors").exists():
         raise FileNotFoundError("no weights from sd_jax_float32 (did it fail?): nothing to compare on")
+    allow_tf32()
     pipe, size = diffusers_pipeline(sizes, work), bench_sd.CONFIGS[sizes.sd_config].size
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for dtype in ("float32", "bfloat16"):
@@ -315,7 +328,8 @@ def run_in_subprocess(part: str, dry_run: bool, work: pathlib.Path, budget_s: fl
 def environment() -> dict[str, Any]:
     def command(*args: str) -> str:
         try:
-            return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout.strip()
+            return subprocess.run(args, capture_output=True, text=True, timeout=30,
+                                  env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")).stdout.strip()
         except Exception as err:  # noqa: BLE001
             return f"({type(err).__name__})"
 

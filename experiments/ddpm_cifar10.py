@@ -10,7 +10,7 @@ Data: ``tfds:cifar10`` must be prepared first (on a machine with internet:
 ``~/tensorflow_datasets``). Multi-host: start the same command on every host.
 
 Hardware: a TPU v3-8 or 8 GPUs (data parallel, global batch 128). The paper reports 21 steps/s on a
-TPU v3-8, i.e. 800k steps in about 10.6 hours. On GPUs/TPUs, ``--config.train.compute_dtype=bfloat16`` runs the
+TPU v3-8, i.e. 800k steps in about 10.6 hours. On GPUs/TPUs, the override ``train.compute_dtype=bfloat16`` runs the
 U-Net in bf16 (mixed precision: float32 parameters, Adam state, EMA and loss; not the paper's setting, which is
 float32): one train step's loss within 0.5% and gradient cosine > 0.999 of float32 (tests/test_mixed_precision.py);
 its speed is what ``benchmarks/bench_gpu.py`` measures.
