@@ -1,13 +1,14 @@
 """One-shot GPU benchmark (issue 15 item 7): everything worth knowing about a lent GPU, in one ≤ 6-minute call.
 
 Run it through the device tool in ONE call (``timeout_s`` 420, ``carry: [".whl"]``), the two wheels the GPU image
-lacks prepared first (benchmarks/README.md, "One-shot GPU benchmark": ``pip download`` of diffusers and
-ml-collections into ``.whl``)::
+lacks prepared first (benchmarks/README.md, "One-shot GPU benchmark": ``pip download`` of diffusers,
+ml-collections and importlib-metadata into ``.whl``)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py --json $OUT/gpu.json --markdown $OUT/gpu.md
 
-Dry run (tiny configs on the CPU, every part in this process, well under a minute; tests/test_benchmarks_smoke.py)::
+Dry run (tiny configs on the CPU, every part in this process; about 2 minutes on 2 busy cores, most of it
+compiling and importing diffusers; tests/test_benchmarks_smoke.py)::
 
     python benchmarks/bench_gpu.py --dry-run --in-process
 
