@@ -193,11 +193,17 @@ def bench_ours(name: str, iters: int, steps: int) -> dict[str, Any]:
     return row
 
 
-def bench_txt2img(config: BenchConfig, steps: int) -> dict[str, Any]:
-    """The whole SD v1 pipeline (random weights) as its one compiled program: first call and a second one with a new
-    prompt and guidance scale (which must not recompile)."""
+def random_pipeline(config: BenchConfig, dtype: str = "float32") -> StableDiffusion:
+    """SD v1 with random weights (initialised under jit; seed 0, so every dtype has the same weights, rounded)."""
     scheduler = schedulers.get_scheduler("pndm", SD_V1_SCHEDULER_CONFIG)
-    pipe = StableDiffusion.from_configs(config.unet, config.vae, config.text, scheduler)  # random, initialised under jit
+    return StableDiffusion.from_configs(config.unet, config.vae, config.text, scheduler, dtype=dtype)
+
+
+def bench_txt2img(config: BenchConfig, steps: int, pipe: StableDiffusion | None = None) -> dict[str, Any]:
+    """The whole SD v1 pipeline (random weights: ``pipe`` or ``random_pipeline(config)``) as its one compiled
+    program, classifier-free guided: first call and a second one with a new prompt and guidance scale (which must not
+    recompile)."""
+    pipe = pipe or random_pipeline(config)
     size, row = config.size, {}
     start = time.perf_counter()
     pipe.txt2img("an astronaut riding a horse, in Hokusai style", num_steps=steps, height=size, width=size)

@@ -209,8 +209,10 @@ def _memory_mb(compiled) -> float | None:
 
 
 def bench_jax(cfg: BenchConfig, batch: int, sample_batch: int, iters: int, ddim_steps: int,
-              library_step: bool = False) -> dict[str, Any]:
-    model = UNet(cfg.unet)
+              library_step: bool = False, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Our U-Net's train step, forward and DDIM chain; ``dtype`` is the computation dtype (bf16: mixed
+    precision, float32 parameters and Adam state, as ``config.train.compute_dtype``)."""
+    model = UNet(dataclasses.replace(cfg.unet, dtype=dtype))
     key = jax.random.key(0)
     x0 = jax.random.uniform(jax.random.key(1), (batch, cfg.height, cfg.width, cfg.channels), minval=-1, maxval=1)
     params = jax.jit(model.init)(key, x0[:1], jnp.zeros((1,), jnp.int32))["params"]
@@ -257,7 +259,8 @@ def bench_jax(cfg: BenchConfig, batch: int, sample_batch: int, iters: int, ddim_
     fwd_s = median_seconds(lambda: forward(params, xs, ts).block_until_ready(), iters)
 
     result = dict(
-        framework="jax", device=str(jax.devices()[0].device_kind), params=count_params(params), batch=batch,
+        framework="jax", device=str(jax.devices()[0].device_kind), dtype=jnp.dtype(dtype).name,
+        params=count_params(params), batch=batch,
         sample_batch=sample_batch, compile_s=compile_s, train_steps_per_s=1.0 / step_s,
         train_images_per_s=batch / step_s, forward_images_per_s=sample_batch / fwd_s,
         peak_mb=_memory_mb(compiled), loss=loss_source, ddim_images_per_s=None,
@@ -325,13 +328,21 @@ def torch_available() -> bool:
 
 
 def bench_diffusers(cfg: BenchConfig, batch: int, sample_batch: int, iters: int, ddim_steps: int,
-                    expected_params: int | None = None, channels_last: bool = False) -> dict[str, Any]:
+                    expected_params: int | None = None, channels_last: bool = False,
+                    autocast: str | None = None) -> dict[str, Any]:
+    """diffusers' UNet2DModel, the same measurements as ``bench_jax``; ``autocast="bfloat16"`` runs the model
+    under ``torch.autocast`` (float32 parameters and Adam state: torch's mixed precision)."""
+    import contextlib
+
     import diffusers
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    mixed = (lambda: torch.autocast(device.type, dtype=getattr(torch, autocast))) if autocast else contextlib.nullcontext
     model = diffusers.UNet2DModel(**diffusers_kwargs(cfg.unet)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if expected_params is not None and n_params != expected_params:
@@ -350,7 +361,9 @@ def bench_diffusers(cfg: BenchConfig, batch: int, sample_batch: int, iters: int,
         eps = torch.randn_like(x0)
         a = ac[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(model(x_t, t).sample, eps)
+        with mixed():
+            eps_hat = model(x_t, t).sample
+        loss = F.mse_loss(eps_hat.float(), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -364,13 +377,13 @@ def bench_diffusers(cfg: BenchConfig, batch: int, sample_batch: int, iters: int,
     ts = torch.full((sample_batch,), NUM_TIMESTEPS // 2, device=device)
 
     def forward():
-        with torch.inference_mode():
+        with torch.inference_mode(), mixed():
             model(xs, ts)
         sync()
 
     fwd_s = median_seconds(forward, iters)
     result = dict(
-        framework="diffusers", device=device.type, params=n_params, batch=batch, sample_batch=sample_batch,
+        framework="diffusers", device=device.type, dtype=autocast or "float32", params=n_params, batch=batch, sample_batch=sample_batch,
         compile_s=None, train_steps_per_s=1.0 / step_s, train_images_per_s=batch / step_s,
         forward_images_per_s=sample_batch / fwd_s, peak_mb=None, ddim_images_per_s=None,
         torch_threads=torch.get_num_threads(), channels_last=channels_last,
@@ -385,9 +398,9 @@ def bench_diffusers(cfg: BenchConfig, batch: int, sample_batch: int, iters: int,
 
         def chain():
             x = xs
-            with torch.inference_mode():
+            with torch.inference_mode(), mixed():
                 for t in scheduler.timesteps:
-                    x = scheduler.step(model(x, t).sample, t, x).prev_sample
+                    x = scheduler.step(model(x, t).sample.float(), t, x).prev_sample
             sync()
 
         chain_s = median_seconds(chain, max(1, iters // 5))

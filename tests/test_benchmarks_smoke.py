@@ -103,3 +103,37 @@ def test_stable_diffusion_benchmark_runs_on_a_tiny_config(tmp_path, config):
         theirs = report["rows"][1]
         assert theirs["unet_params"] == ours["unet_params"] and _positive(theirs["unet_step_s"])
     assert json.loads(out.read_text())["rows"][0]["config"] == config
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path, capsys):
+    """benchmarks/bench_gpu.py --dry-run: every part's code on tiny configs (CPU, in this process), the table and the
+    JSON. sd_jax_bfloat16 is sd_jax_float32's function with another dtype (bf16 modules: test_mixed_precision.py)."""
+    bench_gpu = _load_benchmark("bench_gpu")
+    out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    parts = "train_jax,train_diffusers,ddpm_sample,sd_jax_float32,sd_diffusers"
+    report = bench_gpu.main(["--dry-run", "--in-process", "--parts", parts, "--json", str(out), "--markdown", str(md)])
+    rows = {(r["part"], r["dtype"], r["what"].split(",")[0]): r for r in report["rows"]}
+    assert all(r["what"] != "FAILED" for r in report["rows"]), [r for r in report["rows"] if r["what"] == "FAILED"]
+    assert _positive(rows["train_jax", "float32", "train step"]["value"])
+    assert _positive(rows["train_jax", "float32", "train step"]["compile_s"])
+    assert _positive(rows["ddpm_sample", "float32", "2 images × 25 ancestral steps"]["value"])
+    assert _positive(rows["sd_jax_float32", "float32", "txt2img 16²"]["value"])
+    if bench_unet.torch_available():  # diffusers' UNet2DModel (f32, autocast bf16) and its pipeline on our weights
+        assert _positive(rows["train_diffusers", "bfloat16", "train step"]["value"])
+        assert _positive(rows["sd_diffusers", "float32", "txt2img 16²"]["value"])
+        assert _positive(rows["sd_diffusers", "bfloat16", "txt2img 16²"]["value"])
+    assert json.loads(out.read_text())["rows"][0]["part"] == "train_jax"
+    assert "| train_jax | jax | float32 | train step, batch 2 |" in md.read_text()
+    assert "| part | framework |" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_guards_each_part(tmp_path):
+    """A part that fails or runs past its limit is a FAILED row (the rest of the run goes on)."""
+    bench_gpu = _load_benchmark("bench_gpu")
+    no_weights = bench_gpu.run_in_process("sd_diffusers", bench_gpu.DRY, tmp_path, 10)
+    assert no_weights[0]["what"] == "FAILED" and "no weights from sd_jax_float32" in no_weights[0]["note"]
+    killed = bench_gpu.run_in_subprocess("train_jax", True, tmp_path, 0.5)  # a subprocess cannot import jax in 0.5 s
+    assert killed[0]["what"] == "FAILED" and killed[0]["note"] == "timed out after 0.5 s (killed)"
+    with pytest.raises(SystemExit, match="unknown parts \\['nope'\\]"):
+        bench_gpu.main(["--dry-run", "--parts", "nope"])

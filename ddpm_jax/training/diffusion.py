@@ -52,6 +52,9 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.train.sample_every   int    sample grid PNG every N steps (and at the end); 0 = never
     config.train.num_samples    int    images per grid
     config.train.parallel       str    "jit" | "pmap"
+    config.train.compute_dtype  str    "float32" (default) | "bfloat16": the U-Net's activations and matmuls in
+                                       bf16 (mixed precision, Micikevicius et al. 2018); parameters, gradients,
+                                       Adam state and EMA stay float32, the loss is reduced in float32
     config.sample.sampler       str    one of samplers.SAMPLERS ("ddim", "ddpm", "pndm", "euler", …)
     config.sample.steps         int    DDIM steps
     config.sample.eta           float  DDIM η (0 = deterministic)
@@ -62,6 +65,7 @@ loss.png, samples/step_<N>.png, checkpoints/<step>/.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -113,6 +117,24 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 # The step: one body, two parallel formulations
 # ================================================================================================
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_model(model: nn.Module, config: ml_collections.ConfigDict) -> nn.Module:
+    """``model`` computing in ``config.train.compute_dtype`` (default "float32").
+
+    Mixed precision (Micikevicius et al. 2018, without loss scaling: bf16 has float32's exponent range):
+    the U-Net's convolutions, matmuls and activations run in bfloat16 (``UNetConfig.dtype``), while its
+    parameters stay float32 (flax casts them per op), so the gradients, Adam's moments and the EMA are
+    float32 too; the U-Net returns float32 and the loss is reduced in float32."""
+    name = config.train.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r} "
+                         f"(set config.train.compute_dtype='bfloat16' for mixed precision)")
+    dtype = COMPUTE_DTYPES[name]
+    return model if model.config.dtype == dtype else model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+
+
 def _example_draws(example: dict[str, jax.Array], key: jax.Array, *, random_flip: bool, p_uncond: float,
                    null_condition: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """One example's own randomness, from its key alone: (example with x0 flipped and c ← ∅ applied,
@@ -149,7 +171,8 @@ def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: j
 
     def loss_fn(params: PyTree) -> jax.Array:
         def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:                # [B, H, W, C], [B]
-            return model.apply({"params": params}, x_t, t, train=True, dropout_keys=dropout_keys, **kwargs)
+            eps = model.apply({"params": params}, x_t, t, train=True, dropout_keys=dropout_keys, **kwargs)
+            return eps.astype(jnp.float32)                    # the loss in float32 whatever the compute dtype
 
         return diffusion.loss_simple(schedule, model_fn, examples["x0"], loss_keys, prediction=prediction)
 
@@ -176,7 +199,9 @@ def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections
     ``axis_name="data"``: ``batch`` is this device's B/D examples and the step averages loss and
     gradients over the named axis (run it under ``jax.pmap(axis_name="data")``). ``key`` never changes;
     the step derives its keys from it and ``state.step``. Metrics: loss, grad_norm (before clipping), lr.
+    ``config.train.compute_dtype`` picks the U-Net's computation dtype (``compute_model``).
     """
+    model = compute_model(model, config)
     lr_schedule = make_lr_schedule(config.train.lr, config.train.warmup_steps)
     loss_and_grads = functools.partial(
         _loss_and_grads, model=model, schedule=schedule, prediction=config.diffusion.prediction,
