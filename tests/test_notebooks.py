@@ -28,7 +28,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 90–320 s on 2 heavily shared cores (notebooks/README.md)
+CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 20–95 s on 2 shared cores, load 4–6 (notebooks/README.md)
 
 
 # Drawing code: pyplot, imshow, a library plotting helper (plot_*), or a figure object passed to display().
