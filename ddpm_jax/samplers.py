@@ -59,7 +59,8 @@ def _initial_noise(key: jax.Array, shape: Sequence[int], x_T: jax.Array | None) 
     return jnp.asarray(x_T, jnp.float32)
 
 
-def _check_eta(eta: float | jax.Array) -> None:
+def check_eta(eta: float | jax.Array) -> None:
+    """Raises a ValueError unless DDIM's η is in [0, 1]; a traced η (under jit) cannot be checked and passes."""
     try:
         value = float(eta)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
@@ -88,7 +89,7 @@ def make_scheduler(
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {sampler!r}")
     if sampler == "ddim":
-        _check_eta(eta)
+        check_eta(eta)
         equation_kwargs = {**equation_kwargs, "eta": jnp.asarray(eta, jnp.float32)}
     return schedulers.get_scheduler(sampler, schedule=schedule, prediction=prediction, clip_sample=clip_denoised,
                                     variance=variance, **equation_kwargs)

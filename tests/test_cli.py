@@ -158,6 +158,18 @@ def test_sample_is_deterministic_in_the_seed(trained_workdir):
     assert a.shape == c.shape == (3, 8, 8, 1) and not np.array_equal(a, c)
 
 
+def test_sample_images_traces_eta_and_checks_it(trained_workdir):
+    """DDIM's η is an argument of the compiled chunk sampler: every η shares one program, and it is used."""
+    model = load_diffusion_model(str(trained_workdir))
+    eta0, _ = generate.sample_images(model, 3, seed=1, sampler="ddim", eta=0.0)
+    programs = len(model.compiled)
+    eta1, _ = generate.sample_images(model, 3, seed=1, sampler="ddim", eta=1.0)
+    assert len(model.compiled) == programs and not np.array_equal(eta0, eta1)
+    np.testing.assert_array_equal(generate.sample_images(model, 3, seed=1, sampler="ddim", eta=0.0)[0], eta0)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\] \(0 = DDIM, 1 = DDPM-like\), got 1.5"):
+        generate.sample_images(model, 3, sampler="ddim", eta=1.5)
+
+
 def test_sample_npz_only_when_out_is_npz(trained_workdir, capsys):
     status, stdout, _ = run_cli(["sample", "--workdir", str(trained_workdir), "--num", "2",
                                  "--out", str(trained_workdir / "x.npz")], capsys)

@@ -147,7 +147,10 @@ def test_generation_guidance_sweep_and_its_errors(tmp_path, monkeypatch):
     b = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0)["images"]
     c = generate.generate(model, labels=[1, 2], guidance_scale=4.0, steps=3, seed=0)["images"]
     generate.generate(model, labels=[3, 4], guidance_scale=2.0, steps=3, seed=1)
-    assert len(traces) == 1                                                      # another seed, w or label: no retrace
+    d = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0, sampler="ddim", eta=0.0)["images"]
+    e = generate.generate(model, labels=[1, 2], guidance_scale=1.0, steps=3, seed=0, sampler="ddim", eta=1.0)["images"]
+    assert len(traces) == 1                                           # another seed, w, label or η: no retrace
+    assert np.abs(d - e).max() > 1e-4                                                   # η changes the samples
     assert a.shape == (2, 8, 8, 1)
     np.testing.assert_array_equal(a, b)                                          # seed → identical images
     assert np.abs(a - c).max() > 1e-4                                           # w changes the samples

@@ -4,7 +4,8 @@ nothing into the current folder, and none is stored with outputs.
 Each notebook is executed with nbclient in a fresh temporary working directory, by an IPython kernel
 started with *this* interpreter (``sys.executable``, so the project's virtual environment, whatever
 ``python3`` kernelspec the machine has installed), with ``DDPM_JAX_FAST=1`` (the notebooks' fast mode:
-tiny model, few steps and samples) and XLA's CPU backend optimisation turned down (the notebooks'
+tiny model, few steps and samples; in fast mode each notebook's first cell also sets XLA's CPU backend
+optimisation level 0, as this test's environment does, and XLA's older CPU fusion emitters: the notebooks'
 programs are tiny and run a handful of times, so compiling them fast is what matters). A cell that raises
 (including the notebooks' own ``assert`` checks) fails the test with the cell's traceback.
 """
@@ -27,7 +28,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 90–320 s on 2 heavily shared cores (notebooks/README.md)
+CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 20–95 s on 2 shared cores, load 4–6 (notebooks/README.md)
 
 
 # Drawing code: pyplot, imshow, a library plotting helper (plot_*), or a figure object passed to display().

@@ -204,7 +204,7 @@ def train_judge(
     (train_x, train_y), (test_x, test_y) = split_digits(image_size, seed)
     model = JudgeCNN()
     init_key, key = jax.random.split(jax.random.key(seed))
-    params = model.init(init_key, jnp.zeros((1, image_size, image_size, 1)))["params"]
+    params = jax.jit(model.init)(init_key, jnp.zeros((1, image_size, image_size, 1)))["params"]
     tx = optax.adam(optax.cosine_decay_schedule(lr, num_steps))
     opt_state = tx.init(params)
 

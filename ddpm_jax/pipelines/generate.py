@@ -3,8 +3,9 @@
     x_T ~ N(0, I) ──► samplers.sample(name, ε_θ or guided ε̃_θ, …) ──► x_0 ──► decode (latents) ──► images
 
 - :func:`make_sample_fn`: the one place a model, a solver (any of ``samplers.SAMPLERS``) and classifier-free
-  guidance are put together: ``sample(params, key, cond=None, uncond=None, w=1.0)``, traced once per shape;
-  the training loop's sample grids, :func:`generate` and :func:`sample_images` all use it.
+  guidance are put together: ``sample(params, key, cond=None, uncond=None, w=1.0, eta=η)``, traced once per shape
+  and solver (w and DDIM's η are traced: one program serves every value); the training loop's sample grids,
+  :func:`generate` and :func:`sample_images` all use it.
 - :func:`generate`: one image per class label or prompt (or ``num`` unconditional ones), guided with w.
 - :func:`sample_images`: many unconditional samples in chunks, each chunk split over the local devices.
 - :func:`load_pretrained_ddpm`: a diffusers DDPM folder (google/ddpm-cifar10-32) as a DiffusionModel.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -47,7 +49,10 @@ def resolve_sampler(model: DiffusionModel, sampler: str | None = None, steps: in
         steps = model.steps if (name != "ddpm" or name == model.sampler) else model.schedule.num_timesteps
     if not 1 <= int(steps) <= model.schedule.num_timesteps:
         raise ValueError(f"steps must be in [1, {model.schedule.num_timesteps}], got {steps}")
-    return name, int(steps), float(model.eta if eta is None else eta)
+    eta = float(model.eta if eta is None else eta)
+    if name == "ddim":
+        samplers.check_eta(eta)   # here, while η is a number: the compiled samplers trace it
+    return name, int(steps), eta
 
 
 def model_calls(model: DiffusionModel, sampler: str, steps: int) -> int:
@@ -58,18 +63,19 @@ def model_calls(model: DiffusionModel, sampler: str, steps: int) -> int:
 def make_sample_fn(model: DiffusionModel, shape: tuple[int, ...], *, sampler: str | None = None,
                    steps: int | None = None, eta: float | None = None, return_trajectory: bool = False
                    ) -> Callable[..., Any]:
-    """``sample(params, key, cond=None, uncond=None, guidance_scale=1.0) -> x_0 [shape]`` (not compiled).
+    """``sample(params, key, cond=None, uncond=None, guidance_scale=1.0, eta=η) -> x_0 [shape]`` (not compiled).
 
     ``sampler``/``steps``/``eta`` default to the model's (:func:`resolve_sampler`). A conditional model
     gets its condition as a dict of U-Net inputs (``{"class_labels": [B]}`` or ``{"context": [B, L, D]}``,
     leading dim B or 1) and the null condition ``uncond`` of the same structure; the two predictions are
     combined by classifier-free guidance with scale w (``guidance.py``; w is traced, so one compiled
-    sampler serves every w). ``return_trajectory`` also returns x_t along the chain.
+    sampler serves every w). DDIM's η is ``eta`` unless ``sample`` is given one, which may be traced (one
+    compiled sampler for every η). ``return_trajectory`` also returns x_t along the chain.
     """
-    name, num_steps, eta = resolve_sampler(model, sampler, steps, eta)
+    name, num_steps, default_eta = resolve_sampler(model, sampler, steps, eta)
 
     def sample(params: PyTree, key: jax.Array, cond: dict | None = None, uncond: dict | None = None,
-               guidance_scale: float | jax.Array = 1.0) -> Any:
+               guidance_scale: float | jax.Array = 1.0, eta: float | jax.Array = default_eta) -> Any:
         if cond is None:  # ε(x_t) or, for a conditional model, ε(x_t, ∅)
             eps_fn = model.unconditional_eps_fn(params)
         else:
@@ -94,15 +100,17 @@ def guided_sample(sample_fn: Callable, params: PyTree, key: jax.Array, cond: dic
 # Conditional generation
 # ================================================================================================
 
-def compiled_generator(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int, float],
+def compiled_generator(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int],
                        return_trajectory: bool) -> Callable[..., Any]:
-    """``jit(guided_sample)`` for ``model`` at ``shape`` with ``solver`` = (name, steps, η), built once per model
-    (kept in ``model.compiled``): generating again — another seed, another w (traced) — reuses the program."""
+    """``jit(guided_sample)(params, key, cond, uncond, w, η)`` for ``model`` at ``shape`` with ``solver`` =
+    (name, steps), built once per model (kept in ``model.compiled``): generating again — another seed, another
+    w or η (both traced) — reuses the program."""
     key = ("generate", shape, solver, return_trajectory)
     if key not in model.compiled:
-        name, steps, eta = solver
-        sample_fn = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta, return_trajectory=return_trajectory)
-        model.compiled[key] = jax.jit(lambda p, k, c, u, w: guided_sample(sample_fn, p, k, c, u, w))
+        name, steps = solver
+        sample_fn = make_sample_fn(model, shape, sampler=name, steps=steps, return_trajectory=return_trajectory)
+        model.compiled[key] = jax.jit(lambda p, k, c, u, w, eta: guided_sample(
+            functools.partial(sample_fn, eta=eta), p, k, c, u, w))
     return model.compiled[key]
 
 
@@ -124,9 +132,9 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
     batch = len(next(iter(cond.values()))) if cond else int(num or 16)
     if cond:
         check_condition(model.unet.config, **guidance.model_condition(cond))   # concrete: label range checked here
-    run = compiled_generator(model, (batch, *model.x0_shape), resolve_sampler(model, sampler, steps, eta),
-                             return_latents)
-    out = run(model.params, jax.random.key(seed), cond or None, uncond or None, jnp.float32(w))
+    name, num_steps, eta = resolve_sampler(model, sampler, steps, eta)
+    run = compiled_generator(model, (batch, *model.x0_shape), (name, num_steps), return_latents)
+    out = run(model.params, jax.random.key(seed), cond or None, uncond or None, jnp.float32(w), jnp.float32(eta))
     x0, trajectory = out if return_latents else (out, None)
     result = {"images": np.asarray(model.decode(x0)), "x0": np.asarray(x0)}
     if trajectory is not None:  # the runner's schedulers.Trajectory
@@ -139,25 +147,27 @@ def generate(model: DiffusionModel, *, prompts: Sequence[str] | None = None, lab
 # Many samples, over the devices
 # ================================================================================================
 
-def compiled_chunk_samplers(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int, float]
+def compiled_chunk_samplers(model: DiffusionModel, shape: tuple[int, ...], solver: tuple[str, int]
                             ) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
-    """The jitted unconditional samplers of one chunk, built once per model (kept in ``model.compiled``):
-    ``jitted(params, key, want_trajectory)`` and, on several devices when the chunk divides over them,
-    ``sharded(params, key)`` whose x_0 is sharded along "data" (XLA's sharding propagation then splits the
-    whole chain over the devices), else None."""
+    """The jitted unconditional samplers of one chunk for ``solver`` = (name, steps), built once per model (kept
+    in ``model.compiled``): ``jitted(params, key, eta, want_trajectory)`` and, on several devices when the chunk
+    divides over them, ``sharded(params, key, eta)`` whose x_0 is sharded along "data" (XLA's sharding
+    propagation then splits the whole chain over the devices), else None. DDIM's η is traced: one program
+    serves every η."""
     key = ("sample_images", shape, solver, jax.device_count())
     if key not in model.compiled:
-        name, steps, eta = solver
-        plain = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta)
-        with_trajectory = make_sample_fn(model, shape, sampler=name, steps=steps, eta=eta, return_trajectory=True)
+        name, steps = solver
+        plain = make_sample_fn(model, shape, sampler=name, steps=steps)
+        with_trajectory = make_sample_fn(model, shape, sampler=name, steps=steps, return_trajectory=True)
 
-        def run(params: PyTree, key: jax.Array, want_trajectory: bool) -> Any:
-            return (with_trajectory if want_trajectory else plain)(params, key)
+        def run(params: PyTree, key: jax.Array, eta: jax.Array, want_trajectory: bool) -> Any:
+            return (with_trajectory if want_trajectory else plain)(params, key, eta=eta)
 
         sharded = None
         if jax.process_count() == 1 and jax.device_count() > 1 and shape[0] % jax.device_count() == 0:
-            sharded = jax.jit(lambda p, k: run(p, k, False), out_shardings=parallel.batch_sharding(parallel.make_mesh()))
-        model.compiled[key] = (jax.jit(run, static_argnums=2), sharded)
+            sharded = jax.jit(lambda p, k, eta: run(p, k, eta, False),
+                              out_shardings=parallel.batch_sharding(parallel.make_mesh()))
+        model.compiled[key] = (jax.jit(run, static_argnums=3), sharded)
     return model.compiled[key]
 
 
@@ -177,7 +187,8 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     name, num_steps, eta = resolve_sampler(model, sampler, steps, eta)
     chunk = min(batch_size, num)
     shape = (chunk, *model.x0_shape)
-    jitted, sharded = compiled_chunk_samplers(model, shape, (name, num_steps, eta))
+    jitted, sharded = compiled_chunk_samplers(model, shape, (name, num_steps))
+    eta = jnp.float32(eta)
     images, traj = [], None
     chunks = range((num + chunk - 1) // chunk)  # the last chunk is sampled whole, then trimmed
     if progress:
@@ -187,7 +198,8 @@ def sample_images(model: DiffusionModel, num: int, *, sampler: str | None = None
     for i in chunks:
         want_traj = trajectory and i == 0
         k = jax.random.fold_in(key, i)
-        out = sharded(model.params, k) if sharded is not None and not want_traj else jitted(model.params, k, want_traj)
+        out = (sharded(model.params, k, eta) if sharded is not None and not want_traj
+               else jitted(model.params, k, eta, want_traj))
         if want_traj:
             out, traj = out
             traj = np.asarray(traj.x)  # the Trajectory's x [S+1, b, h, w, c]
