@@ -49,7 +49,8 @@ def prepare_mask(mask: Any, images_shape: tuple[int, ...]) -> np.ndarray:
     mask = mask if mask.ndim == 4 else mask[..., None]                             # [b, H, W, 1]
     if mask.ndim != 4 or mask.shape[1:3] != (height, width) or mask.shape[0] not in (1, batch):
         raise ValueError(f"the mask must be the images' size {height}×{width} (one per image or one for all), got shape "
-                         f"{mask.shape}; resize it to the image (read_mask(path, height, width) does)")
+                         f"{mask.shape}; resize it to the image (stable_diffusion.read_image(path, H, W, "
+                         f"grayscale=True) does)")
     if not np.isfinite(mask).all() or mask.min() < 0.0 or mask.max() > 1.0:
         raise ValueError(f"mask values must be in [0, 1] (1 = repaint), got [{mask.min():g}, {mask.max():g}]; "
                          f"divide an 8-bit mask by 255")
