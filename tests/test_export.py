@@ -416,13 +416,17 @@ def test_text_to_image_export_is_a_stable_diffusion_folder(text_to_image_export,
 
 def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates(text_to_image_export):
     """``StableDiffusion.from_pretrained(export).txt2img`` (one compiled program: τ(y), the guided DDIM chain, D)
-    = what ``txt2img --workdir`` samples (``generate`` on the workdir's DiffusionModel), same seed and settings."""
+    = what ``txt2img --workdir`` samples (``generate`` on the workdir's DiffusionModel), same z_T and settings.
+    ``generate`` draws the batch's z_T from split(key(seed))[0]; Stable Diffusion draws image b's from seed + b
+    (``image_keys``), so the test hands the pipeline generate's z_T (DDIM with η = 0 draws nothing else)."""
     work, out, _ = text_to_image_export
     prompts = ["a digit two", "three"]
     ours = generate(workdir_lib.load_diffusion_model(work), prompts=prompts, guidance_scale=2.0, steps=2, seed=3,
                     sampler="ddim", eta=0.0)["images"]
     sd = StableDiffusion.from_pretrained(out, scheduler="ddim")
-    theirs = np.asarray(sd.txt2img(prompts, guidance_scale=2.0, num_steps=2, height=8, width=8, seed=3)["images"])
+    z_T = jax.random.normal(jax.random.split(jax.random.key(3))[0], sd.latent_shape(2, 8, 8), jnp.float32)
+    theirs = np.asarray(sd.txt2img(prompts, guidance_scale=2.0, num_steps=2, height=8, width=8, seed=3,
+                                   latents=z_T)["images"])
     assert ours.shape == (2, 8, 8, 1) and ours.std() > 0.05
     assert np.abs(ours[0] - ours[1]).mean() > 1e-3                              # the prompt matters
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
