@@ -122,8 +122,11 @@ def read_generation(path: str | Path) -> Generation:
     return Generation.from_json(text["ddpm_jax"], f"--from-png {path}")
 
 
-def per_image(values: Sequence[Any], num_per_prompt: int) -> list[Any]:
-    """[a, b] → [a, a, b, b] for two images per prompt: the order of a batch of ``num_per_prompt`` images each."""
+def per_image(values: Sequence[Any] | None, num_per_prompt: int) -> list[Any] | None:
+    """[a, b] → [a, a, b, b] for two images per prompt: the order of a batch of ``num_per_prompt`` images each
+    (None stays None: no negative prompts)."""
     if not isinstance(num_per_prompt, int) or num_per_prompt < 1:
         raise ValueError(f"--num-images-per-prompt must be a positive integer, got {num_per_prompt!r}")
+    if values is None:
+        return None
     return [v for v in values for _ in range(num_per_prompt)]

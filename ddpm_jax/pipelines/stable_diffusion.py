@@ -1040,17 +1040,17 @@ def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | P
     ``high_noise_frac`` of the denoising (the attention maps are the base's)."""
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
+    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
     height, width = height or pipe.default_size[0], width or pipe.default_size[1]
     kwargs = dict(negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps, height=height,
                   width=width, seed=seed, return_attention=attention_maps, progress=True,
                   guidance_rescale=guidance_rescale)
     result = (pipe.txt2img(prompts, **kwargs) if refiner is None else
               txt2img_with_refiner(pipe, refiner, prompts, high_noise_frac=high_noise_frac, **kwargs))
-    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=height,
-                  width=width, model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
-                  refiner=refiner and refiner.source, high_noise_frac=high_noise_frac if refiner else None)
-    written = save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
+    written = save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
+                               guidance_scale=guidance_scale, height=height, width=width,
+                               guidance_rescale=guidance_rescale, refiner=refiner and refiner.source,
+                               high_noise_frac=high_noise_frac if refiner else None)
     out_path = Path(out)
     if attention_maps:
         for k, tokens in enumerate(result["tokens"]):
@@ -1070,14 +1070,13 @@ def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence
     pixels = read_image(image, height, width, pipe.vae_scale_factor)
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
+    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
     result = pipe.img2img(np.repeat(pixels, len(prompts), axis=0), prompts, strength=strength,
                           negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
                           seed=seed, progress=True, guidance_rescale=guidance_rescale)
-    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=pixels.shape[1],
-                  width=pixels.shape[2], model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
-                  mode="img2img", image=str(image), strength=strength)
-    return save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
+    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
+                            guidance_scale=guidance_scale, height=pixels.shape[1], width=pixels.shape[2],
+                            guidance_rescale=guidance_rescale, mode="img2img", image=str(image), strength=strength)
 
 
 def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path, prompts: Sequence[str],
@@ -1092,20 +1091,23 @@ def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path,
     masks = read_image(mask, pixels.shape[1], pixels.shape[2], pipe.vae_scale_factor, grayscale=True, name="--mask")
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts, n) if negative_prompts else None
+    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
     result = pipe.inpaint(np.repeat(pixels, len(prompts), axis=0), masks, prompts, strength=strength,
                           negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
                           seed=seed, progress=True, guidance_rescale=guidance_rescale)
-    record = dict(steps=steps, guidance_scale=guidance_scale, scheduler=pipe.scheduler.name, height=pixels.shape[1],
-                  width=pixels.shape[2], model=pipe.source, loras=pipe.lora_files, guidance_rescale=guidance_rescale,
-                  mode="inpaint", image=str(image), mask=str(mask), strength=strength)
-    return save_generations(result["images"], out, prompts, negative_prompts, seed, n, record)
+    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
+                            guidance_scale=guidance_scale, height=pixels.shape[1], width=pixels.shape[2],
+                            guidance_rescale=guidance_rescale, mode="inpaint", image=str(image), mask=str(mask),
+                            strength=strength)
 
 
-def save_generations(images: np.ndarray, out: str | Path, prompts: list[str], negative_prompts: list[str] | None,
-                     seed: int, num_images_per_prompt: int, record: dict[str, Any]) -> list[Path]:
+def save_generations(pipe: StableDiffusion, images: np.ndarray, out: str | Path, prompts: list[str],
+                     negative_prompts: list[str] | None, seed: int, num_images_per_prompt: int,
+                     **settings: Any) -> list[Path]:
     """The grid ``out`` (a row per prompt when several images per prompt), then image k as ``<out stem>_<k>.png``
-    with its ``png_metadata.Generation``: its prompt, negative prompt and seed + k, and ``record``'s settings."""
+    with its ``png_metadata.Generation``: its prompt, negative prompt and seed + k, the pipeline's scheduler, model
+    and LoRAs, and the run's other ``settings`` (steps, guidance_scale, height, width, …; ``Generation``'s fields)."""
+    record = dict(scheduler=pipe.scheduler.name, model=pipe.source, loras=pipe.lora_files, **settings)
     out = Path(out)
     n = num_images_per_prompt
     written = [plotting.save_image_grid(images, out, nrow=n if len(prompts) > n else None, min_tile=1)]
