@@ -29,7 +29,7 @@ from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models.clip import CLIPModel
 from ddpm_jax.models.unet import UNet, UNetConfig
 from ddpm_jax.models.vae import AutoencoderKL
-from ddpm_jax.pretrained.convert import export_state_dict, param_shapes, torch_key
+from ddpm_jax.pretrained.convert import export_state_dict, random_params, torch_key
 from ddpm_jax.pretrained.diffusers import load_ddpm_folder, load_unet, load_vae
 from ddpm_jax.pretrained.export import export_run, save_unet
 from ddpm_jax.pretrained.transformers_clip import load_clip
@@ -67,29 +67,12 @@ class SavedState:
     ema_params: Any
 
 
-def _random_params(module, example_inputs, seed: int) -> Any:
-    """Random params of ``module`` with every leaf drawn (kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.2²),
-    biases and the rest N(0, 0.2²)): no zero- or one-initialised leaf hides a mapping bug. Built from the
-    shapes alone (``param_shapes``: traced, not compiled), so nothing is compiled."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        noise = rng.standard_normal(shape.shape).astype(np.float32)
-        if path[-1] in ("kernel", "embedding") and len(shape.shape) > 1:
-            fan_in = np.prod(shape.shape[:-1]) if path[-1] == "kernel" else shape.shape[-1]
-            return (noise / np.sqrt(fan_in)).astype(np.float32)
-        return (noise * 0.2 + (1.0 if path[-1] == "scale" else 0.0)).astype(np.float32)
-
-    flat = traverse_util.flatten_dict(param_shapes(module, *example_inputs))
-    return traverse_util.unflatten_dict({path: draw(path, shape) for path, shape in flat.items()})
-
-
 def _write_workdir(path, config: ml_collections.ConfigDict, *example_inputs) -> Any:
     """A workdir holding ``config`` and one checkpoint (raw ≠ EMA params); returns the EMA params (the raw
     ones go to ``RAW_PARAMS[str(path)]``, for the ``--raw`` test)."""
     config_lib.save_config(config, path / config_lib.CONFIG_FILENAME)
     module = _module(config, path)
-    raw, ema = _random_params(module, example_inputs, 1), _random_params(module, example_inputs, 2)
+    raw, ema = (random_params(module, *example_inputs, seed=seed, spread=0.2) for seed in (1, 2))
     ckpt = checkpoints.Checkpointer(path, save_every=1)
     ckpt.save(SavedState(step=np.int32(1), params=raw, ema_params=ema), force=True)
     ckpt.close()
@@ -348,7 +331,7 @@ def test_stable_diffusion_unet_config_inverse(tmp_path):
         use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_eps=1e-5,
         class_embed_type="projection", projection_class_embeddings_input_dim=6)
     module = UNet(config)
-    params = _random_params(module, config.input_specs(), seed=3)
+    params = random_params(module, *config.input_specs(), seed=3, spread=0.2)
     save_unet(tmp_path, module, params)
     loaded, loaded_params = load_unet(tmp_path)
     assert loaded.config == config
@@ -414,8 +397,9 @@ def test_text_to_image_export_is_a_stable_diffusion_folder(text_to_image_export,
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, rtol=0, atol=ATOL)
 
 
-def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates(text_to_image_export):
-    """``StableDiffusion.from_pretrained(export).txt2img`` (one compiled program: τ(y), the guided DDIM chain, D)
+def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates(text_to_image_export, tmp_path):
+    """``StableDiffusion.from_workdir(workdir, folder).txt2img`` (the run exported, then ``from_pretrained``: what
+    notebook 07 does with runs/ldm_text_mnist; one compiled program: τ(y), the guided DDIM chain, D)
     = what ``txt2img --workdir`` samples (``generate`` on the workdir's DiffusionModel), same z_T and settings.
     ``generate`` draws the batch's z_T from split(key(seed))[0]; Stable Diffusion draws image b's from seed + b
     (``image_keys``), so the test hands the pipeline generate's z_T (DDIM with η = 0 draws nothing else)."""
@@ -423,10 +407,17 @@ def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates
     prompts = ["a digit two", "three"]
     ours = generate(workdir_lib.load_diffusion_model(work), prompts=prompts, guidance_scale=2.0, steps=2, seed=3,
                     sampler="ddim", eta=0.0)["images"]
-    sd = StableDiffusion.from_pretrained(out, scheduler="ddim")
+    sd = StableDiffusion.from_workdir(work, tmp_path / "sd", scheduler="ddim")
+    assert sd.scheduler.name == "ddim" and sd.source == str(tmp_path / "sd")
     z_T = jax.random.normal(jax.random.split(jax.random.key(3))[0], sd.latent_shape(2, 8, 8), jnp.float32)
     theirs = np.asarray(sd.txt2img(prompts, guidance_scale=2.0, num_steps=2, height=8, width=8, seed=3,
                                    latents=z_T)["images"])
     assert ours.shape == (2, 8, 8, 1) and ours.std() > 0.05
     assert np.abs(ours[0] - ours[1]).mean() > 1e-3                              # the prompt matters
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_from_workdir_refuses_a_run_that_is_not_text_to_image(unconditional_export, tmp_path):
+    """A pixel DDPM exports as a DDPMPipeline: ``StableDiffusion.from_workdir`` says so in one line."""
+    with pytest.raises(ValueError, match=r"exports as a DDPMPipeline, not a StableDiffusionPipeline.*ldm_text_mnist"):
+        StableDiffusion.from_workdir(unconditional_export[0], tmp_path / "sd")

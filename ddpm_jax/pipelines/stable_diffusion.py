@@ -79,7 +79,8 @@ from ddpm_jax.models.vae import AutoencoderKL
 from ddpm_jax.pipelines import inpainting
 from ddpm_jax.pipelines.cross_attention import prompt_tokens, save_attention_overlays, token_attention_maps
 from ddpm_jax.pretrained import compvis, lora
-from ddpm_jax.pretrained.convert import Params
+from ddpm_jax.pretrained.convert import Params, random_params
+from ddpm_jax.pretrained.export import export_run
 from ddpm_jax.pretrained.diffusers import load_unet, load_vae
 from ddpm_jax.pretrained.transformers_clip import load_clip_text
 from ddpm_jax.progress import progress_bar
@@ -370,13 +371,33 @@ class StableDiffusion:
         return cls(tokenizer_obj, text_encoder, unet, vae, scheduler, params, mesh, **sdxl, source=str(path))
 
     @classmethod
+    def from_workdir(cls, workdir: str | Path, out: str | Path, dtype: Any = "float32",
+                     scheduler: str | schedulers.Scheduler | None = None) -> StableDiffusion:
+        """A text-to-image latent diffusion run trained with this repo (``experiments/ldm_text_mnist.py``: its U-Net,
+        the AutoencoderKL and CLIP workdirs it names) as a Stable Diffusion: written to ``out`` in diffusers' layout
+        by ``export.export_run`` (what ``ddpm-jax export`` does; an earlier export there is replaced), then read
+        back by :meth:`from_pretrained` (``dtype``, ``scheduler``: as there; None = the run's DDPM scheduler).
+
+        Raises ValueError (one line) for a run whose export is not a StableDiffusionPipeline folder.
+        """
+        export_run(workdir, out)
+        index = Path(out) / "model_index.json"
+        kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else "folder without model_index.json"
+        if kind != "StableDiffusionPipeline":
+            raise ValueError(f"workdir {str(workdir)!r} exports as a {kind}, not a StableDiffusionPipeline: give a "
+                             "text-to-image latent diffusion run conditioned on CLIP's last layer "
+                             "(experiments/ldm_text_mnist.py)")
+        return cls.from_pretrained(out, dtype, scheduler)
+
+    @classmethod
     def from_configs(cls, unet_config: Any, vae_config: Any, text_config: Any, scheduler: Any = None,
                      tokenizer: Tokenizer | None = None, seed: int = 0, dtype: Any = "float32",
                      mesh: Any = None, text_config_2: Any = None, refiner: bool = False) -> StableDiffusion:
         """A RANDOMLY initialised pipeline (for the notebook, benchmarks and tests without weights).
 
-        Each network's parameters are written once, by its ``init`` compiled with ``jax.jit`` (no
-        second copy). The tokenizer defaults to one over the 256 bytes (no merges), enough to feed
+        Each network's parameters are drawn in NumPy on its traced shapes (``convert.random_params``: LeCun-normal
+        kernels, unit norm scales, zero biases, as Flax's initialisers; nothing is compiled, which on a CPU saves
+        seconds per network) and put on the device once. The tokenizer defaults to one over the 256 bytes (no merges), enough to feed
         random weights (the same one for both encoders); the scheduler to SD v1's PNDM, SDXL's Euler.
 
         SDXL: ``text_config_2`` (a ``CLIPTextConfig`` with ``projection_dim``) adds ``text_encoder_2``
@@ -392,17 +413,17 @@ class StableDiffusion:
         text_2 = CLIPTextModelWithProjection(text_config_2, dtype=dtype) if text_config_2 is not None else None
         if refiner and (text_2 is None or text_config is not None):
             raise ValueError("an SDXL refiner has text_encoder_2 alone: pass text_config=None and text_config_2")
-        keys = jax.random.split(jax.random.key(seed), 4)
         f = vae.config.downsampling_factor
-        init = lambda module, key, *inputs: _cast(jax.jit(module.init)(key, *inputs)["params"], dtype)  # noqa: E731
+        init = lambda module, part, *inputs: _cast(jax.device_put(  # noqa: E731
+            random_params(module, *inputs, seed=[seed, part])), dtype)
         params = {
-            "unet": init(unet, keys[0], *unet.config.input_specs(context_length=1)),
-            "vae": init(vae, keys[1], jnp.zeros((1, f, f, vae.config.in_channels))),
+            "unet": init(unet, 0, *unet.config.input_specs(context_length=1)),
+            "vae": init(vae, 1, jax.ShapeDtypeStruct((1, f, f, vae.config.in_channels), jnp.float32)),
         }
-        for name, module, config, key in (("text_encoder", text, text_config, keys[2]),
-                                          ("text_encoder_2", text_2, text_config_2, keys[3])):
+        for name, module, config, part in (("text_encoder", text, text_config, 2),
+                                           ("text_encoder_2", text_2, text_config_2, 3)):
             if module is not None:
-                params[name] = init(module, key, jnp.zeros((1, config.max_position_embeddings), jnp.int32))
+                params[name] = init(module, part, jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32))
         if not isinstance(scheduler, tuple(schedulers.SCHEDULERS.values())):
             default = SDXL_SCHEDULER_CONFIG if text_2 is not None else SD_V1_SCHEDULER_CONFIG
             scheduler = schedulers.get_scheduler(scheduler, default)

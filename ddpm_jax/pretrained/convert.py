@@ -102,6 +102,28 @@ def param_shapes(module: Any, *example_inputs: Any) -> Params:
     return jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
 
 
+def random_params(module: Any, *example_inputs: Any, seed: int | list[int] = 0, spread: float = 0.0) -> Params:
+    """Random params of ``module`` drawn in NumPy on :func:`param_shapes` (traced, never compiled: a jitted
+    ``module.init`` of a small U-Net takes seconds to compile on a CPU, this takes milliseconds).
+
+    Kernels N(0, 1/fan_in) (LeCun normal, Flax's default for Dense and Conv; fan_in = all axes but the last),
+    embeddings N(0, 1/features) (Flax's Embed), norm scales 1, everything else 0; each of the last two plus
+    ``spread`` · N(0, 1) (a test's "every leaf drawn", so that no one- or zero-initialised leaf hides a mapping
+    bug). Returns float32 NumPy arrays; ``seed`` is NumPy's (an int or a list of ints).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple[str, ...], shape: jax.ShapeDtypeStruct) -> np.ndarray:
+        noise = rng.standard_normal(shape.shape).astype(np.float32)
+        if path[-1] in ("kernel", "embedding") and len(shape.shape) > 1:
+            fan_in = np.prod(shape.shape[:-1]) if path[-1] == "kernel" else shape.shape[-1]
+            return (noise / np.sqrt(fan_in)).astype(np.float32)
+        return (noise * spread + (1.0 if path[-1] == "scale" else 0.0)).astype(np.float32)
+
+    flat = traverse_util.flatten_dict(param_shapes(module, *example_inputs))
+    return traverse_util.unflatten_dict({path: draw(path, shape) for path, shape in flat.items()})
+
+
 class StateDictMismatch(ValueError):
     """:func:`convert_state_dict`'s error, with its three lists for a caller that words its own message:
     ``missing`` (Flax paths, "a/b/kernel"), ``unexpected`` (checkpoint keys), ``misshaped`` (checkpoint keys)."""

@@ -400,6 +400,8 @@ def make_autoencoder_kl_train_step(model: AutoencoderKL, disc: NLayerDiscriminat
     def train_step(state: AutoencoderState, batch: jax.Array, key: jax.Array) -> tuple[AutoencoderState, Metrics]:
         if not disc_weight:
             return body(state, batch, key, False)
+        if disc_start <= 0:  # the GAN from the first step: no branch to choose, one compiled (about half the time)
+            return body(state, batch, key, True)
         return lax.cond(state.step >= disc_start, functools.partial(body, use_gan=True),
                         functools.partial(body, use_gan=False), state, batch, key)
 
