@@ -273,6 +273,18 @@ def clip_denoised(config: ml_collections.ConfigDict) -> bool:
     return bool(config.sample.get("clip_denoised", not config.get("latent", {}).get("autoencoder", None)))
 
 
+def stage_workdir(workdir: str | os.PathLike, named: str | os.PathLike) -> pathlib.Path:
+    """A first-stage workdir that the config of the run in ``workdir`` names (``latent.autoencoder``,
+    ``condition.clip_workdir``): the path as written if it is a folder (a relative one is relative to the folder the
+    run was trained from, e.g. ``runs/autoencoder_kl_mnist`` from the repository), else the folder of that name
+    beside the run (``runs/ldm_text_mnist`` → ``runs/autoencoder_kl_mnist``), so that a run and its stages can be
+    read from any current folder (a notebook's) or moved together. Neither: the path as written (loading it then
+    fails with the usual one-line error)."""
+    path = pathlib.Path(named)
+    beside = pathlib.Path(workdir).parent / path.name
+    return beside if not path.is_dir() and beside.is_dir() else path
+
+
 def load_diffusion_model(workdir: str | os.PathLike, ema: bool = True, step: int | None = None) -> DiffusionModel:
     """A `ddpm-jax train` workdir (pixel or latent; unconditional, class- or text-conditional) as a
     :class:`DiffusionModel` (latest checkpoint, or ``step``), with its frozen autoencoder and text encoder read
@@ -283,12 +295,13 @@ def load_diffusion_model(workdir: str | os.PathLike, ema: bool = True, step: int
     kind = condition_kind(config)
     text_encoder, null = None, {}
     if kind == "text":
-        text_encoder = load_text_encoder(config.condition.clip_workdir, int(config.condition.get("layer", -1)))
+        text_encoder = load_text_encoder(stage_workdir(workdir, config.condition.clip_workdir),
+                                         int(config.condition.get("layer", -1)))
         null["context"] = text_encoder([""])[0]                                             # [L, D]
     elif kind == "class":
         null["label"] = np.asarray(guidance.null_class_label(int(config.condition.num_classes)), np.int32)
     return diffusion_model_from_config(
-        config, run.model, run.params, codec=load_latent_codec(autoencoder) if autoencoder else None,
+        config, run.model, run.params, codec=load_latent_codec(stage_workdir(workdir, autoencoder)) if autoencoder else None,
         text_encoder=text_encoder, null_condition=null,
         description=f"workdir {os.fspath(workdir)} (step {run.step}, {'EMA' if ema else 'raw'} parameters)")
 

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import functools
+import pathlib
 import shutil
 
 import jax
@@ -421,3 +422,16 @@ def test_from_workdir_refuses_a_run_that_is_not_text_to_image(unconditional_expo
     """A pixel DDPM exports as a DDPMPipeline: ``StableDiffusion.from_workdir`` says so in one line."""
     with pytest.raises(ValueError, match=r"exports as a DDPMPipeline, not a StableDiffusionPipeline.*ldm_text_mnist"):
         StableDiffusion.from_workdir(unconditional_export[0], tmp_path / "sd")
+
+
+def test_stage_workdir_finds_a_first_stage_beside_the_run(tmp_path, monkeypatch):
+    """A run's config names its first stages relative to where it was trained ("runs/autoencoder_kl_mnist" from the
+    repository); read from another folder (a notebook's), the stage of that name beside the run is used."""
+    runs = tmp_path / "runs"
+    (runs / "ldm").mkdir(parents=True)
+    (runs / "ae").mkdir()
+    monkeypatch.chdir(runs)                                    # "runs/ae" does not exist from here
+    assert workdir_lib.stage_workdir(runs / "ldm", "runs/ae") == runs / "ae"
+    monkeypatch.chdir(tmp_path)                                # as written, when it exists
+    assert workdir_lib.stage_workdir(runs / "ldm", "runs/ae") == pathlib.Path("runs/ae")
+    assert workdir_lib.stage_workdir(runs / "ldm", "runs/missing") == pathlib.Path("runs/missing")

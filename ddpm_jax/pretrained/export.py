@@ -156,8 +156,9 @@ def export_text_to_image(run: workdir_lib.TrainedRun, out: Path) -> list[Path]:
     tower), tokenizer/, scheduler/ and model_index.json. The pipeline feeds the text tower's last layer to the
     U-Net; a run conditioned on the penultimate one (``condition.layer = -2``, "clip skip") gets the same
     components without model_index.json (give diffusers ``clip_skip=1`` when calling it)."""
-    autoencoder = workdir_lib.load_run(run.config.latent.autoencoder, kinds=("autoencoder_kl",))
-    clip = workdir_lib.load_run(run.config.condition.clip_workdir, kinds=("clip",))
+    autoencoder = workdir_lib.load_run(workdir_lib.stage_workdir(run.path, run.config.latent.autoencoder),
+                                       kinds=("autoencoder_kl",))
+    clip = workdir_lib.load_run(workdir_lib.stage_workdir(run.path, run.config.condition.clip_workdir), kinds=("clip",))
     written = [*save_unet(out / "unet", run.model, run.params),
                *save_vae(out / "vae", autoencoder.model, autoencoder.params),
                *save_clip_text(out / "text_encoder", clip.model, clip.params, clip.tokenizer),
