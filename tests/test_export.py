@@ -416,6 +416,11 @@ def test_stable_diffusion_of_the_export_generates_what_txt2img_workdir_generates
     assert ours.shape == (2, 8, 8, 1) and ours.std() > 0.05
     assert np.abs(ours[0] - ours[1]).mean() > 1e-3                              # the prompt matters
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+    # img2img takes images with the VAE's channels (1 here, as the digit model's): notebook 07's Sections 7 and 9
+    edit = np.asarray(sd.img2img(theirs[:1], prompts[:1], strength=0.5, num_steps=2, seed=0)["images"])
+    assert edit.shape == (1, 8, 8, 1) and np.isfinite(edit).all()
+    with pytest.raises(ValueError, match=r"images must be \[B, H, W, 1\] in \[-1, 1\] with B = 1"):
+        sd.img2img(np.zeros((1, 8, 8, 3), np.float32), prompts[:1], strength=0.5, num_steps=2)
 
 
 def test_from_workdir_refuses_a_run_that_is_not_text_to_image(unconditional_export, tmp_path):

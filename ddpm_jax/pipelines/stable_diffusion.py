@@ -808,10 +808,12 @@ class StableDiffusion:
                              "inpaint(images, mask, prompts) (ddpm-jax inpaint), not txt2img or img2img")
 
     def _check_images(self, images: Array, batch: int) -> Array:
-        """images [B, H, W, 3] in [−1, 1] with B = ``batch`` and a size the VAE and U-Net take, as float32."""
+        """images [B, H, W, C] in [−1, 1] with B = ``batch``, C the VAE's channels (3; 1 for the digit model) and a
+        size the VAE and U-Net take, as float32."""
         images = jnp.asarray(images, jnp.float32)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != batch:
-            raise ValueError(f"images must be [B, H, W, 3] in [-1, 1] with B = {batch} (one per prompt), "
+        channels = self.vae.config.in_channels
+        if images.ndim != 4 or images.shape[-1] != channels or images.shape[0] != batch:
+            raise ValueError(f"images must be [B, H, W, {channels}] in [-1, 1] with B = {batch} (one per prompt), "
                              f"got shape {tuple(images.shape)}")
         self.latent_shape(batch, images.shape[1], images.shape[2])
         return images
