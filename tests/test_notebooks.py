@@ -28,7 +28,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 20–95 s on 2 shared cores, load 4–6 (notebooks/README.md)
+CELL_TIMEOUT_S = 300  # per cell; a whole fast-mode notebook takes 21–44 s on 2 quiet cores, up to ~115 s at load 8 (notebooks/README.md)
 
 
 # Drawing code: pyplot, imshow, a library plotting helper (plot_*), or a figure object passed to display().
