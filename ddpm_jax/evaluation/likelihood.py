@@ -260,7 +260,7 @@ def vae_log_weights(module: GaussianVAE, params: Any, x0: jax.Array, key: jax.Ar
         log_px = sum_flat(discretized_gaussian_log_likelihood(x0, means=mean, log_scales=log_sigma))  # Eq. 13
         return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, log_std)          # [B]
 
-    return jax.lax.map(one, jnp.arange(num_samples))                                  # [K, B]
+    return jax.lax.map(one, jnp.arange(num_samples), batch_size=min(num_samples, 50))  # [K, B], 50 draws at a time
 
 
 class IWAEBPD(NamedTuple):
