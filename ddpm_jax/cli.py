@@ -123,6 +123,10 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="each image also its own PNG with its parameters")
     p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
                    help="negative prompt (once for all prompts, or once per prompt)")
+    p.add_argument("--prompt-2", action="append", default=None, metavar="PROMPT",
+                   help="SDXL base: the second text encoder's prompt (default: PROMPT; once for all, or once per prompt)")
+    p.add_argument("--negative-prompt-2", action="append", default=None, metavar="PROMPT",
+                   help="SDXL base: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.NAMES)}, or a diffusers class name "
                    "(default: the model's); \"_karras\": Karras sigmas, e.g. dpmsolver++_karras = DPM++ 2M Karras")
     p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
@@ -252,9 +256,9 @@ def add_stable_diffusion_commands(sub: Any) -> None:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
-    """--negative given once → for every prompt; else one per prompt (checked by the pipeline)."""
-    return negative * num_prompts if negative and len(negative) == 1 else negative
+def per_prompt(texts: list[str] | None, num_prompts: int) -> list[str] | None:
+    """--negative (--prompt-2, …) given once → for every prompt; else one per prompt (checked by the pipeline)."""
+    return texts * num_prompts if texts and len(texts) == 1 else texts
 
 
 def from_png(args: argparse.Namespace) -> None:
@@ -265,7 +269,8 @@ def from_png(args: argparse.Namespace) -> None:
     recorded = dict(prompts=[g.prompt], negative=g.negative_prompt and [g.negative_prompt], seed=g.seed,
                     steps=g.steps, guidance=g.guidance_scale, guidance_rescale=g.guidance_rescale, lora=list(g.loras),
                     scheduler=g.scheduler, height=g.height, width=g.width, model=g.model, refiner=g.refiner,
-                    high_noise_frac=g.high_noise_frac)
+                    high_noise_frac=g.high_noise_frac, prompt_2=g.prompt_2 and [g.prompt_2],
+                    negative_prompt_2=g.negative_prompt_2 and [g.negative_prompt_2])
     for name, value in recorded.items():
         if getattr(args, name) in (None, []) and not (name == "model" and args.workdir):
             setattr(args, name, value)
@@ -316,15 +321,16 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         from_png(args)
     if not args.prompts or not (args.model or getattr(args, "workdir", None)):
         raise ValueError(f"{args.command}: give --model (or --workdir) and at least one PROMPT, or --from-png IMAGE")
-    negative = negatives(args.negative, len(args.prompts))
-    if args.command == "txt2img" and args.workdir and args.lora:
-        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run")
+    if args.command == "txt2img" and args.workdir and (args.lora or args.prompt_2 or args.negative_prompt_2):
+        raise ValueError("--lora and --prompt-2 apply to Stable Diffusion weights (--model), not to a --workdir run")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",
             guidance_scale=args.guidance, steps=args.steps, seed=args.seed or 0, attention_maps=args.attention_maps,
             sampler=args.scheduler)
-    kwargs = dict(seed=args.seed or 0, negative_prompts=negative, height=args.height, width=args.width,
+    texts = {name: per_prompt(getattr(args, option), len(args.prompts)) for name, option in (
+        ("negative_prompts", "negative"), ("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2"))}
+    kwargs = dict(seed=args.seed or 0, height=args.height, width=args.width, **texts,
                   num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
     if args.command == "txt2img":
         return sd.txt2img_to_files(
