@@ -243,7 +243,7 @@ def add_stable_diffusion_commands(sub: Any) -> None:
                    "512 for SD v1, 1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
-    p.add_argument("--refiner", default=None, help="an SDXL refiner folder: base → refiner (--model the SDXL base)")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner folder or single file: base → refiner (--model the SDXL base)")
     p.add_argument("--high-noise-frac", type=float, default=None,
                    help="with --refiner: the fraction of the denoising the base does (default 0.8)")
     p.add_argument("--from-png", default=None, help="re-run the parameters recorded in a PNG written by txt2img; "
@@ -276,13 +276,15 @@ def from_png(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
-def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) -> sd.StableDiffusion:
-    """The ``--model`` pipeline with its ``--lora`` files, or (``model``: the ``--refiner``) that folder alone."""
-    print(f"loading {model or args.model} ({args.dtype}) ...", file=sys.stderr)
-    pipe = sd.StableDiffusion.from_pretrained(model or args.model, dtype=args.dtype, scheduler=args.scheduler,
-                                              tokenizer=args.tokenizer, config_folder=args.config_folder,
-                                              prediction_type=args.prediction_type, use_ema=args.use_ema)
-    for path, scale in args.lora if model is None else []:
+def load_stable_diffusion(args: argparse.Namespace, base: sd.StableDiffusion | None = None) -> sd.StableDiffusion:
+    """The ``--model`` pipeline with its ``--lora`` files, or the ``--refiner`` of ``base`` (``sd.load_refiner``)."""
+    print(f"loading {args.refiner if base else args.model} ({args.dtype}) ...", file=sys.stderr)
+    options = dict(dtype=args.dtype, scheduler=args.scheduler, tokenizer=args.tokenizer,
+                   prediction_type=args.prediction_type, use_ema=args.use_ema)
+    if base is not None:  # (--config-folder is the base's)
+        return sd.load_refiner(args.refiner, base, **options)
+    pipe = sd.StableDiffusion.from_pretrained(args.model, config_folder=args.config_folder, **options)
+    for path, scale in args.lora:
         print(f"LoRA {pipe.load_lora(path, scale)} at {scale}", file=sys.stderr)
     return pipe
 
@@ -333,10 +335,11 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
     kwargs = dict(seed=args.seed or 0, height=args.height, width=args.width, **texts,
                   num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
     if args.command == "txt2img":
+        pipe = load_stable_diffusion(args)
         return sd.txt2img_to_files(
-            load_stable_diffusion(args), args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
+            pipe, args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
             guidance_scale=7.5 if args.guidance is None else args.guidance, attention_maps=args.attention_maps,
-            refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
+            refiner=load_stable_diffusion(args, pipe) if args.refiner else None,
             high_noise_frac=args.high_noise_frac or 0.8, **kwargs)
     kwargs |= dict(strength=args.strength, steps=args.steps, guidance_scale=args.guidance)
     if args.command == "inpaint":

@@ -113,7 +113,7 @@ SDXL_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
-SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
+SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG, "sdxl_refiner": SDXL_SCHEDULER_CONFIG,
                           "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -321,7 +321,7 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", scheduler: str | schedulers.Scheduler | None = None,
                         variant: str | None = None, *, config_folder: str | Path | None = None,
-                        tokenizer: str | Path | None = None, use_ema: bool = False, prediction_type: str | None = None,
+                        tokenizer: str | Path | Tokenizer | None = None, use_ema: bool = False, prediction_type: str | None = None,
                         mesh: Any = None) -> StableDiffusion:
         """Load a diffusers folder, a single-file CompVis checkpoint (.safetensors/.ckpt), or a hub id.
 
@@ -335,7 +335,8 @@ class StableDiffusion:
           config_folder: for a single file, a diffusers folder of the same kind whose configs, tokenizer(s) and
             scheduler to use (default: the released configs of the layout its keys show, SD v1, SD 2.x or SDXL
             base; then ``tokenizer`` is required).
-          tokenizer: for a single file, a folder with vocab.json and merges.txt (or tokenizer.json).
+          tokenizer: for a single file, a folder with vocab.json and merges.txt (or tokenizer.json), or a
+            ``Tokenizer`` (e.g. an SDXL base's ``tokenizer_2`` for its refiner: ``load_refiner``).
           use_ema: for a single "full" CompVis checkpoint, take the U-Net from its ``model_ema.*`` copy.
           prediction_type: for a single file, "epsilon" or "v_prediction" (diffusers' name; the keys do not show
             it): default the config folder's scheduler's, else the release's (v-prediction for SD 2.x, as 2.1-768).
@@ -1006,25 +1007,50 @@ def txt2img_with_refiner(base: StableDiffusion, refiner: StableDiffusion, prompt
     return result | {k: first[k] for k in ("attention", "tokens") if k in first}
 
 
+def load_refiner(path: str | Path, base: StableDiffusion, **kwargs: Any) -> StableDiffusion:
+    """The SDXL refiner for the SDXL ``base`` (``txt2img_with_refiner``; ``ddpm-jax txt2img --refiner``): a diffusers
+    folder, or a single file in sgm's refiner layout (``compvis``: the released refiner's configs implied) whose
+    tokenizer, unless ``tokenizer=`` is given, is the base's ``tokenizer_2`` (the same OpenCLIP ViT-bigG BPE).
+    ``kwargs`` go to ``from_pretrained`` (dtype, scheduler, config_folder: a refiner folder, …). One-line errors
+    when ``base`` is no SDXL base or ``path`` no refiner."""
+    if not base.is_sdxl or base.is_refiner:
+        raise ValueError("a refiner continues an SDXL base's denoising: the base model must be the SDXL base "
+                         f"(two text encoders), not {'the refiner' if base.is_refiner else 'an SD v1/2.x model'}")
+    if kwargs.get("tokenizer") is None:
+        kwargs["tokenizer"] = base.tokenizer_2
+    refiner = StableDiffusion.from_pretrained(path, **kwargs)
+    if not refiner.is_refiner:
+        raise ValueError(f"--refiner {path} is not an SDXL refiner (text_encoder_2 alone, aesthetic-score time ids): give "
+                         f"the base as --model and sd_xl_refiner_1.0 (its folder or single file) as --refiner")
+    return refiner
+
+
 def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> tuple[dict[str, Any], Params]:
     """An SDXL folder's text_encoder_2/, tokenizer_2/ and model_index.json's ``force_zeros_for_empty_prompt``
     (diffusers' default: true) and ``requires_aesthetics_score`` (the refiner's: true), as ``StableDiffusion``
     fields, and text_encoder_2's params."""
     text_encoder_2, params = load_text_encoder_2(path / "text_encoder_2", variant)
     tokenizer_2 = load_tokenizer(path / "tokenizer_2", context_length=text_encoder_2.config.max_position_embeddings)
-    return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
-            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}, params
+    refiner = folder_components(index) == REFINER_COMPONENTS
+    return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, **sdxl_flags(index, refiner)}, params
+
+
+def sdxl_flags(index: dict[str, Any], refiner: bool = False) -> dict[str, bool]:
+    """model_index.json's ``force_zeros_for_empty_prompt`` and ``requires_aesthetics_score`` as ``StableDiffusion``
+    fields; absent, the release's: SDXL base true / false, the ``refiner`` false / true (sd_xl_refiner_1.0's)."""
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", not refiner)),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", refiner))}
 
 
 def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool,
                       prediction_type: str | None):
-    """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x or SDXL base, told from its keys)
-    with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
+    """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x, SDXL base or refiner, told from its
+    keys) with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
 
     With ``config_folder`` (a diffusers folder of the same kind) its tokenizer/ (tokenizer_2/), scheduler/
-    and model_index.json; else the ``tokenizer`` folder for every text encoder (an OpenCLIP one pads with
-    "!", as OpenCLIP does) and the release's scheduler (``SINGLE_FILE_SCHEDULERS``). ``prediction_type``
+    and model_index.json; else the ``tokenizer`` (a folder, or a ``Tokenizer`` such as the base's ``tokenizer_2``
+    for a refiner) for every text encoder (an OpenCLIP one pads with "!", as OpenCLIP does) and the release's
+    scheduler (``SINGLE_FILE_SCHEDULERS``). ``prediction_type``
     ("epsilon", "v_prediction"), not visible in the keys, overrides the scheduler's."""
     if config_folder is None and tokenizer is None:
         raise ValueError(f"{path} is a single-file checkpoint without a tokenizer: pass tokenizer=<folder with "
@@ -1039,7 +1065,7 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
         if folder is not None:
             tokenizers[name] = load_tokenizer(tokenizer if tokenizer and name == "tokenizer" else folder / name, length)
         else:
-            tok = load_tokenizer(tokenizer, length)
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, length)
             pad = compvis.OPENCLIP_PAD_TOKEN if entry.names == "openclip" else tok.pad_token
             tokenizers[name] = Tokenizer(tok.vocab, tok.merges, pad_token=pad, context_length=length)
     if folder is not None:
@@ -1053,15 +1079,15 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
         index_file = folder / "model_index.json" if folder is not None else None
         index = json.loads(index_file.read_text()) if index_file is not None and index_file.is_file() else {}
         sdxl = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": tokenizers["tokenizer_2"],
-                "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
-    return (tokenizers["tokenizer"], models.text_encoder, models.unet, models.vae, scheduler_config, models.params,
+                **sdxl_flags(index, refiner=models.layout == "sdxl_refiner")}
+    return (tokenizers.get("tokenizer"), models.text_encoder, models.unet, models.vae, scheduler_config, models.params,
             sdxl)
 
 
 __all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",
            "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files", "load_text_encoder",
-           "load_text_encoder_2", "preprocess_image", "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path",
-           "sdxl_time_ids", "strength_start", "txt2img_to_files", "txt2img_with_refiner"]
+           "load_text_encoder_2", "load_refiner", "preprocess_image", "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path",
+           "sdxl_flags", "sdxl_time_ids", "strength_start", "txt2img_to_files", "txt2img_with_refiner"]
 
 
 # ================================================================================================
