@@ -4,7 +4,7 @@ Command::
 
     python benchmarks/bench_stable_diffusion.py                           # SD v1.5 size (860M-parameter U-Net)
     python benchmarks/bench_stable_diffusion.py --config sdxl --iters 1   # SDXL base size (2.57B-parameter U-Net)
-    python benchmarks/bench_stable_diffusion.py --config sdxl --iters 1 --size 512   # SDXL's networks at 512² (reduced)
+    python benchmarks/bench_stable_diffusion.py --config sdxl --iters 1 --size 512   # SDXL's networks at 512²
     python benchmarks/bench_stable_diffusion.py --config tiny --iters 1   # the smoke tests' runs (tiny, tiny-sdxl)
     python benchmarks/bench_stable_diffusion.py --order-check             # torch before / after JAX in one process
 
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["load_average_after"] = os.getloadavg()
     rows = {row["framework"]: row for row in report["rows"]}
     if len(rows) == 2:
-        report["ratios"] = {k: rows["diffusers"][k] / rows["jax"][k] for k in ("unet_step_s", "vae_decode_s")}  # > 1: ours faster
+        # > 1: ours faster
+        report["ratios"] = {k: rows["diffusers"][k] / rows["jax"][k] for k in ("unet_step_s", "vae_decode_s")}
 
     print(f"device {report['device']}, load average before {report['load_average_before'][0]:.1f}, "
           f"after {report['load_average_after'][0]:.1f}")

@@ -124,7 +124,7 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
                    help="negative prompt (once for all prompts, or once per prompt)")
     p.add_argument("--prompt-2", action="append", default=None, metavar="PROMPT",
-                   help="SDXL base: the second text encoder's prompt (default: PROMPT; once for all, or once per prompt)")
+                   help="SDXL base: the second text encoder's prompt (default: PROMPT; once, or once per prompt)")
     p.add_argument("--negative-prompt-2", action="append", default=None, metavar="PROMPT",
                    help="SDXL base: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.NAMES)}, or a diffusers class name "
@@ -243,7 +243,7 @@ def add_stable_diffusion_commands(sub: Any) -> None:
                    "512 for SD v1, 1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
-    p.add_argument("--refiner", default=None, help="an SDXL refiner folder or single file: base → refiner (--model the SDXL base)")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner folder or file: base → refiner (--model the SDXL base)")
     p.add_argument("--high-noise-frac", type=float, default=None,
                    help="with --refiner: the fraction of the denoising the base does (default 0.8)")
     p.add_argument("--from-png", default=None, help="re-run the parameters recorded in a PNG written by txt2img; "

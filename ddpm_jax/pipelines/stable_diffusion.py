@@ -35,6 +35,8 @@ SDXL base (Podell et al. 2023) is the same pipeline with a second text encoder (
 ViT-bigG with its projection): c = [τ₁(y); τ₂(y)] (both penultimate layers, [B, 77, 2048]), plus the U-Net's added
 conditioning, the pooled embedding W_t τ₂(y)[eot] [B, 1280] and six time ids (``sdxl_time_ids``); ∅ = zeros when
 no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the VAE config's scaling factor).
+The second encoder may read its own text y₂ (``prompts_2``, diffusers' ``prompt_2``), and ∅ its own time ids
+(``micro_conditioning``: diffusers' ``negative_original_size`` …).
 Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
 ``tests/test_sdxl.py``.
 
@@ -51,7 +53,7 @@ several at once, ``fuse_lora`` merges them into the weights, ``unload_lora`` res
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
-checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base (Stability's sgm layout) (``pretrained/compvis.py``).
+checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base and refiner (Stability's sgm layout) (``pretrained/compvis.py``).
 Everything is checked against diffusers'
 ``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
 """
@@ -113,8 +115,8 @@ SDXL_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
-SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG, "sdxl_refiner": SDXL_SCHEDULER_CONFIG,
-                          "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
+SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
+                          "sdxl_refiner": SDXL_SCHEDULER_CONFIG, "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -321,8 +323,8 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", scheduler: str | schedulers.Scheduler | None = None,
                         variant: str | None = None, *, config_folder: str | Path | None = None,
-                        tokenizer: str | Path | Tokenizer | None = None, use_ema: bool = False, prediction_type: str | None = None,
-                        mesh: Any = None) -> StableDiffusion:
+                        tokenizer: str | Path | Tokenizer | None = None, use_ema: bool = False,
+                        prediction_type: str | None = None, mesh: Any = None) -> StableDiffusion:
         """Load a diffusers folder, a single-file CompVis checkpoint (.safetensors/.ckpt), or a hub id.
 
         Args:
