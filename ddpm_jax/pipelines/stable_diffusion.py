@@ -116,7 +116,8 @@ SDXL_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
 SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
-                          "sdxl_refiner": SDXL_SCHEDULER_CONFIG, "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
+                          "sdxl_refiner": SDXL_SCHEDULER_CONFIG,
+                          "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -1044,8 +1045,8 @@ def sdxl_flags(index: dict[str, Any], refiner: bool = False) -> dict[str, bool]:
             "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", refiner))}
 
 
-def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool,
-                      prediction_type: str | None):
+def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | Tokenizer | None,
+                      use_ema: bool, prediction_type: str | None):
     """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x, SDXL base or refiner, told from its
     keys) with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
 
@@ -1086,10 +1087,11 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
             sdxl)
 
 
-__all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",
-           "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files", "load_text_encoder",
-           "load_text_encoder_2", "load_refiner", "preprocess_image", "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path",
-           "sdxl_flags", "sdxl_time_ids", "strength_start", "txt2img_to_files", "txt2img_with_refiner"]
+__all__ = ["REFINER_SHARED", "REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer",
+           "denoising_end_index", "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files",
+           "load_refiner", "load_text_encoder", "load_text_encoder_2", "per_prompt", "preprocess_image", "read_image",
+           "refiner_time_ids", "resolve_dtype", "resolve_path", "sdxl_flags", "sdxl_time_ids", "strength_start",
+           "txt2img_to_files", "txt2img_with_refiner"]
 
 
 # ================================================================================================
