@@ -324,7 +324,8 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
     if not args.prompts or not (args.model or getattr(args, "workdir", None)):
         raise ValueError(f"{args.command}: give --model (or --workdir) and at least one PROMPT, or --from-png IMAGE")
     if args.command == "txt2img" and args.workdir and (args.lora or args.prompt_2 or args.negative_prompt_2):
-        raise ValueError("--lora and --prompt-2 apply to Stable Diffusion weights (--model), not to a --workdir run")
+        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run (so do --prompt-2 "
+                         "and --negative-prompt-2)")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",

@@ -174,7 +174,7 @@ def test_cli_prompt_2_is_recorded_and_from_png_remakes_it(folder, tmp_path, caps
     assert status == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_0.png")), np.asarray(Image.open(tmp_path / "t_1.png")))
     status, _, err = run_cli(["txt2img", "--workdir", str(tmp_path), "--prompt-2", "a", "the dog"], capsys)
-    assert status == 2 and "--prompt-2 apply to Stable Diffusion weights" in err
+    assert status == 2 and "not to a --workdir run (so do --prompt-2" in err
 
 
 def test_from_configs_builds_a_random_sdxl_of_the_folders_architecture(sd):
