@@ -87,11 +87,13 @@ def test_layer_profile_runs_on_a_tiny_shape():
 @pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
 def test_stable_diffusion_benchmark_runs_on_a_tiny_config(tmp_path, config):
     """benchmarks/bench_stable_diffusion.py with --config tiny (SD v1's layout, with the whole txt2img) and tiny-sdxl
-    (SDXL's: added "text_time" conditioning, no attention at the first level): every timing positive, the same
-    U-Net as diffusers' built from ``unet_config_to_diffusers``."""
+    (SDXL's: added "text_time" conditioning, no attention at the first level; ours and diffusers' each in a process of
+    its own): every timing positive, the same U-Net as diffusers' built from ``unet_config_to_diffusers``."""
     bench_sd = _load_benchmark("bench_stable_diffusion")
     out = tmp_path / "sd.json"
-    report = bench_sd.main(["--config", config, "--iters", "1", "--steps", "2", "--json", str(out)])
+    # tiny: both frameworks in this process; tiny-sdxl: each in its own process (the default)
+    report = bench_sd.main(["--config", config, "--iters", "1", "--steps", "2", "--json", str(out)]
+                           + (["--in-process"] if config == "tiny" else []))
     ours = report["rows"][0]
     timings = ("unet_step_s", "unet_compile_s", "vae_decode_s", "peak_rss_gb")
     if config == "tiny":
