@@ -1,0 +1,102 @@
+"""Peak memory of a U-Net training step with and without rematerialisation (``UNetConfig.remat``).
+
+For each config and each ``remat`` mode it compiles the gradient of the ε-prediction loss
+(``jax.jit(jax.value_and_grad(loss)).lower(...).compile()``) on abstract inputs (nothing is run or
+allocated) and reads XLA's buffer assignment: ``memory_analysis()``'s temp size (activations kept for
+the backward pass + scratch), arguments (parameters + batch) and outputs (loss + gradients).
+
+    python benchmarks/bench_memory.py                           # cifar10 (batch 128), 256² (batch 8), SD v1.5 (batch 2)
+    python benchmarks/bench_memory.py --configs cifar10 --remat none blocks
+    python benchmarks/bench_memory.py --configs tiny            # seconds (the smoke test's config)
+
+Configs: ``cifar10`` = ``UNetConfig.ddpm_cifar10()`` at 32×32; ``256`` = experiments/ddpm_celebahq256.py's
+U-Net (also LSUN's) at 256×256, per-device batch 8 (the paper's 64 over a TPU v3-8); ``sd`` =
+``UNetConfig.stable_diffusion_v1()`` on 64×64×4 latents with a 77×768 text context. The figures are
+XLA:CPU's; a GPU's differ in detail (other fusions), not in kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax.models.unet import REMAT_POLICIES, UNet, UNetConfig
+
+MB = 2**20
+
+
+def _unet_256() -> UNetConfig:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from experiments.ddpm_celebahq256 import UNET_256  # the paper's 256² U-Net (CelebA-HQ, LSUN)
+
+    return UNET_256
+
+
+CONFIGS = {  # name -> (config factory, batch, resolution)
+    "tiny": (lambda: UNetConfig(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "AttnUpBlock2D")), 2, 8),
+    "cifar10": (UNetConfig.ddpm_cifar10, 128, 32),
+    "256": (_unet_256, 8, 256),
+    "sd": (UNetConfig.stable_diffusion_v1, 2, 64),
+}
+
+
+def measure(name: str, remat: str) -> dict:
+    """Compile the loss gradient of config ``name`` with ``remat``; XLA's memory figures in MB."""
+    factory, batch, size = CONFIGS[name]
+    config = dataclasses.replace(factory(), remat=remat)
+    model = UNet(config)
+    spec = jax.ShapeDtypeStruct
+    x = spec((batch, size, size, config.in_channels), jnp.float32)                 # x_t
+    t = spec((batch,), jnp.int32)
+    context = spec((batch, 77, config.cross_attention_dim), jnp.float32) if config.cross_attention_dim else None
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t, context)["params"]
+
+    def loss(params, x, t, context, eps):  # ‖ε − ε_θ(x_t, t)‖², Ho et al. Eq. 14
+        return jnp.mean((eps - model.apply({"params": params}, x, t, context, train=True)) ** 2)
+
+    start = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, x, t, context, x).compile()
+    seconds = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    return {"config": name, "remat": remat, "batch": batch, "temp_mb": m.temp_size_in_bytes / MB,
+            "argument_mb": m.argument_size_in_bytes / MB, "output_mb": m.output_size_in_bytes / MB,
+            "compile_s": seconds}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["cifar10", "256", "sd"], choices=sorted(CONFIGS))
+    parser.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES), choices=sorted(REMAT_POLICIES))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; load average {os.getloadavg()}")
+    print("| config | batch | remat | temp MB | vs none | params+batch MB | grads MB | compile s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for name in args.configs:
+        base = None
+        for remat in args.remat:
+            r = measure(name, remat)
+            base = r["temp_mb"] if remat == "none" else base
+            ratio = f"{r['temp_mb'] / base:.2f}×" if base else ""
+            print(f"| {name} | {r['batch']} | {remat} | {r['temp_mb']:.0f} | {ratio} | {r['argument_mb']:.0f} "
+                  f"| {r['output_mb']:.0f} | {r['compile_s']:.1f} |", flush=True)
+            rows.append(r)
+    print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
