@@ -113,7 +113,7 @@ def new_path_bound_mb(shape: tuple[int, int, int], batch: int, prefetch: int) ->
     return (prefetch + 2) * batch_bytes / MB + 64.0
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar-n", type=int, default=50_000)
     parser.add_argument("--folder-n", type=int, default=2_000)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.child:
         print(json.dumps(child(args.child, json.loads(args.child_config), args.child_mock, args.batches,
                                args.batch, args.prefetch)))
-        return []
+        return {}
 
     folder = write_folder(pathlib.Path(args.folder), args.folder_n)
     cases = [("cifar10-shaped (tfds mock)", {"name": "tfds:cifar10", "image_size": 32, "channels": 3},
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              (f"256² folder ({args.folder_n} PNGs)", {"name": f"folder:{folder}", "image_size": 256, "channels": 3,
                                                         "num_examples": args.folder_n}, 0)]
     rows = []
-    print(f"batch {args.batch}, {args.batches} batches, prefetch {args.prefetch}; load average {os.getloadavg()}")
+    load_before = os.getloadavg()
+    print(f"batch {args.batch}, {args.batches} batches, prefetch {args.prefetch}; load average {load_before}")
     print("| data | path | N | peak RSS growth MB | bound MB | load s | s/batch |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, config, mock_n in cases:
@@ -152,10 +153,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         new = results["new"]
         assert new["peak_growth_mb"] <= new["bound_mb"], (
             f"{name}: the per-batch loader grew by {new['peak_growth_mb']:.0f} MB > bound {new['bound_mb']:.0f} MB")
-    print(f"load average after: {os.getloadavg()}")
+    report = {"load_average_before": load_before, "load_average_after": os.getloadavg(), "batch": args.batch,
+              "batches": args.batches, "prefetch": args.prefetch, "rows": rows}
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
-    return rows
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"the per-batch loader stayed under its bound on both datasets; load average after: "
+          f"{report['load_average_after']}")
+    return report
 
 
 if __name__ == "__main__":

@@ -16,18 +16,18 @@ from ddpm_jax.models.unet import REMAT_POLICIES, UNet, UNetConfig, apply_with_at
 
 pytestmark = pytest.mark.fast_compile  # compile-bound: tiny U-Nets, a few calls each (tests/conftest.py)
 
-# Every kind of block in one tiny U-Net: ResNet blocks with dropout (train mode, per-example keys),
-# self-attention (first down level), cross-attention transformers (last up level, mid block).
-CONFIG = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                    down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
-                    attention_head_dim=4, num_attention_heads=2, norm_num_groups=4, cross_attention_dim=12,
-                    dropout=0.1)
+# Every kind of block in one tiny one-level U-Net: ResNet blocks with dropout (train mode, per-example keys),
+# self-attention (the down level), cross-attention transformers (the up level and the mid block).
+CONFIG = UNetConfig(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8,), layers_per_block=1,
+                    down_block_types=("AttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                    mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=4, num_attention_heads=2,
+                    norm_num_groups=4, cross_attention_dim=12, dropout=0.1)
+NUM_BLOCKS = 1 + 1 + 2 + 2 + 1 + 2   # down: ResNet + self-attention; mid: 2 ResNets + transformer; up: 2 × 2
 
 
 def _inputs(config, batch=2):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, 8, 8, config.in_channels)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, 4, 4, config.in_channels)), jnp.float32)
     t = jnp.asarray([3, 700][:batch], jnp.int32)
     context = (jnp.asarray(rng.standard_normal((batch, 5, 12)), jnp.float32) if config.cross_attention_dim else None)
     return x, t, context
@@ -57,6 +57,13 @@ def test_remat_gives_the_same_outputs_gradients_and_parameter_tree():
             return jnp.mean(out ** 2), out
         (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return value, out, grads
+
+    def remat_calls(remat):  # jax.checkpoint regions in the traced gradient: one per block, or none
+        model = UNet(dataclasses.replace(config, remat=remat))
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, context, train=True, dropout_keys=keys) ** 2)  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(params)).count("remat")
+
+    assert remat_calls("none") == 0 and remat_calls("blocks") == NUM_BLOCKS
 
     plain = loss_and_grad("none")
     for remat in ("blocks", "blocks_save_dots"):
