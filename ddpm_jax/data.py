@@ -111,7 +111,8 @@ def load_dataset(data_config: Any) -> np.ndarray:
     ``channels`` and optionally ``data_dir`` and ``num_examples``). See the module docstring for the
     names understood.
     """
-    return load_dataset_with_labels(data_config).images
+    source = open_dataset(data_config)
+    return source[np.arange(len(source))]  # [N, H, W, C] float32; labels are not read
 
 
 def check_images(images: Any, data_config: Any) -> np.ndarray:
@@ -136,7 +137,7 @@ def load_dataset_with_labels(data_config: Any) -> Dataset:
       FileNotFoundError: a tfds dataset that is not prepared locally, or a folder with no images.
     """
     source = open_dataset(data_config)
-    images = source[np.arange(len(source))]  # [N, H, W, C] float32, one image decoded at a time
+    images = source[np.arange(len(source))]  # [N, H, W, C] float32, decoded one image at a time
     return Dataset(images=images, labels=source.labels, num_classes=source.num_classes)
 
 

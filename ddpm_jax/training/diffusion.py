@@ -36,7 +36,7 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
                                        keep decoded images as uint8 in memory; images are read per batch)
     config.data.prefetch        int    batches prepared ahead in a background thread (default 2)
     config.model.*                     UNetConfig fields (models/unet.py): UNet(UNetConfig(**config.model))
-    config.model.remat          str    "none" (default) | "blocks" | "blocks_save_dots": recompute each ResNet /
+    config.model.remat          str    "none" (default) | "blocks": recompute each ResNet /
                                        attention block in the backward pass instead of keeping its activations
                                        (same numbers, less memory on GPU/TPU; benchmarks/bench_memory.py)
     config.diffusion.schedule   str    "linear" | "cosine" | "scaled_linear"
