@@ -388,8 +388,11 @@ def _fit(image: np.ndarray, size: int, channels: int, pad: bool) -> np.ndarray:
 
 
 def _to_float(image: np.ndarray) -> np.ndarray:
-    """uint8 0..255 -> float32 -1..1."""
-    return image.astype(np.float32) / 127.5 - 1.0
+    """uint8 0..255 -> float32 -1..1 (x = pixel / 127.5 - 1, in place: one float32 copy, no temporaries)."""
+    x = image.astype(np.float32)
+    x /= 127.5
+    x -= 1.0
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
