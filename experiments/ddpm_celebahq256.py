@@ -23,7 +23,10 @@ from 1e-4 to 0.02, random horizontal flips, 0.5M steps.
 
 Hardware: the paper trained on a TPU v3-8 at about 2.2 steps/s at batch 64 (so 0.5M steps take roughly
 2.6 days); sampling 128 images with the 1,000-step chain took ~300 s there. On GPUs use 8 × 40–80 GB
-(global batch 64, data parallel); the same command on every host of a multi-host slice.
+(global batch 64, data parallel); the same command on every host of a multi-host slice. Device memory:
+``model.remat=blocks`` recomputes each ResNet/attention block in the backward pass (about one more forward
+pass per step) and cuts the training step's activation memory to 0.42× (21.0 → 8.9 GB at 8 images per
+device; XLA's buffer assignment, ``benchmarks/bench_memory.py``): the option for smaller GPUs.
 
 Expected result: samples like Figure 1 (left) of Ho et al. 2020; the paper reports no FID for CelebA-HQ.
 Compare with the released weights: ``ddpm-jax sample --pretrained <copy of google/ddpm-celebahq-256>``.
