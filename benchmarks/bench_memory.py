@@ -8,6 +8,7 @@ the backward pass + scratch), arguments (parameters + batch) and outputs (loss +
     python benchmarks/bench_memory.py                           # cifar10 (batch 128), 256² (batch 8), SD v1.5 (batch 2)
     python benchmarks/bench_memory.py --configs cifar10 --remat none blocks
     python benchmarks/bench_memory.py --configs tiny            # seconds (the smoke test's config)
+    python benchmarks/bench_memory.py --configs cifar10 --batch 8 --time 3   # + what the recomputation costs
 
 Configs: ``cifar10`` = ``UNetConfig.ddpm_cifar10()`` at 32×32; ``256`` = experiments/ddpm_celebahq256.py's
 U-Net (also LSUN's) at 256×256, per-device batch 8 (the paper's 64 over a TPU v3-8); ``sd`` =
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import statistics
 import sys
 import time
 
@@ -59,9 +61,11 @@ CONFIGS = {  # name -> (config factory, batch, resolution)
 KEEP_REMAT_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}  # see the module docstring
 
 
-def measure(name: str, remat: str, cpu_default: bool = False) -> dict:
-    """Compile the loss gradient of config ``name`` with ``remat``; XLA's memory figures in MB."""
-    factory, batch, size = CONFIGS[name]
+def measure(name: str, remat: str, cpu_default: bool = False, batch: int | None = None, iters: int = 0) -> dict:
+    """Compile the loss gradient of config ``name`` with ``remat``; XLA's memory figures in MB. With ``iters``,
+    also the median seconds of one gradient evaluation on random inputs and zero parameters (after a warm-up)."""
+    factory, default_batch, size = CONFIGS[name]
+    batch = batch or default_batch
     config = dataclasses.replace(factory(), remat=remat)
     model = UNet(config)
     spec = jax.ShapeDtypeStruct
@@ -79,9 +83,20 @@ def measure(name: str, remat: str, cpu_default: bool = False) -> dict:
     compiled = lowered.compile() if cpu_default else lowered.compile(compiler_options=KEEP_REMAT_BARRIERS)
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
+    step_s = None
+    if iters:
+        args = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape, s.dtype)
+                            if s.dtype == jnp.float32 else jnp.zeros(s.shape, s.dtype), (params, x, t, context, x))
+        jax.block_until_ready(compiled(*args))                                     # warm-up
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+        step_s = statistics.median(times)
     return {"config": name, "remat": remat, "batch": batch, "temp_mb": m.temp_size_in_bytes / MB,
             "argument_mb": m.argument_size_in_bytes / MB, "output_mb": m.output_size_in_bytes / MB,
-            "compile_s": seconds}
+            "compile_s": seconds, "step_s": step_s}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,21 +105,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--remat", nargs="+", default=list(REMAT_POLICIES), choices=sorted(REMAT_POLICIES))
     parser.add_argument("--cpu-default", action="store_true",
                         help="XLA:CPU's own pipeline, which merges remat's recomputation away (module docstring)")
+    parser.add_argument("--batch", type=int, default=None, help="override each config's batch")
+    parser.add_argument("--time", type=int, default=0, metavar="ITERS",
+                        help="also time the gradient (median of ITERS calls): what the recomputation costs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; load average {load_before}")
-    print("| config | batch | remat | temp MB | vs none | params+batch MB | grads MB | compile s |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| config | batch | remat | temp MB | vs none | params+batch MB | grads MB | compile s | step s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for name in args.configs:
         base = None
         for remat in args.remat:
-            r = measure(name, remat, args.cpu_default)
+            r = measure(name, remat, args.cpu_default, args.batch, args.time)
             base = r["temp_mb"] if remat == "none" else base
             ratio = f"{r['temp_mb'] / base:.2f}×" if base else ""
+            step = "" if r["step_s"] is None else f"{r['step_s']:.3f}"
             print(f"| {name} | {r['batch']} | {remat} | {r['temp_mb']:.0f} | {ratio} | {r['argument_mb']:.0f} "
-                  f"| {r['output_mb']:.0f} | {r['compile_s']:.1f} |", flush=True)
+                  f"| {r['output_mb']:.0f} | {r['compile_s']:.1f} | {step} |", flush=True)
             rows.append(r)
     report = {"jax": jax.__version__, "platform": jax.devices()[0].platform, "cpu_default": args.cpu_default,
               "load_average_before": load_before,

@@ -155,5 +155,6 @@ def test_data_memory_benchmark_runs_on_tiny_data(tmp_path):
 def test_memory_benchmark_reads_xla_buffer_sizes_on_a_tiny_unet():
     """benchmarks/bench_memory.py's measurement (the compiled loss gradient's memory analysis) on a tiny U-Net."""
     bench_memory = _load_benchmark("bench_memory")
-    row = bench_memory.measure("tiny", "blocks")
-    assert row["remat"] == "blocks" and _positive(row["temp_mb"]) and _positive(row["argument_mb"])
+    row = bench_memory.measure("tiny", "blocks", batch=3, iters=1)
+    assert row["remat"] == "blocks" and row["batch"] == 3
+    assert all(_positive(row[k]) for k in ("temp_mb", "argument_mb", "output_mb", "compile_s", "step_s"))
