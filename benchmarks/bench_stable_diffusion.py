@@ -4,7 +4,9 @@ Command::
 
     python benchmarks/bench_stable_diffusion.py                           # SD v1.5 size (860M-parameter U-Net)
     python benchmarks/bench_stable_diffusion.py --config sdxl --iters 1   # SDXL base size (2.57B-parameter U-Net)
+    python benchmarks/bench_stable_diffusion.py --config sdxl --iters 1 --size 512   # SDXL's networks at 512²
     python benchmarks/bench_stable_diffusion.py --config tiny --iters 1   # the smoke tests' runs (tiny, tiny-sdxl)
+    python benchmarks/bench_stable_diffusion.py --order-check             # torch before / after JAX in one process
 
 Measured (medians over ``--iters`` timed calls; ours after the compiling first call, diffusers' after one
 warm-up call):
@@ -16,8 +18,13 @@ warm-up call):
 * **VAE decode**: latents → one image (512² for v1.5, 1024² for SDXL), ours and diffusers' ``AutoencoderKL.decode``;
 * **txt2img** (SD v1 configs): ``StableDiffusion.txt2img`` of one image with ``--steps`` (default 2) guided PNDM
   steps + decode, as the one compiled program (compile time reported separately);
-* **peak RSS**: the process's maximum resident memory after our part and at the end (``ru_maxrss``);
-  the load average is printed with the numbers, since the CPU is shared.
+* **peak RSS**: each part's process's maximum resident memory (``ru_maxrss``); the load average before and after
+  each part is printed with the numbers, since the CPU is shared.
+
+Ours and diffusers' run in two SEPARATE Python processes, one after the other (``--framework``; ``--in-process`` for
+both in this one, ours first): with both in one process diffusers' U-Net ran slower after JAX had run
+(``--order-check`` measures that: the same diffusers U-Net step timed before and after one JAX U-Net call, in one
+process). ``--size`` runs a config's networks at a smaller image side (e.g. SDXL's at 512², 64×64 latents).
 
 Random weights never exist twice: each of our networks is initialised inside ``jax.jit`` (flax's initialisers
 run as one XLA program writing the parameters directly) and freed before the next is built; the diffusers
@@ -36,7 +43,9 @@ import os
 import pathlib
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -153,14 +162,25 @@ def lecun_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Arra
     return std * jax.random.normal(key, shape)
 
 
-def bench_ours(name: str, iters: int, steps: int) -> dict[str, Any]:
+def get_config(name: str, size: int | None = None) -> BenchConfig:
+    """``CONFIGS[name]``, at image side ``size`` if given (a multiple of f · 2^(levels−1))."""
     config = CONFIGS[name]
+    if size is not None:
+        multiple = config.vae.downsampling_factor * 2 ** (config.unet.num_levels - 1)
+        if size <= 0 or size % multiple:
+            raise ValueError(f"--size must be a positive multiple of {multiple} for {name}, got {size}")
+        config = dataclasses.replace(config, size=size)
+    return config
+
+
+def bench_ours(name: str, iters: int, steps: int, size: int | None = None) -> dict[str, Any]:
+    config = get_config(name, size)
     latent = config.size // config.vae.downsampling_factor
     unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
     inputs = {k: jnp.asarray(v) for k, v in unet_inputs(config).items()}
     added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
     params = init_leaf_by_leaf(unet, *unet.config.input_specs(context_length=1))
-    row: dict[str, Any] = {"framework": "jax", "config": name,
+    row: dict[str, Any] = {"framework": "jax", "config": name, "size": config.size, "load_before": os.getloadavg(),
                            "unet_params": int(sum(a.size for a in jax.tree.leaves(params)))}
 
     step = jax.jit(lambda p, x, t, c, added: unet.apply({"params": p}, x, t, c, **added))
@@ -189,7 +209,7 @@ def bench_ours(name: str, iters: int, steps: int) -> dict[str, Any]:
 
     if config.text is not None:
         row.update(bench_txt2img(config, steps))
-    row["peak_rss_gb"] = peak_rss_gb()
+    row["peak_rss_gb"], row["load_after"] = peak_rss_gb(), os.getloadavg()
     return row
 
 
@@ -227,32 +247,76 @@ def torch_available() -> bool:
     return True
 
 
-def bench_diffusers(name: str, iters: int) -> dict[str, Any]:
+def diffusers_unet_step(config: BenchConfig) -> tuple[Any, Callable[[], Any]]:
+    """diffusers' U-Net of ``config`` (random weights) and a call of it on ``unet_inputs`` (no_grad, NCHW)."""
     import diffusers
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    config = CONFIGS[name]
-    latent = config.size // config.vae.downsampling_factor
     unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(config.unet)).eval()
-    row: dict[str, Any] = {"framework": "diffusers", "config": name,
-                           "unet_params": sum(p.numel() for p in unet.parameters())}
     inputs = {k: torch.from_numpy(v) for k, v in unet_inputs(config).items()}
     x = inputs["x"].permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW
     added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
-    with torch.no_grad():
-        row["unet_step_s"] = median_seconds(
-            lambda: unet(x, inputs["t"], encoder_hidden_states=inputs["context"], added_cond_kwargs=added or None), iters)
+
+    def call() -> Any:
+        with torch.no_grad():
+            return unet(x, inputs["t"], encoder_hidden_states=inputs["context"], added_cond_kwargs=added or None)
+    return unet, call
+
+
+def bench_diffusers(name: str, iters: int, size: int | None = None) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    config = get_config(name, size)
+    latent = config.size // config.vae.downsampling_factor
+    load_before = os.getloadavg()
+    unet, call = diffusers_unet_step(config)
+    row: dict[str, Any] = {"framework": "diffusers", "config": name, "size": config.size, "load_before": load_before,
+                           "unet_params": sum(p.numel() for p in unet.parameters())}
+    row["unet_step_s"] = median_seconds(call, iters)
     note("diffusers: U-Net step s", row["unet_step_s"])
-    unet = None  # free it before building the VAE
+    unet = call = None  # free it before building the VAE
     gc.collect()
     vae = diffusers.AutoencoderKL.from_config(autoencoder_kl_config_to_diffusers(config.vae)).eval()
     z = torch.zeros((1, config.vae.latent_channels, latent, latent))
     with torch.no_grad():
         row["vae_decode_s"] = median_seconds(lambda: vae.decode(z / config.vae.scaling_factor), iters)
     note("diffusers: VAE decode s", row["vae_decode_s"])
-    row["peak_rss_gb"] = peak_rss_gb()
+    row["peak_rss_gb"], row["load_after"] = peak_rss_gb(), os.getloadavg()
     return row
+
+
+def bench_in_subprocess(framework: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One framework's row, measured by this script in a fresh Python process (``--framework``): nothing of the
+    other framework (its thread pools, its allocator's memory) is in the process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "row.json"
+        command = [sys.executable, __file__, "--config", args.config, "--iters", str(args.iters), "--steps",
+                   str(args.steps), "--framework", framework, "--json", str(out)]
+        subprocess.run(command + (["--size", str(args.size)] if args.size else []), check=True)
+        return json.loads(out.read_text())["rows"][0]
+
+
+def order_check(name: str, size: int | None, iters: int) -> dict[str, Any]:
+    """Does torch run slower after JAX has run in the same process? diffusers' U-Net step of ``name`` at ``size``,
+    median of ``iters`` calls before and after one compiled call of our U-Net (and a repeat of the "before" timing
+    first, to see the noise of the machine without JAX). Returns the medians (s) and the ratio after / before."""
+    config = get_config(name, size)
+    _, call = diffusers_unet_step(config)
+    before = [median_seconds(call, iters), median_seconds(call, iters, warm_up=False)]
+    note("diffusers before JAX s (two medians)", f"{before[0]:.3f}, {before[1]:.3f}")
+    unet = UNet(config.unet)
+    inputs = {k: jnp.asarray(v) for k, v in unet_inputs(config).items()}
+    params = init_leaf_by_leaf(unet, *unet.config.input_specs(context_length=1))
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+    step = jax.jit(lambda p, x, t, c, added: unet.apply({"params": p}, x, t, c, **added))
+    for _ in range(2):  # compile + run, run
+        step(params, inputs["x"], inputs["t"], inputs["context"], added).block_until_ready()
+    after = median_seconds(call, iters, warm_up=False)
+    note("diffusers after JAX s", after)
+    return {"config": name, "size": config.size, "iters": iters, "before_s": before, "after_s": after,
+            "after_over_before": after / min(before), "load_average": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -260,33 +324,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="txt2img steps at full size")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the config's, 1024 for sdxl)")
+    parser.add_argument("--framework", choices=("both", "jax", "diffusers"), default="both",
+                        help="both: each in its own process, ours first (default)")
+    parser.add_argument("--in-process", action="store_true", help="both in this process, ours first")
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--order-check", action="store_true", help="diffusers' U-Net step before / after JAX ran in "
+                        "one process (default config sd15 at --size 256)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
+    if args.order_check:
+        result = order_check(args.config, args.size or (256 if args.config == "sd15" else None), args.iters)
+        print(json.dumps(result))
+        return result
     report: dict[str, Any] = {"device": str(jax.devices()[0]), "load_average_before": os.getloadavg(), "rows": []}
-    ours = bench_ours(args.config, args.iters, args.steps)
-    report["rows"].append(ours)
-    gc.collect()
-    if not args.no_diffusers and torch_available():
-        theirs = bench_diffusers(args.config, args.iters)
-        report["rows"].append(theirs)
-        report["ratios"] = {k: theirs[k] / ours[k] for k in ("unet_step_s", "vae_decode_s")}  # > 1: ours faster
+    run_diffusers = args.framework in ("both", "diffusers") and not args.no_diffusers and torch_available()
+    if args.framework != "both" or args.in_process:  # everything asked for, in this process
+        if args.framework != "diffusers":
+            report["rows"].append(bench_ours(args.config, args.iters, args.steps, args.size))
+            gc.collect()
+        if run_diffusers:
+            report["rows"].append(bench_diffusers(args.config, args.iters, args.size))
+    else:
+        report["rows"].append(bench_in_subprocess("jax", args))
+        if run_diffusers:
+            report["rows"].append(bench_in_subprocess("diffusers", args))
     report["load_average_after"] = os.getloadavg()
+    rows = {row["framework"]: row for row in report["rows"]}
+    if len(rows) == 2:
+        # > 1: ours faster
+        report["ratios"] = {k: rows["diffusers"][k] / rows["jax"][k] for k in ("unet_step_s", "vae_decode_s")}
 
     print(f"device {report['device']}, load average before {report['load_average_before'][0]:.1f}, "
           f"after {report['load_average_after'][0]:.1f}")
-    config = CONFIGS[args.config]
+    config = get_config(args.config, args.size)
     latent = config.size // config.vae.downsampling_factor
     print(f"| framework | config | U-Net params | U-Net step s (B=2, {latent}×{latent}) | VAE decode s ({config.size}²) "
-          "| peak RSS GB |")
+          "| peak RSS GB | load before → after |")
     for row in report["rows"]:
         print(f"| {row['framework']} | {row['config']} | {row['unet_params']:,} | {row['unet_step_s']:.3f} | "
-              f"{row['vae_decode_s']:.3f} | {row['peak_rss_gb']:.1f} |")
-    print(f"ours: U-Net compile + first call {ours['unet_compile_s']:.1f} s, VAE decode {ours['vae_compile_s']:.1f} s")
-    if "txt2img_s" in ours:
-        print(f"ours: txt2img {ours['txt2img_steps']} steps: first call {ours['txt2img_first_call_s']:.1f} s "
-              f"(compile + run), then {ours['txt2img_s']:.1f} s")
+              f"{row['vae_decode_s']:.3f} | {row['peak_rss_gb']:.1f} | {row['load_before'][0]:.1f} → "
+              f"{row['load_after'][0]:.1f} |")
+    if "jax" in rows:
+        ours = rows["jax"]
+        print(f"ours: U-Net compile + first call {ours['unet_compile_s']:.1f} s, VAE decode {ours['vae_compile_s']:.1f} s")
+        if "txt2img_s" in ours:
+            print(f"ours: txt2img {ours['txt2img_steps']} steps: first call {ours['txt2img_first_call_s']:.1f} s "
+                  f"(compile + run), then {ours['txt2img_s']:.1f} s")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -123,6 +123,10 @@ def add_stable_diffusion(p: argparse.ArgumentParser, steps: int | None, guidance
     p.add_argument("--num-images-per-prompt", type=int, default=1, help="each image also its own PNG with its parameters")
     p.add_argument("--negative", action="append", default=None, metavar="PROMPT",
                    help="negative prompt (once for all prompts, or once per prompt)")
+    p.add_argument("--prompt-2", action="append", default=None, metavar="PROMPT",
+                   help="SDXL base: the second text encoder's prompt (default: PROMPT; once, or once per prompt)")
+    p.add_argument("--negative-prompt-2", action="append", default=None, metavar="PROMPT",
+                   help="SDXL base: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--scheduler", default=scheduler, help=f"{', '.join(schedulers.NAMES)}, or a diffusers class name "
                    "(default: the model's); \"_karras\": Karras sigmas, e.g. dpmsolver++_karras = DPM++ 2M Karras")
     p.add_argument("--dtype", default="float32", help="float32, bf16, or fp16 (GPU only)")
@@ -239,7 +243,7 @@ def add_stable_diffusion_commands(sub: Any) -> None:
                    "512 for SD v1, 1024 for SDXL)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention-maps", action="store_true", help="also write per-token cross-attention overlays")
-    p.add_argument("--refiner", default=None, help="an SDXL refiner folder: base → refiner (--model the SDXL base)")
+    p.add_argument("--refiner", default=None, help="an SDXL refiner folder or file: base → refiner (--model the SDXL base)")
     p.add_argument("--high-noise-frac", type=float, default=None,
                    help="with --refiner: the fraction of the denoising the base does (default 0.8)")
     p.add_argument("--from-png", default=None, help="re-run the parameters recorded in a PNG written by txt2img; "
@@ -252,9 +256,9 @@ def add_stable_diffusion_commands(sub: Any) -> None:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def negatives(negative: list[str] | None, num_prompts: int) -> list[str] | None:
-    """--negative given once → for every prompt; else one per prompt (checked by the pipeline)."""
-    return negative * num_prompts if negative and len(negative) == 1 else negative
+def per_prompt(texts: list[str] | None, num_prompts: int) -> list[str] | None:
+    """--negative (--prompt-2, …) given once → for every prompt; else one per prompt (checked by the pipeline)."""
+    return texts * num_prompts if texts and len(texts) == 1 else texts
 
 
 def from_png(args: argparse.Namespace) -> None:
@@ -265,19 +269,22 @@ def from_png(args: argparse.Namespace) -> None:
     recorded = dict(prompts=[g.prompt], negative=g.negative_prompt and [g.negative_prompt], seed=g.seed,
                     steps=g.steps, guidance=g.guidance_scale, guidance_rescale=g.guidance_rescale, lora=list(g.loras),
                     scheduler=g.scheduler, height=g.height, width=g.width, model=g.model, refiner=g.refiner,
-                    high_noise_frac=g.high_noise_frac)
+                    high_noise_frac=g.high_noise_frac, prompt_2=g.prompt_2 and [g.prompt_2],
+                    negative_prompt_2=g.negative_prompt_2 and [g.negative_prompt_2])
     for name, value in recorded.items():
         if getattr(args, name) in (None, []) and not (name == "model" and args.workdir):
             setattr(args, name, value)
 
 
-def load_stable_diffusion(args: argparse.Namespace, model: str | None = None) -> sd.StableDiffusion:
-    """The ``--model`` pipeline with its ``--lora`` files, or (``model``: the ``--refiner``) that folder alone."""
-    print(f"loading {model or args.model} ({args.dtype}) ...", file=sys.stderr)
-    pipe = sd.StableDiffusion.from_pretrained(model or args.model, dtype=args.dtype, scheduler=args.scheduler,
-                                              tokenizer=args.tokenizer, config_folder=args.config_folder,
-                                              prediction_type=args.prediction_type, use_ema=args.use_ema)
-    for path, scale in args.lora if model is None else []:
+def load_stable_diffusion(args: argparse.Namespace, base: sd.StableDiffusion | None = None) -> sd.StableDiffusion:
+    """The ``--model`` pipeline with its ``--lora`` files, or the ``--refiner`` of ``base`` (``sd.load_refiner``)."""
+    print(f"loading {args.refiner if base else args.model} ({args.dtype}) ...", file=sys.stderr)
+    options = dict(dtype=args.dtype, scheduler=args.scheduler, tokenizer=args.tokenizer,
+                   prediction_type=args.prediction_type, use_ema=args.use_ema)
+    if base is not None:  # (--config-folder is the base's)
+        return sd.load_refiner(args.refiner, base, **options)
+    pipe = sd.StableDiffusion.from_pretrained(args.model, config_folder=args.config_folder, **options)
+    for path, scale in args.lora:
         print(f"LoRA {pipe.load_lora(path, scale)} at {scale}", file=sys.stderr)
     return pipe
 
@@ -316,21 +323,24 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
         from_png(args)
     if not args.prompts or not (args.model or getattr(args, "workdir", None)):
         raise ValueError(f"{args.command}: give --model (or --workdir) and at least one PROMPT, or --from-png IMAGE")
-    negative = negatives(args.negative, len(args.prompts))
-    if args.command == "txt2img" and args.workdir and args.lora:
-        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run")
+    if args.command == "txt2img" and args.workdir and (args.lora or args.prompt_2 or args.negative_prompt_2):
+        raise ValueError("--lora applies to Stable Diffusion weights (--model), not to a --workdir run (so do --prompt-2 "
+                         "and --negative-prompt-2)")
     if args.command == "txt2img" and args.workdir:
         return cross_attention.txt2img_to_files(
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",
             guidance_scale=args.guidance, steps=args.steps, seed=args.seed or 0, attention_maps=args.attention_maps,
             sampler=args.scheduler)
-    kwargs = dict(seed=args.seed or 0, negative_prompts=negative, height=args.height, width=args.width,
+    texts = {name: per_prompt(getattr(args, option), len(args.prompts)) for name, option in (
+        ("negative_prompts", "negative"), ("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2"))}
+    kwargs = dict(seed=args.seed or 0, height=args.height, width=args.width, **texts,
                   num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
     if args.command == "txt2img":
+        pipe = load_stable_diffusion(args)
         return sd.txt2img_to_files(
-            load_stable_diffusion(args), args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
+            pipe, args.prompts, args.out or "txt2img.png", steps=args.steps or 50,
             guidance_scale=7.5 if args.guidance is None else args.guidance, attention_maps=args.attention_maps,
-            refiner=load_stable_diffusion(args, args.refiner) if args.refiner else None,
+            refiner=load_stable_diffusion(args, pipe) if args.refiner else None,
             high_noise_frac=args.high_noise_frac or 0.8, **kwargs)
     kwargs |= dict(strength=args.strength, steps=args.steps, guidance_scale=args.guidance)
     if args.command == "inpaint":

@@ -39,7 +39,10 @@ class Generation:
     """What made one image: enough to make it again (with the same weights and LoRA files).
 
     ``loras``: (file, scale) pairs in load order. ``mode``: "txt2img", "img2img" or "inpaint"; ``image``,
-    ``mask`` and ``strength``: img2img's / inpainting's source image, mask and strength (None for txt2img). ``refiner`` and ``high_noise_frac``: SDXL base → refiner.
+    ``mask`` and ``strength``: img2img's / inpainting's source image, mask and strength (None for txt2img).
+    ``refiner`` and ``high_noise_frac``: SDXL base → refiner.
+    ``prompt_2`` and ``negative_prompt_2``: SDXL's second text encoder's texts, when they differ from the first's
+    (AUTOMATIC1111 has no field for them: "parameters" holds the first's only).
     """
 
     prompt: str
@@ -59,6 +62,8 @@ class Generation:
     strength: float | None = None
     refiner: str | None = None
     high_noise_frac: float | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "loras", tuple((str(f), float(s)) for f, s in self.loras))

@@ -9,8 +9,11 @@ Command::
 
 Data: ``tfds:celeb_a_hq/256`` must be prepared first (CelebA-HQ is a manual download for
 tensorflow-datasets: follow ``tfds build celeb_a_hq/256 --file_format=array_record``'s instructions on a
-machine with the data, then point ``data.data_dir=...`` at the result). ``data.py`` keeps the dataset in
-host memory as float32: 30,000 images × 256 × 256 × 3 × 4 bytes ≈ 24 GB of RAM per host.
+machine with the data, then point ``data.data_dir=...`` at the result). The trainer reads it with random
+access (``data.open_dataset``: each host decodes only its share of each batch, two batches ahead in a
+background thread) and converts only the batch to float32, so host memory holds a few batches
+(64 × 256² × 3 × 4 bytes = 50 MB each), not the dataset (30,000 images as float32 would be ≈ 24 GB).
+``data.cache=True`` keeps decoded images as uint8 (≈ 5.9 GB when all are read) to skip decoding after epoch 1.
 
 Model: ch = 128, ch_mult = (1, 1, 2, 2, 4, 4) (six resolutions, 256² down to 8²), 2 ResNet blocks per
 level, self-attention at 16×16 only, dropout 0 — 113,673,219 parameters ("114 million", Appendix B),
@@ -20,7 +23,10 @@ from 1e-4 to 0.02, random horizontal flips, 0.5M steps.
 
 Hardware: the paper trained on a TPU v3-8 at about 2.2 steps/s at batch 64 (so 0.5M steps take roughly
 2.6 days); sampling 128 images with the 1,000-step chain took ~300 s there. On GPUs use 8 × 40–80 GB
-(global batch 64, data parallel); the same command on every host of a multi-host slice.
+(global batch 64, data parallel); the same command on every host of a multi-host slice. Device memory:
+``model.remat=blocks`` recomputes each ResNet/attention block in the backward pass (about one more forward
+pass per step) and cuts the training step's activation memory to 0.42× (21.0 → 8.9 GB at 8 images per
+device; XLA's buffer assignment, ``benchmarks/bench_memory.py``): the option for smaller GPUs.
 
 Expected result: samples like Figure 1 (left) of Ho et al. 2020; the paper reports no FID for CelebA-HQ.
 Compare with the released weights: ``ddpm-jax sample --pretrained <copy of google/ddpm-celebahq-256>``.
@@ -57,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = ml_collections.ConfigDict(
         dict(name="tfds:celeb_a_hq/256", image_size=IMAGE_SIZE, channels=3, random_flip=True, data_dir=None,
-             num_examples=None)
+             num_examples=None, cache=False, prefetch=2)
     )
     config.model = dataclass_to_config(UNET_256)
     config.diffusion = ml_collections.ConfigDict(

@@ -9,8 +9,10 @@ Command::
 
 Data: ``tfds:lsun/church_outdoor`` (126,227 training images, center-cropped and area-resized to 256×256
 by ``data.py``), prepared on a machine with internet: ``tfds build lsun/church_outdoor
---file_format=array_record``. ``data.py`` keeps the dataset in host memory as float32 (≈ 99 GB for all
-126k images at 256²): use a host with that much RAM, or fewer images with ``data.num_examples=...``.
+--file_format=array_record``. The trainer reads it with random access (``data.open_dataset``: each host
+decodes, crops and resizes only its share of each batch, two batches ahead in a background thread), so
+host memory holds a few batches, not the dataset (all 126k images as float32 would be ≈ 99 GB; as a
+uint8 cache, ``data.cache=True``, ≈ 25 GB).
 
 Model: the same 113,673,219-parameter U-Net as experiments/ddpm_celebahq256.py (ch = 128,
 ch_mult = (1, 1, 2, 2, 4, 4), attention at 16×16, dropout 0; diffusers' google/ddpm-church-256 layout).

@@ -161,6 +161,7 @@ TEXT_PREFIXES = {  # layout → (component, prefix, "transformers" or "openclip"
     "sd_v2": [("text_encoder", "cond_stage_model.model.", "openclip")],
     "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "transformers"),
              ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")],
+    "sdxl_refiner": [("text_encoder_2", "conditioner.embedders.0.model.", "openclip")],
 }
 
 
@@ -257,7 +258,7 @@ def _text_to_openclip(state):
 
 def to_single_file(folder, layout):
     """A diffusers folder (write_sd_folder) → the NumPy state dict of its single file in ``layout`` ("sd_v1",
-    "sd_v2", "sdxl"), with LDM's (sgm's) schedule buffer and OpenCLIP's logit_scale as real files have them (to be
+    "sd_v2", "sdxl", "sdxl_refiner"), with LDM's (sgm's) schedule buffer and OpenCLIP's logit_scale as real files have them (to be
     ignored)."""
     import numpy as np
 
@@ -270,7 +271,7 @@ def to_single_file(folder, layout):
             out |= {prefix + k: v for k, v in _text_to_openclip(text).items()} | {prefix + "logit_scale": np.array(4.6, np.float32)}
         else:  # FrozenCLIPEmbedder holds a transformers (v4) CLIPTextModel: text_model.…
             out |= {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in text.items()}
-    out["betas" if layout != "sdxl" else "denoiser.sigmas"] = np.linspace(0, 1, 1000, dtype=np.float32)
+    out["denoiser.sigmas" if layout.startswith("sdxl") else "betas"] = np.linspace(0, 1, 1000, dtype=np.float32)
     return out
 
 
@@ -306,14 +307,17 @@ def check_with_diffusers(state, folder, layout):
             assert torch.equal(weights[k].reshape(v.shape), v), (name, k)
 
 
-def check_with_diffusers_single_file_loader(path, folder):
-    """diffusers' StableDiffusionXLPipeline.from_single_file (configs from the local ``folder``) loads the file at
-    ``path`` to exactly the folder's weights. (Its text encoders are told apart by their widths: they must differ.)"""
+def check_with_diffusers_single_file_loader(path, folder, refiner=False):
+    """diffusers' StableDiffusionXLPipeline.from_single_file (the ``refiner``: StableDiffusionXLImg2ImgPipeline's;
+    configs from the local ``folder``) loads the file at ``path`` to exactly the folder's weights. (The base's text
+    encoders are told apart by their widths: they must differ.)"""
     import diffusers
 
-    single = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
-    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if refiner else diffusers.StableDiffusionXLPipeline
+    single = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    reference = cls.from_pretrained(folder)
+    assert (single.text_encoder is None) == refiner
+    for name in ("unet", "vae", "text_encoder_2") if refiner else ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(single, name).state_dict(), getattr(reference, name).state_dict()
         assert set(a) == set(b), name
         for k in b:

@@ -87,11 +87,13 @@ def test_layer_profile_runs_on_a_tiny_shape():
 @pytest.mark.parametrize("config", ["tiny", "tiny-sdxl"])
 def test_stable_diffusion_benchmark_runs_on_a_tiny_config(tmp_path, config):
     """benchmarks/bench_stable_diffusion.py with --config tiny (SD v1's layout, with the whole txt2img) and tiny-sdxl
-    (SDXL's: added "text_time" conditioning, no attention at the first level): every timing positive, the same
-    U-Net as diffusers' built from ``unet_config_to_diffusers``."""
+    (SDXL's: added "text_time" conditioning, no attention at the first level; ours and diffusers' each in a process of
+    its own): every timing positive, the same U-Net as diffusers' built from ``unet_config_to_diffusers``."""
     bench_sd = _load_benchmark("bench_stable_diffusion")
     out = tmp_path / "sd.json"
-    report = bench_sd.main(["--config", config, "--iters", "1", "--steps", "2", "--json", str(out)])
+    # tiny: both frameworks in this process; tiny-sdxl: each in its own process (the default)
+    report = bench_sd.main(["--config", config, "--iters", "1", "--steps", "2", "--json", str(out)]
+                           + (["--in-process"] if config == "tiny" else []))
     ours = report["rows"][0]
     timings = ("unet_step_s", "unet_compile_s", "vae_decode_s", "peak_rss_gb")
     if config == "tiny":
@@ -137,3 +139,24 @@ def test_gpu_benchmark_guards_each_part(tmp_path):
     assert killed[0]["what"] == "FAILED" and killed[0]["note"] == "timed out after 0.5 s (killed)"
     with pytest.raises(SystemExit, match="unknown parts \\['nope'\\]"):
         bench_gpu.main(["--dry-run", "--parts", "nope"])
+
+
+def test_data_memory_benchmark_runs_on_tiny_data(tmp_path):
+    """benchmarks/bench_data.py (old vs new loader, peak RSS, the asserted bound) on 300 mock CIFAR records and
+    8 generated 256² pictures, 2 batches: every path runs, both read the same batches, the bound holds."""
+    pytest.importorskip("tensorflow_datasets")
+    bench_data = _load_benchmark("bench_data")
+    report = bench_data.main(["--cifar-n", "300", "--folder-n", "8", "--folder", str(tmp_path / "pictures"),
+                              "--batches", "2", "--batch", "4", "--json", str(tmp_path / "data.json")])
+    rows = report["rows"]
+    assert [(r["mode"], r["n"]) for r in rows] == [("old", 300), ("new", 300), ("old", 8), ("new", 8)]
+    assert rows[3]["shape"] == [256, 256, 3] and all(_positive(r["s_per_batch"]) for r in rows)
+    assert json.loads((tmp_path / "data.json").read_text())["rows"] == rows
+
+
+def test_memory_benchmark_reads_xla_buffer_sizes_on_a_tiny_unet():
+    """benchmarks/bench_memory.py's measurement (the compiled loss gradient's memory analysis) on a tiny U-Net."""
+    bench_memory = _load_benchmark("bench_memory")
+    row = bench_memory.measure("tiny", "blocks", batch=3, iters=1)
+    assert row["remat"] == "blocks" and row["batch"] == 3
+    assert all(_positive(row[k]) for k in ("temp_mb", "argument_mb", "output_mb", "compile_s", "step_s"))

@@ -97,6 +97,7 @@ def test_notebooks_exist():
     assert "05_clip.ipynb" in names, names
     assert "06_conditional_and_latent_diffusion.ipynb" in names, names
     assert "07_stable_diffusion_internals.ipynb" in names, names
+    assert "08_four_families.ipynb" in names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

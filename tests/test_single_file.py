@@ -1,12 +1,13 @@
-"""Single-file checkpoints (pretrained/compvis.py): SDXL (Stability's sgm layout), SD 2.x (OpenCLIP in the ldm
-layout) and SD v1 at its real block layout, against the diffusers folders they were written from.
+"""Single-file checkpoints (pretrained/compvis.py): SDXL base and refiner (Stability's sgm layout), SD 2.x (OpenCLIP
+in the ldm layout) and SD v1 at its real block layout, against the diffusers folders they were written from.
 
 Each tiny random diffusers folder (tests/_sd_fixtures.py) is written as a single file in its layout by
 ``to_single_file`` (diffusers' DIFFUSERS_TO_LDM_MAPPING read backwards), the file checked with diffusers' own
 single-file converters (``check_with_diffusers``: they give back exactly the folder's weights), then loaded by
 ``StableDiffusion.from_pretrained(file, config_folder=folder)`` to params identical to the folder's. Plus: a
-torch.save ``.ckpt`` with an EMA copy (``use_ema``), tokenizer folders with only ``tokenizer.json``, the CLI,
-and one-line errors for files of no known layout or with missing keys. No sampling except one CLI run.
+torch.save ``.ckpt`` with an EMA copy (``use_ema``), tokenizer folders with only ``tokenizer.json``, the CLI, and
+one-line errors for files of no known layout or with missing keys.
+No sampling except one CLI run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 
 from _sd_fixtures import (  # noqa: E402
+    REFINER_UNET,
+    SDXL_SCHEDULER,
     check_with_diffusers,
     check_with_diffusers_single_file_loader,
     to_single_file,
@@ -63,6 +66,8 @@ def folders(tmp_path_factory):
             **SCHEDULER, prediction_type="v_prediction"), pad_token="!", hidden_act="gelu"),
         "sd_v1": write_sd_folder(root / "v1", V1_UNET, diffusers.PNDMScheduler(**SCHEDULER, skip_prk_steps=True),
                                  vae=V1_VAE),
+        "sdxl_refiner": write_sd_folder(root / "refiner", REFINER_UNET, diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER),
+                                        refiner=True),  # text_encoder_2 alone, 32 wide; five time ids
     }
 
 
@@ -85,7 +90,7 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
 
 
-@pytest.mark.parametrize("layout", ["sdxl", "sd_v2", "sd_v1"])
+@pytest.mark.parametrize("layout", ["sdxl", "sdxl_refiner", "sd_v2", "sd_v1"])
 def test_single_file_loads_to_identical_params(folders, reference, layout, tmp_path):
     """diffusers' converters read the file back to the folder's weights; ours to the folder's params, exactly."""
     folder = folders[layout]
@@ -97,13 +102,16 @@ def test_single_file_loads_to_identical_params(folders, reference, layout, tmp_p
         last = {k: v for k, v in state.items() if k.startswith(prefix + "transformer.resblocks.1.")}
         state |= {k.replace("resblocks.1.", "resblocks.2."): v for k, v in last.items()}
     save_file(state, tmp_path / "model.safetensors")
-    if layout == "sdxl":
-        check_with_diffusers_single_file_loader(tmp_path / "model.safetensors", folder)
+    if layout.startswith("sdxl"):
+        check_with_diffusers_single_file_loader(tmp_path / "model.safetensors", folder, refiner=layout == "sdxl_refiner")
     single = StableDiffusion.from_pretrained(tmp_path / "model.safetensors", config_folder=folder)
     assert_same_params(single.params, reference(layout))
-    assert single.is_sdxl == (layout == "sdxl")
+    assert single.is_sdxl == layout.startswith("sdxl") and single.is_refiner == (layout == "sdxl_refiner")
     if layout == "sdxl":
         assert single.force_zeros_for_empty_prompt and single.tokenizer_2.pad_token == "!"
+    if layout == "sdxl_refiner":  # (the refiner folder's model_index.json: force_zeros false)
+        assert single.text_encoder is None and not single.force_zeros_for_empty_prompt
+        assert single.tokenizer is None and single.tokenizer_2.pad_token == "!"
     if layout == "sd_v2":
         assert single.scheduler.config.prediction_type == "v_prediction" and single.tokenizer.pad_token == "!"
         eps = StableDiffusion.from_pretrained(tmp_path / "model.safetensors", config_folder=folder,
@@ -113,7 +121,7 @@ def test_single_file_loads_to_identical_params(folders, reference, layout, tmp_p
 
 def test_layouts_are_told_from_the_keys_with_the_released_configs(folders):
     """Without a config folder the keys choose the layout, whose released configs are implied."""
-    for layout in ("sdxl", "sd_v2", "sd_v1"):
+    for layout in ("sdxl", "sdxl_refiner", "sd_v2", "sd_v1"):
         assert compvis.detect_layout(to_single_file(folders[layout], layout)) == layout
     from ddpm_jax.models.clip import CLIPTextConfig
     from ddpm_jax.models.unet import UNetConfig
@@ -131,7 +139,7 @@ def test_layouts_are_told_from_the_keys_with_the_released_configs(folders):
     assert compvis.IMPLIED_CONFIGS["sd_v2"]["text_encoder"]["num_hidden_layers"] == 23  # ViT-H's 24th never runs
 
 
-@pytest.mark.parametrize("layout", ["sdxl", "sd_v2"])
+@pytest.mark.parametrize("layout", ["sdxl", "sdxl_refiner", "sd_v2"])
 def test_without_config_folder_the_layout_implies_configs_tokenizers_scheduler(folders, reference, layout, tmp_path,
                                                                                monkeypatch):
     """No config folder: the layout's implied configs (here the tiny folder's, patched in for the released ones),
@@ -148,6 +156,9 @@ def test_without_config_folder_the_layout_implies_configs_tokenizers_scheduler(f
     if layout == "sdxl":
         assert single.tokenizer.pad_token == "<|endoftext|>" and single.tokenizer_2.pad_token == "!"
         assert single.scheduler.name == "euler" and single.force_zeros_for_empty_prompt
+    elif layout == "sdxl_refiner":  # the release's flags: aesthetic-score time ids, no zeros for ∅
+        assert single.tokenizer is None and single.tokenizer_2.pad_token == "!" and single.scheduler.name == "euler"
+        assert single.is_refiner and not single.force_zeros_for_empty_prompt
     else:
         assert single.tokenizer.pad_token == "!" and single.scheduler.config.prediction_type == "v_prediction"
 
@@ -215,8 +226,20 @@ def test_bad_single_files_are_one_line_errors(folders, tmp_path):
     with pytest.raises(ValueError, match="configs have no text_encoder_2"):
         StableDiffusion.from_pretrained(tmp_path / "broken.safetensors", config_folder=folders["sd_v1"])
 
+    refiner = to_single_file(folders["sdxl_refiner"], "sdxl_refiner")
+    del refiner["conditioner.embedders.0.model.text_projection"]
+    refiner["conditioner.embedders.1.model.ln_final.weight"] = np.zeros(2, np.float32)  # (no such embedder in it)
+    save_file(refiner, tmp_path / "refiner.safetensors")
+    with pytest.raises(ValueError) as err:
+        StableDiffusion.from_pretrained(tmp_path / "refiner.safetensors", config_folder=folders["sdxl_refiner"])
+    message = str(err.value)
+    assert "\n" not in message and "does not match the SDXL refiner (Stability's sgm" in message
+    assert "1 unexpected keys outside the networks (conditioner.embedders.1.model.ln_final.weight)" in message
+    assert "conditioner.embedders.0.model.* (text_encoder_2): 1 missing (text_projection/kernel)" in message
+
 
 def test_cli_txt2img_sdxl_single_file(folders, tmp_path):
+    """(A refiner single file through the CLI: test_sdxl_refiner.py::test_cli_txt2img_with_refiner.)"""
     from ddpm_jax import cli
 
     save_file(to_single_file(folders["sdxl"], "sdxl"), tmp_path / "sdxl.safetensors")

@@ -287,6 +287,11 @@ def test_errors(sd, folder, tmp_path):
         StableDiffusion.from_pretrained(folder, dtype="fp16")
     with pytest.raises(ValueError, match="2 prompts but 3 negative prompts"):
         sd.txt2img(PROMPTS, ["a", "b", "c"], height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="prompts_2 / negative_prompts_2 are for SDXL base's second text encoder; "
+                                         r"this model has one text encoder \(SD v1/2.x\)"):
+        sd.txt2img(PROMPTS, prompts_2="a dog", height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="their negative_\\* are SDXL's micro-conditioning"):
+        sd.txt2img(PROMPTS, negative_original_size=(16, 16), height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="latents must have shape"):
         sd.txt2img(PROMPTS, height=SIZE, width=SIZE, latents=np.zeros((1, 16, 16, 4)))
     for strength in (1.5, 0.0, -0.2):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoints, parallel
+from ddpm_jax import checkpoints, data, parallel
 from ddpm_jax.training import loop
 
 
@@ -33,15 +33,15 @@ def _data():
     return x, (x @ np.array([2.0, -1.0])).astype(np.float32)
 
 
-def _run(workdir, num_steps, hooks=(), y_scale=1.0):
+def _run(workdir, num_steps, hooks=(), y_scale=1.0, prefetch=2):
     x, y = _data()
     mesh = parallel.make_mesh()
     state = jax.device_put(ToyState(jnp.zeros((), jnp.int32), jnp.zeros(2), jnp.zeros(())),
                            parallel.replicated_sharding(mesh))
-    batch_fn = lambda s: {"x": x[8 * (s % 8): 8 * (s % 8) + 8], "y": y_scale * y[8 * (s % 8): 8 * (s % 8) + 8]}
+    batch_fn = lambda s: {"x": data.get_batch(x, s, 8, 0), "y": y_scale * data.get_batch(y, s, 8, 0)}
     step = loop.compile_step(toy_step, mesh)
     return loop.run(state, step, batch_fn, workdir=workdir, num_steps=num_steps, key=jax.random.key(0),
-                          mesh=mesh, log_every=5, ckpt_every=10, hooks=hooks)
+                    mesh=mesh, log_every=5, ckpt_every=10, hooks=hooks, prefetch=prefetch)
 
 
 def test_hooks_logging_and_exact_resume(tmp_path):
@@ -58,6 +58,14 @@ def test_hooks_logging_and_exact_resume(tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed.w), np.asarray(full.w))
     np.testing.assert_array_equal(np.asarray(resumed.seen), np.asarray(full.seen))
     assert checkpoints.latest_step(tmp_path / "split") == 30
+
+
+def test_prefetching_changes_nothing_across_a_resume(tmp_path):
+    plain = _run(tmp_path / "plain", 30, prefetch=0)                  # batch_fn called in the loop itself
+    _run(tmp_path / "split", 20, prefetch=3)                           # batches made 3 steps ahead ...
+    resumed = _run(tmp_path / "split", 30, prefetch=2)                 # ... and a fresh prefetcher from step 20
+    np.testing.assert_array_equal(np.asarray(resumed.w), np.asarray(plain.w))
+    np.testing.assert_array_equal(np.asarray(resumed.seen), np.asarray(plain.seen))
 
 
 def test_non_finite_loss_stops_before_saving(tmp_path):

@@ -114,3 +114,20 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert checkpoints.latest_step(tmp_path) == 4
     params = checkpoints.load_params(tmp_path, ema=False)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_training_from_a_lazy_image_folder_equals_training_on_the_float_array(tmp_path):
+    """``data.name="folder:..."`` trains through ``data.open_dataset`` (uint8, decoded per batch, prefetched); the
+    parameters equal, bit for bit, those of training on the same images materialised as one float32 array."""
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i, image in enumerate(tiny_images(8)):                        # [8, 8, 1] in {-1, 1} → 0 / 255 PNGs
+        Image.fromarray(((image[..., 0] + 1) * 127.5).astype(np.uint8)).save(folder / f"{i}.png")
+    config = tiny_config(num_steps=3, ckpt_every=3, log_every=3)
+    config.data.name = f"folder:{folder}"
+    lazy = diffusion_trainer.train(config, tmp_path / "lazy")
+    array = diffusion_trainer.train(config, tmp_path / "array", images=data.load_dataset(config.data))
+    np.testing.assert_array_equal(data.load_dataset(config.data), tiny_images(8))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), lazy.params, array.params)

@@ -19,6 +19,11 @@ L_0 (the decoder) and ``terms[t]`` for t > 0 is the paper's L_t (= KL at paper s
 Randomness: the x_t of timestep t is ``q_sample(schedule, x0, t, ε)`` with
 ``ε = jax.random.normal(jax.random.fold_in(key, t), x0.shape, x0.dtype)``, so the result does not
 depend on how the loop is compiled (this is what ``tests/test_likelihood.py`` checks).
+
+The second half is the VAE's counterpart (Burda, Grosse & Salakhutdinov 2016, "Importance Weighted
+Autoencoders", Eq. 8): the k-sample importance-weighted bound L_k on log p_θ(x), with the VAE's Gaussian
+decoder discretised onto the same 256 bins as DDPM's L_0 (Ho Eq. 13), so that −L_k/(D log 2) bounds the
+same discrete −log₂ P(x)/D as DDPM's Eq. 5 and the flow's dequantised bits/dim.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import parallel, plotting
-from ddpm_jax.diffusion import EpsFn, prior_bpd, q_sample, vlb_term_bpd
+from ddpm_jax.diffusion import EpsFn, discretized_gaussian_log_likelihood, prior_bpd, q_sample, vlb_term_bpd
+from ddpm_jax.models.vae import GaussianVAE
+from ddpm_jax.objectives import gaussian_log_density, sum_flat
 from ddpm_jax.progress import progress_bar
 from ddpm_jax.schedules import Schedule
 
@@ -189,4 +196,119 @@ def plot_vlb_terms(terms: np.ndarray | jax.Array, path: str, *, title: str | Non
     return plotting.save_figure(fig, path, dpi=100)
 
 
-__all__ = ["VLBResult", "DatasetBPD", "vlb_bpd", "dataset_bpd", "plot_vlb_terms"]
+# ================================================================================================
+# The VAE: the importance-weighted bound (IWAE, Burda et al. 2016)
+# ================================================================================================
+
+
+def importance_weighted_bound(log_weights: jax.Array, k: int) -> jax.Array:
+    """The k-sample importance-weighted bound L_k (Burda et al. 2016, Eq. 8), estimated from K ≥ k log-weights.
+
+        L_k(x) = E_{z_1..z_k ~ q(z|x)} [ log (1/k) Σ_{i=1..k} w_i ],    w_i = p(x, z_i) / q(z_i | x)
+
+    L_1 is the ELBO (K&W Eq. 3); log p(x) ≥ L_{k+1} ≥ L_k (Burda Theorem 1), and L_k → log p(x) as k → ∞
+    when w is bounded. The K draws are cut into K/k disjoint groups of k; each group's
+    ``logsumexp(log w) − log k`` is one unbiased estimate of L_k, and their mean is returned (so every k
+    reuses the same K draws, and small k get a low-variance average).
+
+    Args:
+      log_weights: [K, B] log w_i = log p(x, z_i) − log q(z_i | x), z_i ~ q(z | x) independent (nats).
+      k: samples per bound, 1 ≤ k ≤ K, dividing K.
+    Returns:
+      [B] the estimate of L_k in nats.
+    """
+    log_weights = jnp.asarray(log_weights)
+    if log_weights.ndim != 2:
+        raise ValueError(f"log_weights must be [K, B] (samples first), got shape {log_weights.shape}")
+    num = log_weights.shape[0]
+    if not 1 <= k <= num or num % k:
+        raise ValueError(f"k={k} must be between 1 and K={num} and divide it; draw a multiple of k samples")
+    groups = log_weights.reshape(num // k, k, log_weights.shape[1])                 # [K/k, k, B]
+    return jnp.mean(jax.nn.logsumexp(groups, axis=1) - jnp.log(float(k)), axis=0)  # [B]
+
+
+def vae_log_weights(module: GaussianVAE, params: Any, x0: jax.Array, key: jax.Array, num_samples: int) -> jax.Array:
+    """[K, B] log-weights log p(z_i) + log P_θ(x | z_i) − log q_φ(z_i | x) of the Gaussian VAE, z_i ~ q_φ(z | x).
+
+    The decoder N(x; μ_θ(z), σ² I) is read as a distribution over the 256 levels of x ∈ [−1, 1] by
+    integrating it over each level's bin (Ho et al. 2020, Eq. 13: bins x ± 1/255, the outer ones extended
+    to ∓∞), the same discretisation as DDPM's decoder L_0; log p(z) = log N(z; 0, I).
+
+    Args:
+      module: a ``GaussianVAE`` with ``likelihood="gaussian"`` (a Bernoulli on grey levels is not a
+        distribution over the 256 levels: it has no bits/dim on this scale).
+      x0: [B, H, W, C] images on the 8-bit grid in [−1, 1] (level/127.5 − 1).
+      key: z_i of example b is μ + σ ⊙ ε with ε from ``fold_in(fold_in(key, i), b)`` (K&W's reparameterisation):
+        an example's draws do not depend on the batch it is in.
+    """
+    cfg = module.config
+    if cfg.likelihood != "gaussian":
+        raise ValueError(f"the importance-weighted bits/dim needs a Gaussian decoder (model.likelihood=gaussian), "
+                         f"got likelihood={cfg.likelihood!r}, which is not a distribution over the 256 levels")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    mu, logvar = module.apply({"params": params}, x0, method=GaussianVAE.encode)     # q_φ(z|x): [B, L] each
+    log_std = 0.5 * logvar
+    log_sigma = jnp.log(jnp.float32(cfg.sigma))
+
+    def one(i):
+        key_i = jax.random.fold_in(key, i)
+        eps = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key_i, b), mu.shape[1:]))(
+            jnp.arange(mu.shape[0]))                                                 # [B, L], example b's own stream
+        z = mu + jnp.exp(log_std) * eps                                              # z ~ q_φ(z|x) [B, L]
+        mean = module.apply({"params": params}, z, method=GaussianVAE.decode)       # μ_θ(z) [B, H, W, C]
+        log_px = sum_flat(discretized_gaussian_log_likelihood(x0, means=mean, log_scales=log_sigma))  # Eq. 13
+        return log_px + gaussian_log_density(z) - gaussian_log_density(z, mu, log_std)          # [B]
+
+    return jax.lax.map(one, jnp.arange(num_samples), batch_size=min(num_samples, 50))  # [K, B], 50 draws at a time
+
+
+class IWAEBPD(NamedTuple):
+    """The importance-weighted bound over a dataset, as bits/dim (−L_k / (D log 2)): an upper bound on −log₂ P(x)/D."""
+
+    bpd: dict[int, float]              # k → mean over examples
+    totals: dict[int, np.ndarray]      # k → [N] per example
+    num_samples: int                   # K draws per example (every k uses the same draws)
+    num_examples: int
+
+    def std_error(self, k: int) -> float:
+        """Standard error of ``bpd[k]`` over examples (std / √N)."""
+        values = self.totals[k]
+        return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def dataset_iwae_bpd(module: GaussianVAE, params: Any, images: np.ndarray | jax.Array, key: jax.Array,
+                     ks: tuple[int, ...] = (1, 10, 100, 1000), batch_size: int = 100) -> IWAEBPD:
+    """:func:`importance_weighted_bound` of a Gaussian VAE for every k in ``ks``, in bits/dim, over ``images``.
+
+    K = max(ks) draws per image, one compiled program for all batches (the last one padded and trimmed);
+    batch j uses ``fold_in(key, j)``. bits/dim = −L_k / (D log 2), D = H·W·C, on the 256 levels of
+    :func:`vae_log_weights`: comparable with :func:`dataset_bpd` and the flow's dequantised bits/dim.
+    """
+    images = np.asarray(images, np.float32)
+    n, num = images.shape[0], max(ks)
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"need at least one image and batch_size >= 1, got N={n}, batch_size={batch_size}")
+    bad = [k for k in ks if k < 1 or num % k]
+    if bad:
+        raise ValueError(f"every k must divide the largest, {num} (K draws are split into groups of k); got {bad}")
+    dims = int(np.prod(images.shape[1:]))
+
+    @jax.jit
+    def fn(p, x, kk):                                                                         # → [len(ks), B]
+        log_w = vae_log_weights(module, p, x, kk, num)                                        # [K, B], drawn once
+        return jnp.stack([importance_weighted_bound(log_w, k) for k in ks])
+    out = []
+    for j, start in enumerate(range(0, n, batch_size)):
+        batch = images[start:start + batch_size]
+        real = batch.shape[0]
+        if real < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)], axis=0)
+        out.append(np.asarray(fn(params, jnp.asarray(batch), jax.random.fold_in(key, j)), np.float64)[:, :real])
+    bounds = np.concatenate(out, axis=1)                                                      # [len(ks), N] nats
+    totals = {k: -bounds[i] / (dims * np.log(2.0)) for i, k in enumerate(ks)}
+    return IWAEBPD(bpd={k: float(v.mean()) for k, v in totals.items()}, totals=totals, num_samples=num, num_examples=n)
+
+
+__all__ = ["VLBResult", "DatasetBPD", "vlb_bpd", "dataset_bpd", "plot_vlb_terms",
+           "importance_weighted_bound", "vae_log_weights", "IWAEBPD", "dataset_iwae_bpd"]

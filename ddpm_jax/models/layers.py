@@ -210,7 +210,7 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array | None = None, *, train: bool = False,
+    def __call__(self, x: Array, temb: Array | None = None, train: bool = False, *,
                  dropout_keys: Array | None = None) -> Array:
         # x: [B, H, W, C_in], temb: [B, D] → [B, H, W, out_channels]
         group_norm = functools.partial(

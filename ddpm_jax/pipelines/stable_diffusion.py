@@ -35,6 +35,8 @@ SDXL base (Podell et al. 2023) is the same pipeline with a second text encoder (
 ViT-bigG with its projection): c = [τ₁(y); τ₂(y)] (both penultimate layers, [B, 77, 2048]), plus the U-Net's added
 conditioning, the pooled embedding W_t τ₂(y)[eot] [B, 1280] and six time ids (``sdxl_time_ids``); ∅ = zeros when
 no negative prompt is given (``force_zeros_for_empty_prompt``); z / 0.13025 (the VAE config's scaling factor).
+The second encoder may read its own text y₂ (``prompts_2``, diffusers' ``prompt_2``), and ∅ its own time ids
+(``micro_conditioning``: diffusers' ``negative_original_size`` …).
 Its diagram with every shape: ``docs/stable_diffusion.md``; checked against ``StableDiffusionXLPipeline`` in
 ``tests/test_sdxl.py``.
 
@@ -51,7 +53,7 @@ several at once, ``fuse_lora`` merges them into the weights, ``unload_lora`` res
 
 Weights: a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), with diffusers' file variants ("fp16", "non_ema"), or a single-file
-checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base (Stability's sgm layout) (``pretrained/compvis.py``).
+checkpoint, SD v1 / 2.x (CompVis ldm layout) or SDXL base and refiner (Stability's sgm layout) (``pretrained/compvis.py``).
 Everything is checked against diffusers'
 ``StableDiffusionPipeline`` in ``tests/test_stable_diffusion.py``.
 """
@@ -95,6 +97,8 @@ REFINER_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2
 SDXL_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 # the refiner's five (§2.5, diffusers' requires_aesthetics_score): the target size replaced by an aesthetic score
 REFINER_TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
+# the micro-conditioning arguments base and refiner share (``txt2img_with_refiner`` gives them to both)
+REFINER_SHARED = ("original_size", "crops_coords_top_left", "negative_original_size", "negative_crops_coords_top_left")
 SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")  # base; the refiner's
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",  # model_index.json _class_name we read
                     *SDXL_PIPELINE_CLASSES)                                       # (the inpainting one: a 9-channel U-Net)
@@ -113,6 +117,7 @@ SDXL_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
 }
 SINGLE_FILE_SCHEDULERS = {"sd_v1": SD_V1_SCHEDULER_CONFIG, "sdxl": SDXL_SCHEDULER_CONFIG,
+                          "sdxl_refiner": SDXL_SCHEDULER_CONFIG,
                           "sd_v2": SD_V1_SCHEDULER_CONFIG | {"prediction_type": "v_prediction"}}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -320,8 +325,8 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", scheduler: str | schedulers.Scheduler | None = None,
                         variant: str | None = None, *, config_folder: str | Path | None = None,
-                        tokenizer: str | Path | None = None, use_ema: bool = False, prediction_type: str | None = None,
-                        mesh: Any = None) -> StableDiffusion:
+                        tokenizer: str | Path | Tokenizer | None = None, use_ema: bool = False,
+                        prediction_type: str | None = None, mesh: Any = None) -> StableDiffusion:
         """Load a diffusers folder, a single-file CompVis checkpoint (.safetensors/.ckpt), or a hub id.
 
         Args:
@@ -334,7 +339,8 @@ class StableDiffusion:
           config_folder: for a single file, a diffusers folder of the same kind whose configs, tokenizer(s) and
             scheduler to use (default: the released configs of the layout its keys show, SD v1, SD 2.x or SDXL
             base; then ``tokenizer`` is required).
-          tokenizer: for a single file, a folder with vocab.json and merges.txt (or tokenizer.json).
+          tokenizer: for a single file, a folder with vocab.json and merges.txt (or tokenizer.json), or a
+            ``Tokenizer`` (e.g. an SDXL base's ``tokenizer_2`` for its refiner: ``load_refiner``).
           use_ema: for a single "full" CompVis checkpoint, take the U-Net from its ``model_ema.*`` copy.
           prediction_type: for a single file, "epsilon" or "v_prediction" (diffusers' name; the keys do not show
             it): default the config folder's scheduler's, else the release's (v-prediction for SD 2.x, as 2.1-768).
@@ -528,15 +534,17 @@ class StableDiffusion:
                              f"by 2^(levels−1) = {levels}), got {height}×{width}")
         return batch, height // f, width // f, self.vae.config.latent_channels
 
-    def prompt_condition(self, prompts: Sequence[str]) -> dict[str, Array]:
+    def prompt_condition(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None) -> dict[str, Array]:
         """prompts → the U-Net's text conditions: {"context": the text encoder's last hidden states [B, 77, D]}
-        (SD v1: D = 768); SDXL: "context" = [τ₁(y); τ₂(y)], both encoders' penultimate states concatenated along
-        the features ([B, 77, 768 + 1280]), and "text_embeds" = text_encoder_2's projected pooled output [B, 1280];
+        (SD v1: D = 768); SDXL: "context" = [τ₁(y); τ₂(y₂)], both encoders' penultimate states concatenated along
+        the features ([B, 77, 768 + 1280]), and "text_embeds" = text_encoder_2's projected pooled output W_t τ₂(y₂)
+        [B, 1280], where y₂ = ``prompts_2`` (diffusers' ``prompt_2``: the second encoder's text; default y₂ = y);
         the SDXL refiner: "context" = τ₂(y) alone [B, 77, 1280] (diffusers' encode_prompt over its one encoder)."""
         prompts = list(prompts)
         if not self.is_sdxl:
             return {"context": jnp.asarray(self.text(prompts))}                           # [B, 77, D]
-        states_2, pooled = self.text_2.encode(prompts)                                      # [B, 77, D₂], [B, P]
+        prompts_2 = prompts if prompts_2 is None else list(prompts_2)
+        states_2, pooled = self.text_2.encode(prompts_2)                                    # [B, 77, D₂], [B, P]
         states = ([self.text(prompts)] if self.text is not None else []) + [states_2]     # refiner: τ₂ alone
         return {"context": jnp.concatenate([jnp.asarray(x) for x in states], axis=-1),    # [B, 77, D₁ + D₂]
                 "text_embeds": jnp.asarray(pooled)}
@@ -553,32 +561,66 @@ class StableDiffusion:
         if self.is_refiner:
             raise ValueError("the SDXL refiner's time ids hold an aesthetic score, not a target size: use "
                              "refiner_time_ids (img2img's aesthetic_score, negative_aesthetic_score)")
-        if self.is_sdxl:
-            return sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)
-        if (original_size, crops_coords_top_left, target_size) != (None, None, None):
-            raise ValueError("original_size, crops_coords_top_left and target_size are SDXL's micro-conditioning; this "
-                             "U-Net has none (addition_embed_type=None)")
-        return None
+        return self.micro_conditioning(height, width, original_size, crops_coords_top_left, target_size)[0]
+
+    def micro_conditioning(self, height: int, width: int, original_size: Sequence[int] | None = None,
+                           crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None,
+                           negative_original_size: Sequence[int] | None = None,
+                           negative_crops_coords_top_left: Sequence[int] | None = None,
+                           negative_target_size: Sequence[int] | None = None, aesthetic_score: float = 6.0,
+                           negative_aesthetic_score: float = 2.5) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The time ids of c and of ∅ (Podell et al. 2023 §2.2, §2.5) for an image of height × width; (None, None)
+        for SD v1/2.x (which take none of these arguments).
+
+        SDXL base: c's are ``sdxl_time_ids``; ∅'s the same unless a ``negative_*`` is given (diffusers' "negative
+        micro-conditioning", e.g. negative_original_size=(512, 512) steers away from low-resolution training images),
+        then ``sdxl_time_ids`` of (negative_original_size, negative_crops_coords_top_left, negative_target_size), the
+        sizes defaulting to c's and the crop to (0, 0). (diffusers' txt2img uses them only when both sizes are
+        given; its img2img keeps c's crop for ∅: both agree with this where they agree with each other.)
+        The refiner: ``refiner_time_ids`` with ``aesthetic_score`` for c, ``negative_aesthetic_score`` with
+        negative_original_size (default c's) and negative_crops_coords_top_left (default (0, 0)) for ∅, as diffusers'
+        StableDiffusionXLImg2ImgPipeline; it has no target size."""
+        negatives = (negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        if not self.is_sdxl:
+            if any(v is not None for v in (original_size, crops_coords_top_left, target_size, *negatives)):
+                raise ValueError("original_size, crops_coords_top_left, target_size and their negative_* are SDXL's "
+                                 "micro-conditioning; this U-Net has none (addition_embed_type=None)")
+            return None, None
+        negative_crop = (0, 0) if negative_crops_coords_top_left is None else negative_crops_coords_top_left
+        if self.is_refiner:
+            if target_size is not None or negative_target_size is not None:
+                raise ValueError("the SDXL refiner's time ids hold an aesthetic score in place of the target size: "
+                                 "target_size and negative_target_size are the base's; give aesthetic_score instead")
+            negative_size = original_size if negative_original_size is None else negative_original_size
+            return (refiner_time_ids(height, width, aesthetic_score, original_size, crops_coords_top_left),
+                    refiner_time_ids(height, width, negative_aesthetic_score, negative_size, negative_crop))
+        time_ids = sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)       # [6]
+        if all(v is None for v in negatives):
+            return time_ids, time_ids
+        return time_ids, sdxl_time_ids(height, width, time_ids[0:2] if negative_original_size is None else
+                                       negative_original_size, negative_crop,
+                                       time_ids[4:6] if negative_target_size is None else negative_target_size)
 
     def _conditions(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None,
-                    time_ids: np.ndarray | None = None, negative_time_ids: np.ndarray | None = None
+                    time_ids: np.ndarray | None = None, negative_time_ids: np.ndarray | None = None,
+                    prompts_2: str | Sequence[str] | None = None, negative_prompts_2: str | Sequence[str] | None = None
                     ) -> tuple[list[str], dict[str, Array], dict[str, Array]]:
         """(prompts, c, ∅): the U-Net's condition dicts (``prompt_condition`` + SDXL's time ids: the same for both
-        unless ``negative_time_ids``, the refiner's negative aesthetic score)."""
+        unless ``negative_time_ids``, ``micro_conditioning``'s). SDXL base: ``prompts_2`` / ``negative_prompts_2`` the
+        second encoder's texts (diffusers' ``prompt_2`` / ``negative_prompt_2``), default the first's; ∅ = zeros
+        when neither negative is given and ``force_zeros_for_empty_prompt``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        zeros = negative_prompts is None and self.force_zeros_for_empty_prompt   # diffusers: only when none is given
-        if negative_prompts is None:
-            negative_prompts = [""] * len(prompts)              # ∅ = the states of the empty prompt
-        elif isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        negative_prompts = list(negative_prompts)
-        if len(negative_prompts) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; give one "
-                             f"negative prompt per prompt (or one string for all)")
-        cond = self.prompt_condition(prompts)
-        uncond = jax.tree.map(jnp.zeros_like, cond) if zeros else self.prompt_condition(negative_prompts)
+        if (prompts_2 is not None or negative_prompts_2 is not None) and (not self.is_sdxl or self.is_refiner):
+            raise ValueError("prompts_2 / negative_prompts_2 are for SDXL base's second text encoder; this model has one "
+                             "text encoder (" + ("the SDXL refiner's reads prompts, as diffusers'" if self.is_sdxl else
+                                                 "SD v1/2.x") + "): put the text in prompts / negative_prompts")
+        zeros = negative_prompts is None and negative_prompts_2 is None and self.force_zeros_for_empty_prompt
+        negative_prompts = per_prompt(negative_prompts, len(prompts), "negative prompts") or [""] * len(prompts)
+        cond = self.prompt_condition(prompts, per_prompt(prompts_2, len(prompts), "prompts_2"))
+        uncond = jax.tree.map(jnp.zeros_like, cond) if zeros else self.prompt_condition(
+            negative_prompts, per_prompt(negative_prompts_2, len(prompts), "negative_prompts_2"))
         if time_ids is not None:                                          # SDXL: [B, 6]; the refiner: [B, 5]
             negative_time_ids = time_ids if negative_time_ids is None else negative_time_ids
             cond["time_ids"] = jnp.broadcast_to(jnp.asarray(time_ids), (len(prompts), len(time_ids)))
@@ -672,7 +714,11 @@ class StableDiffusion:
                 seed: int = 0, latents: Array | None = None, return_latents: bool = False, return_attention: bool = False,
                 progress: bool = False, guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
                 crops_coords_top_left: Sequence[int] | None = None, target_size: Sequence[int] | None = None,
-                denoising_end: float | None = None) -> dict[str, Any]:
+                denoising_end: float | None = None, prompts_2: str | Sequence[str] | None = None,
+                negative_prompts_2: str | Sequence[str] | None = None,
+                negative_original_size: Sequence[int] | None = None,
+                negative_crops_coords_top_left: Sequence[int] | None = None,
+                negative_target_size: Sequence[int] | None = None) -> dict[str, Any]:
         """Text → images. Returns {"images": [B, H, W, 3] in [−1, 1], "latents": z_0 [B, h, w, 4]}, plus
         with ``return_latents`` "trajectory" (z after each step, [N, B, h, w, 4]), "model_inputs" and
         "timesteps", and with ``return_attention`` "attention" [B, h, w, 77] (per-token cross-attention,
@@ -683,8 +729,11 @@ class StableDiffusion:
         images, and image b is the image of seed + b in a batch of any size. ``guidance_rescale``: φ of Lin et al.
         2024 Eq. 16 (``guidance.rescale_guidance``; 0.7 for SD 2.x v-prediction models), traced like w.
         SDXL only: ``original_size``, ``crops_coords_top_left``, ``target_size`` (h, w) pairs, its time ids
-        (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'). ``height``,
-        ``width``: default ``default_size`` (the model's own).
+        (``sdxl_time_ids``; defaults (height, width), (0, 0), (height, width) as diffusers'), and ∅'s
+        ``negative_original_size``, ``negative_crops_coords_top_left``, ``negative_target_size``
+        (``micro_conditioning``); ``prompts_2`` / ``negative_prompts_2``: the second text encoder's texts (diffusers'
+        ``prompt_2`` / ``negative_prompt_2``; default the first's; a string for all prompts or one per prompt).
+        ``height``, ``width``: default ``default_size`` (the model's own).
         ``denoising_end`` in (0, 1): SDXL base → refiner (``txt2img_with_refiner``): stop where the grid's timesteps
         fall below round(T − denoising_end·T) (``denoising_end_index``) and return {"latents"} there, undecoded.
         """
@@ -693,8 +742,9 @@ class StableDiffusion:
             raise ValueError("this is the SDXL refiner (an img2img model for the low noise levels, Podell et al. 2023 "
                              "§2.5): txt2img needs the SDXL base; run base → refiner (--model <base> --refiner <this>)")
         height, width = height or self.default_size[0], width or self.default_size[1]
-        time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts, time_ids)
+        time_ids = self.micro_conditioning(height, width, original_size, crops_coords_top_left, target_size,
+                                           negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts, *time_ids, prompts_2, negative_prompts_2)
         shape = self.latent_shape(len(prompts), height, width)
         key_latents, key_steps = image_keys(seed, len(prompts))                          # [B] keys each
         if latents is None:
@@ -716,13 +766,16 @@ class StableDiffusion:
                 seed: int = 0, init_latents: Array | None = None, noise: Array | None = None,
                 return_latents: bool = False, progress: bool = False, guidance_rescale: float = 0.0,
                 denoising_start: float | None = None, aesthetic_score: float = 6.0,
-                negative_aesthetic_score: float = 2.5) -> dict[str, Any]:
+                negative_aesthetic_score: float = 2.5, prompts_2: str | Sequence[str] | None = None,
+                negative_prompts_2: str | Sequence[str] | None = None, **micro_conditioning: Any) -> dict[str, Any]:
         """SDEdit: images [B, H, W, 3] in [−1, 1] → z_0 = s·E(x) (a sample of q(z|x), as diffusers) → noised to
         grid point (1 − strength)·N → the remaining ⌊strength·N⌋ steps → decoded, with any scheduler (a multistep
         one restarts its history there, as diffusers' ``set_begin_index``). ``init_latents`` (scaled
         latents [B, h, w, 4]) replace the encoding, ``noise`` the ε drawn from ``seed`` (for tests). SDXL's
-        time ids are the defaults for the image's size; the refiner's hold ``aesthetic_score`` for c and
-        ``negative_aesthetic_score`` for ∅ (diffusers' defaults 6.0 and 2.5; ``refiner_time_ids``).
+        time ids: ``micro_conditioning``'s for the image's size, its keyword arguments (original_size, …,
+        negative_target_size) passed on; the refiner's hold ``aesthetic_score`` for c and ``negative_aesthetic_score``
+        for ∅ (diffusers' defaults 6.0 and 2.5; ``refiner_time_ids``). ``prompts_2`` / ``negative_prompts_2``: as
+        ``txt2img`` (SDXL base only).
 
         ``denoising_start`` in (0, 1): the refiner's half of base → refiner (``txt2img_with_refiner``):
         ``init_latents`` are the base's latents at that point of the same N-step grid, taken as they are (no noise
@@ -738,11 +791,9 @@ class StableDiffusion:
             init_latents = self.encode_images(self._check_images(images, len(prompts)), key_encode)  # [B, h, w, 4]
         init_latents = jnp.asarray(init_latents, jnp.float32)
         size = (init_latents.shape[1] * self.vae_scale_factor, init_latents.shape[2] * self.vae_scale_factor)
-        if self.is_refiner:                       # c with the aesthetic score, ∅ with the negative one
-            time_ids = refiner_time_ids(*size, aesthetic_score), refiner_time_ids(*size, negative_aesthetic_score)
-        else:
-            time_ids = self.time_ids(*size), None
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts, *time_ids)
+        time_ids = self.micro_conditioning(*size, aesthetic_score=aesthetic_score,                # (c's, ∅'s)
+                                           negative_aesthetic_score=negative_aesthetic_score, **micro_conditioning)
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts, *time_ids, prompts_2, negative_prompts_2)
         if denoising_start is not None:           # the refiner after the base: z is already the sample at t_start
             start = denoising_start_index(self.grid(num_steps), denoising_start, self.scheduler.config.num_train_timesteps)
             return self._sample(prompts, cond, uncond, guidance_scale, init_latents, key_steps, num_steps, start, False,
@@ -757,7 +808,8 @@ class StableDiffusion:
     def inpaint(self, images: Array, mask: Array, prompts: str | Sequence[str], strength: float = 1.0,
                 negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 7.5, num_steps: int = 50,
                 seed: int = 0, noise: Array | None = None, return_latents: bool = False, progress: bool = False,
-                guidance_rescale: float = 0.0) -> dict[str, Any]:
+                guidance_rescale: float = 0.0, prompts_2: str | Sequence[str] | None = None,
+                negative_prompts_2: str | Sequence[str] | None = None) -> dict[str, Any]:
         """Repaint images [B, H, W, 3] in [−1, 1] where ``mask`` is 1 (white), keep the rest (``pipelines/inpainting.py``),
         as diffusers' ``StableDiffusionInpaintPipeline``: SD's 9-channel inpainting U-Net reads [z, m↓, s·E(x ⊙ (1 − m))];
         a plain U-Net blends the image's noised latents back into the known region after each step. ``mask``: one
@@ -793,7 +845,7 @@ class StableDiffusion:
         image_latents = self.encode_images(images, key_image) if strength < 1.0 or "noise" in inputs else None
         if "noise" in inputs:
             inputs["image_latents"] = image_latents                                        # z_0^image [B, h, w, 4]
-        prompts, cond, uncond = self._conditions(prompts, negative_prompts)
+        prompts, cond, uncond = self._conditions(prompts, negative_prompts, None, None, prompts_2, negative_prompts_2)
         if strength == 1.0:                                       # diffusers: pure noise, scaled by init_noise_sigma
             return self._sample(prompts, cond, uncond, guidance_scale, noise, key_steps, num_steps, 0, True,
                                 return_latents, progress, guidance_rescale, inpaint=inputs)
@@ -845,6 +897,18 @@ class StableDiffusion:
         result["attention"] = token_attention_maps(model, result["model_inputs"], prompts, result["timesteps"],
                                                    condition=cond)                    # [B, h, w, 77]
         result["tokens"] = [prompt_tokens(self.text, p) for p in prompts]
+
+
+def per_prompt(values: str | Sequence[str] | None, num_prompts: int, what: str) -> list[str] | None:
+    """One text per prompt: a string → that string for each of the ``num_prompts`` prompts; a list of exactly
+    ``num_prompts`` as it is; None stays None (the default: diffusers' "" for a negative prompt, the prompt itself for
+    a second encoder's text)."""
+    if values is None or isinstance(values, str):
+        return None if values is None else [values] * num_prompts
+    values = list(values)
+    if len(values) != num_prompts:
+        raise ValueError(f"{num_prompts} prompts but {len(values)} {what}; give one per prompt (or one string for all)")
+    return values
 
 
 def image_keys(seed: int, batch: int) -> tuple[Array, Array]:
@@ -950,18 +1014,41 @@ def denoising_start_index(timesteps: np.ndarray, denoising_start: float, num_tra
 def txt2img_with_refiner(base: StableDiffusion, refiner: StableDiffusion, prompts: str | Sequence[str],
                          negative_prompts: str | Sequence[str] | None = None, guidance_scale: float = 5.0,
                          num_steps: int = 40, high_noise_frac: float = 0.8, seed: int = 0, latents: Array | None = None,
-                         progress: bool = False, **txt2img_kwargs: Any) -> dict[str, Any]:
+                         progress: bool = False, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+                         **txt2img_kwargs: Any) -> dict[str, Any]:
     """SDXL's "ensemble of expert denoisers" (Podell et al. 2023 §2.5), as diffusers runs base → refiner: over the
     same N-step grid the base takes the high-noise steps, ``txt2img(denoising_end=high_noise_frac)`` → latents
     [B, h, w, 4] at the cut, undecoded; the refiner the rest, ``img2img(init_latents=those,
     denoising_start=high_noise_frac)`` → images. Two compiled programs, one per model. ``txt2img_kwargs`` go to the
-    base (height, width, time ids, return_attention, …). Returns the refiner's result (+ "attention", "tokens")."""
+    base (height, width, time ids, prompts_2, return_attention, …); the micro-conditioning the refiner has too
+    (``REFINER_SHARED``: original size, crop, and ∅'s) to both; the refiner's one encoder reads ``prompts`` (as
+    diffusers': ``prompts_2`` is the base's). Returns the refiner's result (+ "attention", "tokens")."""
     first = base.txt2img(prompts, negative_prompts, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed,
                          latents=latents, progress=progress, denoising_end=high_noise_frac, **txt2img_kwargs)
     result = refiner.img2img(None, prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
                              num_steps=num_steps, seed=seed, init_latents=first["latents"], progress=progress,
-                             denoising_start=high_noise_frac)
+                             denoising_start=high_noise_frac, aesthetic_score=aesthetic_score,
+                             negative_aesthetic_score=negative_aesthetic_score,
+                             **{k: v for k, v in txt2img_kwargs.items() if k in REFINER_SHARED})
     return result | {k: first[k] for k in ("attention", "tokens") if k in first}
+
+
+def load_refiner(path: str | Path, base: StableDiffusion, **kwargs: Any) -> StableDiffusion:
+    """The SDXL refiner for the SDXL ``base`` (``txt2img_with_refiner``; ``ddpm-jax txt2img --refiner``): a diffusers
+    folder, or a single file in sgm's refiner layout (``compvis``: the released refiner's configs implied) whose
+    tokenizer, unless ``tokenizer=`` is given, is the base's ``tokenizer_2`` (the same OpenCLIP ViT-bigG BPE).
+    ``kwargs`` go to ``from_pretrained`` (dtype, scheduler, config_folder: a refiner folder, …). One-line errors
+    when ``base`` is no SDXL base or ``path`` no refiner."""
+    if not base.is_sdxl or base.is_refiner:
+        raise ValueError("a refiner continues an SDXL base's denoising: the base model must be the SDXL base "
+                         f"(two text encoders), not {'the refiner' if base.is_refiner else 'an SD v1/2.x model'}")
+    if kwargs.get("tokenizer") is None:
+        kwargs["tokenizer"] = base.tokenizer_2
+    refiner = StableDiffusion.from_pretrained(path, **kwargs)
+    if not refiner.is_refiner:
+        raise ValueError(f"--refiner {path} is not an SDXL refiner (text_encoder_2 alone, aesthetic-score time ids): give "
+                         f"the base as --model and sd_xl_refiner_1.0 (its folder or single file) as --refiner")
+    return refiner
 
 
 def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> tuple[dict[str, Any], Params]:
@@ -970,19 +1057,26 @@ def _load_sdxl_parts(path: Path, variant: str | None, index: dict[str, Any]) -> 
     fields, and text_encoder_2's params."""
     text_encoder_2, params = load_text_encoder_2(path / "text_encoder_2", variant)
     tokenizer_2 = load_tokenizer(path / "tokenizer_2", context_length=text_encoder_2.config.max_position_embeddings)
-    return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
-            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}, params
+    refiner = folder_components(index) == REFINER_COMPONENTS
+    return {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, **sdxl_flags(index, refiner)}, params
 
 
-def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | None, use_ema: bool,
-                      prediction_type: str | None):
-    """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x or SDXL base, told from its keys)
-    with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
+def sdxl_flags(index: dict[str, Any], refiner: bool = False) -> dict[str, bool]:
+    """model_index.json's ``force_zeros_for_empty_prompt`` and ``requires_aesthetics_score`` as ``StableDiffusion``
+    fields; absent, the release's: SDXL base true / false, the ``refiner`` false / true (sd_xl_refiner_1.0's)."""
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", not refiner)),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", refiner))}
+
+
+def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: str | Path | Tokenizer | None,
+                      use_ema: bool, prediction_type: str | None):
+    """A single file's networks (``compvis.load_single_file``: SD v1, SD 2.x, SDXL base or refiner, told from its
+    keys) with tokenizers, a scheduler config and (SDXL) the ``StableDiffusion`` fields of ``_load_sdxl_parts``.
 
     With ``config_folder`` (a diffusers folder of the same kind) its tokenizer/ (tokenizer_2/), scheduler/
-    and model_index.json; else the ``tokenizer`` folder for every text encoder (an OpenCLIP one pads with
-    "!", as OpenCLIP does) and the release's scheduler (``SINGLE_FILE_SCHEDULERS``). ``prediction_type``
+    and model_index.json; else the ``tokenizer`` (a folder, or a ``Tokenizer`` such as the base's ``tokenizer_2``
+    for a refiner) for every text encoder (an OpenCLIP one pads with "!", as OpenCLIP does) and the release's
+    scheduler (``SINGLE_FILE_SCHEDULERS``). ``prediction_type``
     ("epsilon", "v_prediction"), not visible in the keys, overrides the scheduler's."""
     if config_folder is None and tokenizer is None:
         raise ValueError(f"{path} is a single-file checkpoint without a tokenizer: pass tokenizer=<folder with "
@@ -997,7 +1091,7 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
         if folder is not None:
             tokenizers[name] = load_tokenizer(tokenizer if tokenizer and name == "tokenizer" else folder / name, length)
         else:
-            tok = load_tokenizer(tokenizer, length)
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, length)
             pad = compvis.OPENCLIP_PAD_TOKEN if entry.names == "openclip" else tok.pad_token
             tokenizers[name] = Tokenizer(tok.vocab, tok.merges, pad_token=pad, context_length=length)
     if folder is not None:
@@ -1011,15 +1105,16 @@ def _load_single_file(path: Path, config_folder: str | Path | None, tokenizer: s
         index_file = folder / "model_index.json" if folder is not None else None
         index = json.loads(index_file.read_text()) if index_file is not None and index_file.is_file() else {}
         sdxl = {"text_encoder_2": models.text_encoder_2, "tokenizer_2": tokenizers["tokenizer_2"],
-                "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
-    return (tokenizers["tokenizer"], models.text_encoder, models.unet, models.vae, scheduler_config, models.params,
+                **sdxl_flags(index, refiner=models.layout == "sdxl_refiner")}
+    return (tokenizers.get("tokenizer"), models.text_encoder, models.unet, models.vae, scheduler_config, models.params,
             sdxl)
 
 
-__all__ = ["REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer", "denoising_end_index",
-           "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files", "load_text_encoder",
-           "load_text_encoder_2", "preprocess_image", "read_image", "refiner_time_ids", "resolve_dtype", "resolve_path",
-           "sdxl_time_ids", "strength_start", "txt2img_to_files", "txt2img_with_refiner"]
+__all__ = ["REFINER_SHARED", "REFINER_TIME_IDS", "SDXL_TIME_IDS", "StableDiffusion", "byte_tokenizer",
+           "denoising_end_index", "denoising_start_index", "folder_components", "img2img_to_files", "inpaint_to_files",
+           "load_refiner", "load_text_encoder", "load_text_encoder_2", "per_prompt", "preprocess_image", "read_image",
+           "refiner_time_ids", "resolve_dtype", "resolve_path", "sdxl_flags", "sdxl_time_ids", "strength_start",
+           "txt2img_to_files", "txt2img_with_refiner"]
 
 
 # ================================================================================================
@@ -1054,24 +1149,27 @@ def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | P
                      negative_prompts: Sequence[str] | None = None, height: int | None = None,
                      width: int | None = None, attention_maps: bool = False, refiner: StableDiffusion | None = None,
                      high_noise_frac: float = 0.8, num_images_per_prompt: int = 1,
-                     guidance_rescale: float = 0.0) -> list[Path]:
+                     guidance_rescale: float = 0.0, prompts_2: Sequence[str] | None = None,
+                     negative_prompts_2: Sequence[str] | None = None) -> list[Path]:
     """``num_images_per_prompt`` images per prompt, each its own PNG ``<out stem>_<k>.png`` recording how it was
     made (``png_metadata``: prompt, seed + k, steps, scheduler, size, model, LoRAs, …), and all of them as the grid
-    ``out`` (a row per prompt). The denoising loop is one compiled program, its tqdm bar fed by
+    ``out`` (a row per prompt). SDXL base: ``prompts_2`` / ``negative_prompts_2``, the second text encoder's texts
+    (one per prompt; recorded too). The denoising loop is one compiled program, its tqdm bar fed by
     ``jax.debug.callback`` from inside the scan. With ``attention_maps`` also ``<out stem>_attention_<k>.png``.
     With an SDXL ``refiner``: base → refiner (``txt2img_with_refiner``), the base taking the first
     ``high_noise_frac`` of the denoising (the attention maps are the base's)."""
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
+    negative_prompts, prompts_2, negative_prompts_2 = (png_metadata.per_image(texts or None, n) for texts in (
+        negative_prompts, prompts_2, negative_prompts_2))
     height, width = height or pipe.default_size[0], width or pipe.default_size[1]
     kwargs = dict(negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps, height=height,
                   width=width, seed=seed, return_attention=attention_maps, progress=True,
-                  guidance_rescale=guidance_rescale)
+                  guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2)
     result = (pipe.txt2img(prompts, **kwargs) if refiner is None else
               txt2img_with_refiner(pipe, refiner, prompts, high_noise_frac=high_noise_frac, **kwargs))
-    written = save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
-                               guidance_scale=guidance_scale, height=height, width=width,
+    written = save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, prompts_2,
+                               negative_prompts_2, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                                guidance_rescale=guidance_rescale, refiner=refiner and refiner.source,
                                high_noise_frac=high_noise_frac if refiner else None)
     out_path = Path(out)
@@ -1086,18 +1184,22 @@ def txt2img_to_files(pipe: StableDiffusion, prompts: Sequence[str], out: str | P
 def img2img_to_files(pipe: StableDiffusion, image: str | Path, prompts: Sequence[str], out: str | Path = "img2img.png",
                      *, strength: float = 0.75, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                      negative_prompts: Sequence[str] | None = None, height: int | None = None,
-                     width: int | None = None, num_images_per_prompt: int = 1,
-                     guidance_rescale: float = 0.0) -> list[Path]:
+                     width: int | None = None, num_images_per_prompt: int = 1, guidance_rescale: float = 0.0,
+                     prompts_2: Sequence[str] | None = None, negative_prompts_2: Sequence[str] | None = None
+                     ) -> list[Path]:
     """SDEdit on the image file: encode it, noise it to ``strength``, denoise with each prompt; each result its own
     PNG ``<out stem>_<k>.png`` recording how it was made (``png_metadata``), and all of them as the grid ``out``."""
     pixels = read_image(image, height, width, pipe.vae_scale_factor)
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
+    negative_prompts, prompts_2, negative_prompts_2 = (png_metadata.per_image(texts or None, n) for texts in (
+        negative_prompts, prompts_2, negative_prompts_2))
     result = pipe.img2img(np.repeat(pixels, len(prompts), axis=0), prompts, strength=strength,
                           negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
-                          seed=seed, progress=True, guidance_rescale=guidance_rescale)
-    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
+                          seed=seed, progress=True, guidance_rescale=guidance_rescale, prompts_2=prompts_2,
+                          negative_prompts_2=negative_prompts_2)
+    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, prompts_2,
+                            negative_prompts_2, steps=steps,
                             guidance_scale=guidance_scale, height=pixels.shape[1], width=pixels.shape[2],
                             guidance_rescale=guidance_rescale, mode="img2img", image=str(image), strength=strength)
 
@@ -1106,7 +1208,8 @@ def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path,
                      out: str | Path = "inpaint.png", *, strength: float = 1.0, steps: int = 50,
                      guidance_scale: float = 7.5, seed: int = 0, negative_prompts: Sequence[str] | None = None,
                      height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                     guidance_rescale: float = 0.0) -> list[Path]:
+                     guidance_rescale: float = 0.0, prompts_2: Sequence[str] | None = None,
+                     negative_prompts_2: Sequence[str] | None = None) -> list[Path]:
     """Inpainting on the image file where the mask file is white (``StableDiffusion.inpaint``), each prompt; each
     result its own PNG recording how it was made, and the grid ``out``. The mask is resized to the image's size and
     read as one channel in [0, 1] (diffusers' mask processor)."""
@@ -1114,11 +1217,14 @@ def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path,
     masks = read_image(mask, pixels.shape[1], pixels.shape[2], pipe.vae_scale_factor, grayscale=True, name="--mask")
     n = num_images_per_prompt
     prompts = png_metadata.per_image(prompts, n)
-    negative_prompts = png_metadata.per_image(negative_prompts or None, n)
+    negative_prompts, prompts_2, negative_prompts_2 = (png_metadata.per_image(texts or None, n) for texts in (
+        negative_prompts, prompts_2, negative_prompts_2))
     result = pipe.inpaint(np.repeat(pixels, len(prompts), axis=0), masks, prompts, strength=strength,
                           negative_prompts=negative_prompts, guidance_scale=guidance_scale, num_steps=steps,
-                          seed=seed, progress=True, guidance_rescale=guidance_rescale)
-    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, steps=steps,
+                          seed=seed, progress=True, guidance_rescale=guidance_rescale, prompts_2=prompts_2,
+                          negative_prompts_2=negative_prompts_2)
+    return save_generations(pipe, result["images"], out, prompts, negative_prompts, seed, n, prompts_2,
+                            negative_prompts_2, steps=steps,
                             guidance_scale=guidance_scale, height=pixels.shape[1], width=pixels.shape[2],
                             guidance_rescale=guidance_rescale, mode="inpaint", image=str(image), mask=str(mask),
                             strength=strength)
@@ -1126,16 +1232,19 @@ def inpaint_to_files(pipe: StableDiffusion, image: str | Path, mask: str | Path,
 
 def save_generations(pipe: StableDiffusion, images: np.ndarray, out: str | Path, prompts: list[str],
                      negative_prompts: list[str] | None, seed: int, num_images_per_prompt: int,
+                     prompts_2: list[str] | None = None, negative_prompts_2: list[str] | None = None,
                      **settings: Any) -> list[Path]:
     """The grid ``out`` (a row per prompt when several images per prompt), then image k as ``<out stem>_<k>.png``
-    with its ``png_metadata.Generation``: its prompt, negative prompt and seed + k, the pipeline's scheduler, model
+    with its ``png_metadata.Generation``: its prompt, negative prompt (and SDXL's second-encoder texts) and seed + k,
+    the pipeline's scheduler, model
     and LoRAs, and the run's other ``settings`` (steps, guidance_scale, height, width, …; ``Generation``'s fields)."""
     record = dict(scheduler=pipe.scheduler.name, model=pipe.source, loras=pipe.lora_files, **settings)
     out = Path(out)
     n = num_images_per_prompt
     written = [plotting.save_image_grid(images, out, nrow=n if len(prompts) > n else None, min_tile=1)]
     for k, image in enumerate(images):
-        negative = negative_prompts[k] if negative_prompts else None
-        generation = png_metadata.Generation(prompts[k], seed + k, negative_prompt=negative, **record)
+        texts = {name: values[k] for name, values in (("negative_prompt", negative_prompts), ("prompt_2", prompts_2),
+                                                      ("negative_prompt_2", negative_prompts_2)) if values}
+        generation = png_metadata.Generation(prompts[k], seed + k, **texts, **record)
         written.append(png_metadata.save_png(image, out.with_name(f"{out.stem}_{k}.png"), generation))
     return written

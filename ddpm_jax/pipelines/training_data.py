@@ -53,7 +53,8 @@ from ddpm_jax.workdir import load_latent_codec, load_text_encoder, unet_config
 class DiffusionData:
     """What the diffusion training step sees, and what its sample grids are conditioned on.
 
-    arrays:          "x0" [N, h, w, c] (images or scaled latents), plus "label" [N] int or
+    arrays:          "x0" [N, h, w, c] (images or scaled latents; pixel images stay a lazy
+                     ``data.ImageSource``, decoded per batch), plus "label" [N] int or
                      "context" [N, L, D] for a conditional model (``guidance.CONDITION_KEYS``).
     null_condition:  ∅ for each condition key, one example's worth ("label": [], "context": [L, D]).
     grid_condition:  the condition of each sample-grid image ([G] labels or [G, L, D] contexts).
@@ -100,8 +101,8 @@ def load_training_data(config: ml_collections.ConfigDict, num_grid: int = 16) ->
         titles = [titles[i % len(titles)] for i in range(num_grid)]
         grid["context"] = encoder(titles)                                                    # [G, L, D]
     else:
-        dataset = data_lib.load_dataset_with_labels(config.data)
-        images = dataset.images
+        dataset = data_lib.open_dataset(config.data)   # lazy: decoded per batch (256² datasets fit)
+        images = dataset
         if kind == "class":
             if dataset.labels is None:
                 raise ValueError(f"condition.kind='class' needs a labelled dataset; data.name={config.data.name!r} "
@@ -112,7 +113,7 @@ def load_training_data(config: ml_collections.ConfigDict, num_grid: int = 16) ->
             grid["label"] = (np.arange(num_grid) % num_classes).astype(np.int32)
             names = DIGIT_NAMES if num_classes == 10 else tuple(str(i) for i in range(num_classes))
             titles = [names[i] for i in grid["label"]]
-    arrays["x0"] = images if codec is None else codec.encode(images)
+    arrays["x0"] = images if codec is None else codec.encode(images)   # encoded 250 images at a time
     result = DiffusionData(arrays, null, grid, titles, codec)
     check_model_fits(config, result)
     return result

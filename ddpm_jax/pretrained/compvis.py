@@ -1,7 +1,7 @@
-"""Single-file Stable Diffusion checkpoints (SD v1, SD 2.x, SDXL base) → our params.
+"""Single-file Stable Diffusion checkpoints (SD v1, SD 2.x, SDXL base and refiner) → our params.
 
 The original releases (``sd-v1-4.ckpt``, ``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
-``sd_xl_base_1.0.safetensors``, and most community fine-tunes) are ONE state dict of the training code's model,
+``sd_xl_base_1.0.safetensors``, ``sd_xl_refiner_1.0.safetensors``, and most community fine-tunes) are ONE state dict of the training code's model,
 in which the networks sit under prefixes and carry the names of that code (:data:`LAYOUTS`):
 
 * CompVis ldm (SD v1): ``model.diffusion_model.*`` (openaimodel.UNetModel), ``first_stage_model.*`` (taming's
@@ -10,9 +10,11 @@ in which the networks sit under prefixes and carry the names of that code (:data
   ``cond_stage_model.model.*`` in OpenCLIP's names (``transformer.resblocks.i.attn.in_proj_weight``, q, k, v fused);
 * Stability's sgm (generative-models, SDXL base): GeneralConditioner's ``conditioner.embedders.0.transformer.*``
   (CLIP ViT-L, transformers' names) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, with its
-  ``text_projection``); the U-Net's added-conditioning MLP is ``label_emb.0.{0,2}``.
+  ``text_projection``); the U-Net's added-conditioning MLP is ``label_emb.0.{0,2}``;
+* sgm's SDXL refiner: one embedder with weights, ``conditioner.embedders.0.model.*`` (the same OpenCLIP ViT-bigG; the
+  size, crop and aesthetic-score embedders have none), the refiner's U-Net (five time ids: 1280 + 5·256 = 2560).
 
-The U-Net's and VAE's names are the same in all three:
+The U-Net's and VAE's names are the same in all four:
 
 ==================================  ============================  ==================================
 CompVis key                          diffusers key                 ours (``flax_path``)
@@ -192,12 +194,19 @@ LAYOUTS = {
     "sdxl": Layout("SDXL base (Stability's sgm / generative-models)",
                    (TextEncoderEntry("text_encoder", "conditioner.embedders.0.transformer.", "transformers"),
                     TextEncoderEntry("text_encoder_2", "conditioner.embedders.1.model.", "openclip"))),
+    # sgm's SDXL refiner: OpenCLIP ViT-bigG alone (diffusers' text_encoder_2), then three embedders without weights
+    # (original size, crop, aesthetic score)
+    "sdxl_refiner": Layout("SDXL refiner (Stability's sgm / generative-models)",
+                           (TextEncoderEntry("text_encoder_2", "conditioner.embedders.0.model.", "openclip"),)),
 }
 
 # The released models' configs, as the diffusers / transformers config.json dicts of their folders (read by
-# the same converters as a config folder's): stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0.
+# the same converters as a config folder's): stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0,
+# stable-diffusion-xl-refiner-1.0 (its U-Net from these: 2,259,526,660 parameters, ours and diffusers' alike).
 _VAE_SD = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
            "sample_size": 512, "scaling_factor": 0.18215}
+_OPENCLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                  "hidden_act": "gelu", "projection_dim": 1280}  # SDXL's text_encoder_2 (base and refiner)
 IMPLIED_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "sd_v1": {"unet": {"_class_name": "UNet2DConditionModel", "sample_size": 64, "cross_attention_dim": 768,
                        "attention_head_dim": 8},
@@ -216,8 +225,18 @@ IMPLIED_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
              "vae": _VAE_SD | {"sample_size": 1024, "scaling_factor": 0.13025},
              "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                               "num_attention_heads": 12, "projection_dim": 768},
-             "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                                "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}},
+             "text_encoder_2": _OPENCLIP_BIGG},
+    "sdxl_refiner": {"unet": {"_class_name": "UNet2DConditionModel", "sample_size": 128,
+                              "block_out_channels": [384, 768, 1536, 1536],
+                              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                   "DownBlock2D"],
+                              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                              "transformer_layers_per_block": 4, "attention_head_dim": [6, 12, 24, 24],
+                              "cross_attention_dim": 1280, "use_linear_projection": True,
+                              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                              "projection_class_embeddings_input_dim": 2560},
+                     "vae": _VAE_SD | {"sample_size": 1024, "scaling_factor": 0.13025},
+                     "text_encoder_2": _OPENCLIP_BIGG},
 }
 
 # OpenCLIP's text transformer (open_clip/transformer.py) → transformers' CLIPTextModel names, without
@@ -338,12 +357,12 @@ def compvis_to_diffusers(parts: Mapping[str, Mapping[str, np.ndarray]], unet_con
 @dataclasses.dataclass(frozen=True)
 class CompVisModels:
     """The networks of a single-file checkpoint and their params ({"unet", "vae", "text_encoder"} + SDXL's
-    "text_encoder_2"); ``layout`` is its :data:`LAYOUTS` name."""
+    "text_encoder_2"; the SDXL refiner: no "text_encoder"); ``layout`` is its :data:`LAYOUTS` name."""
 
     layout: str
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: CLIPTextTransformer
+    text_encoder: CLIPTextTransformer | None
     params: dict[str, Params]
     text_encoder_2: CLIPTextModelWithProjection | None = None
 
@@ -357,7 +376,7 @@ def load_compvis(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | No
     """Load a single-file checkpoint (.safetensors, or a .ckpt/.pt/.pth/.bin torch pickle) of any of
     :data:`LAYOUTS`, told from its keys.
 
-    ``configs``: {"unet", "vae", "text_encoder"(, "text_encoder_2")} as config.json dicts (diffusers' and
+    ``configs``: {"unet", "vae", and the layout's text encoders: "text_encoder", "text_encoder_2"} as config.json dicts (diffusers' and
     transformers'); default the released model's (:data:`IMPLIED_CONFIGS`). Raises ONE one-line ValueError
     naming, per network, a few of the keys missing from the file (our param paths), unexpected in it or
     mis-shaped, with their counts, plus any key outside the networks' prefixes.
@@ -397,13 +416,14 @@ def load_compvis(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | No
             errors.append(f"{prefixes[name]}* ({name}): {', '.join(found)}")
     if errors:
         raise ValueError(f"{path} does not match the {LAYOUTS[layout].title} networks: {'; '.join(errors)}")
-    return CompVisModels(layout, unet, vae, texts["text_encoder"], params, texts.get("text_encoder_2"))
+    return CompVisModels(layout, unet, vae, texts.get("text_encoder"), params, texts.get("text_encoder_2"))
 
 
 def load_single_file(path: str | Path, config_folder: str | Path | None = None, use_ema: bool = False) -> CompVisModels:
     """A single-file checkpoint with the configs of a diffusers folder of the same kind, if given.
 
-    ``config_folder``'s ``unet/``, ``vae/``, ``text_encoder/`` (and SDXL's ``text_encoder_2/``) config.json
+    ``config_folder``'s ``unet/``, ``vae/``, ``text_encoder/`` (and SDXL's ``text_encoder_2/``; a refiner folder has
+    no ``text_encoder/``) config.json
     give the networks' shapes (for a fine-tune of another size); without it, the released model's configs of
     the layout the keys show are implied (:data:`IMPLIED_CONFIGS`). The weights are read from ``path`` only.
     """

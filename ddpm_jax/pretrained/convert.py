@@ -185,4 +185,4 @@ def convert_state_dict(
 
 
 __all__ = ["LITERAL_SUFFIX_NAMES", "Params", "StateDictMismatch", "TORCH_LEAF_NAMES", "convert_state_dict", "export_state_dict", "flax_path",
-           "param_shapes", "to_flax_layout", "to_torch_layout", "torch_key"]
+           "param_shapes", "random_params", "to_flax_layout", "to_torch_layout", "torch_key"]

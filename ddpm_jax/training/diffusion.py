@@ -32,8 +32,13 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.data.image_size      int    H = W
     config.data.channels        int    1 or 3
     config.data.random_flip     bool   random horizontal flips (done inside the step)
-    config.data.*                      anything else data.load_dataset understands (data_dir, num_examples)
+    config.data.*                      anything else data.open_dataset understands (data_dir, num_examples, cache:
+                                       keep decoded images as uint8 in memory; images are read per batch)
+    config.data.prefetch        int    batches prepared ahead in a background thread (default 2)
     config.model.*                     UNetConfig fields (models/unet.py): UNet(UNetConfig(**config.model))
+    config.model.remat          str    "none" (default) | "blocks": recompute each ResNet /
+                                       attention block in the backward pass instead of keeping its activations
+                                       (same numbers, less memory on GPU/TPU; benchmarks/bench_memory.py)
     config.diffusion.schedule   str    "linear" | "cosine" | "scaled_linear"
     config.diffusion.num_timesteps int T (1000)
     config.diffusion.prediction str    "eps" | "x0" | "v"   (what the model predicts)
@@ -276,7 +281,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     if is_chief:
         config_lib.save_config(config, os.path.join(workdir, config_lib.CONFIG_FILENAME))
-    arrays = {k: np.asarray(v) for k, v in data.arrays.items()}                 # "x0" [N, h, w, c], ...
+    arrays = {k: v if isinstance(v, data_lib.ImageSource) else np.asarray(v)   # "x0" [N, h, w, c], ...
+              for k, v in data.arrays.items()}
     sampling = diffusion_model_from_config(config, UNet(unet_config(config)), None, codec=data.codec,
                                            null_condition=data.null_condition)
     model, schedule = sampling.unet, sampling.schedule
@@ -322,4 +328,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     return loop.run(
         state, compile_train_step(model, schedule, config, mesh, data.null_condition), batch_fn, workdir=workdir, num_steps=cfg.num_steps, key=train_key, mesh=mesh, kind=kind,
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, keep_checkpoints=cfg.get("keep_checkpoints", 3),
-        hooks=[loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start)
+        hooks=[loop.Hook(cfg.get("sample_every", 0), save_samples)], on_start=log_start,
+        prefetch=config.data.get("prefetch", 2))
