@@ -398,10 +398,8 @@ def make_autoencoder_kl_train_step(model: AutoencoderKL, disc: NLayerDiscriminat
         return new, metrics
 
     def train_step(state: AutoencoderState, batch: jax.Array, key: jax.Array) -> tuple[AutoencoderState, Metrics]:
-        if not disc_weight:
-            return body(state, batch, key, False)
-        if disc_start <= 0:  # the GAN from the first step: no branch to choose, one compiled (about half the time)
-            return body(state, batch, key, True)
+        if not disc_weight or disc_start <= 0:  # no GAN, or the GAN from step 0: one branch, nothing to choose
+            return body(state, batch, key, bool(disc_weight))  # (lax.cond would compile both: about twice the time)
         return lax.cond(state.step >= disc_start, functools.partial(body, use_gan=True),
                         functools.partial(body, use_gan=False), state, batch, key)
 
