@@ -171,6 +171,9 @@ class SchedulerConfig:
     steps_offset: int = 0
     # the library's own Schedule (``from_schedule``): its ᾱ's replace the β fields above (not compared: arrays)
     trained_schedule: Schedule | None = dataclasses.field(default=None, compare=False, repr=False)
+    # the diffusers config's keys this class does not use (e.g. a PNDM config's ``clip_sample``), kept, as
+    # diffusers keeps them, for another scheduler configured from this one (``get_scheduler("ddim", pndm.config)``)
+    hidden: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     # diffusers options of this class that are implemented only at the value given here
     _UNSUPPORTED: ClassVar[dict[str, Any]] = {"rescale_betas_zero_snr": False}
@@ -214,11 +217,12 @@ class SchedulerConfig:
             if key in config and config[key] != supported:
                 raise ValueError(f"{cls.__name__}: {key}={config[key]!r} is not implemented in ddpm_jax "
                                  f"(only {supported!r}); remove it from the scheduler config")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"hidden"}
         kwargs = {k: v for k, v in config.items() if k in names}
+        hidden = {k: v for k, v in config.items() if k not in names and k != "hidden" and not k.startswith("_")}
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
-        return cls(**kwargs)
+        return cls(**kwargs, hidden=hidden)
 
     def betas(self) -> np.ndarray:
         """β_1..β_T in float64. diffusers' "linear" is linspace(beta_start, beta_end, T) with no 1000/T
@@ -1313,9 +1317,12 @@ def get_scheduler(name: str | None, config: Mapping[str, Any] | str | Path | Sch
     if config is None:
         config = config_cls()
     elif isinstance(config, SchedulerConfig):
-        if not isinstance(config, config_cls):
+        if not isinstance(config, config_cls):  # another class's config: its fields, and the keys it kept
             names = {f.name for f in dataclasses.fields(config_cls)}
-            config = config_cls(**{k: v for k, v in config.fields().items() if k in names})
+            fields = {k: v for k, v in config.fields().items() if k != "hidden"}
+            carried = {**config.hidden, **fields}
+            config = config_cls(**{k: v for k, v in carried.items() if k in names - {"hidden"}},
+                                hidden={k: v for k, v in carried.items() if k not in names})
     else:
         config = config_cls.from_config(config)
     if schedule is not None:

@@ -495,3 +495,25 @@ def test_trained_betas_and_cosine_schedule_follow_diffusers():
     np.testing.assert_allclose(S.DDIMConfig(beta_schedule="squaredcos_cap_v2").betas(), ref.betas.numpy(), rtol=1e-6)
     ref = diffusers.DDIMScheduler(num_train_timesteps=200)  # "linear" is not rescaled with T, unlike schedules.linear_betas
     np.testing.assert_allclose(S.DDIMConfig(num_train_timesteps=200).betas(), ref.betas.numpy(), rtol=1e-6)
+
+
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+@pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("ddpm", "DDPMScheduler"),
+                                      ("euler", "EulerDiscreteScheduler")])
+def test_a_scheduler_configured_from_another_keeps_the_keys_the_first_did_not_use(name, cls):
+    """SD v1's scheduler_config.json is PNDM's with ``clip_sample: false``, a key PNDM does not use. diffusers keeps
+    it in the PNDM scheduler's config, so ``DDIMScheduler.from_config(pndm.config)`` does not clip; ours too
+    (``SchedulerConfig.hidden``), also through a class that does not use it either (DDIM → Euler → DDIM)."""
+    pndm = S.get_scheduler(None, SD15_SCHEDULER)
+    ours = S.get_scheduler(name, pndm.config)
+    theirs = getattr(diffusers, cls).from_config(diffusers.PNDMScheduler.from_config(SD15_SCHEDULER).config)
+    for key in ("clip_sample", "set_alpha_to_one", "steps_offset", "beta_schedule", "beta_start", "beta_end"):
+        if hasattr(ours.config, key):
+            assert getattr(ours.config, key) == theirs.config[key], key
+    assert ours.config.hidden.get("clip_sample", getattr(ours.config, "clip_sample", None)) is False
+    again = S.get_scheduler("ddim", S.get_scheduler("euler", S.get_scheduler("ddim", pndm.config).config).config)
+    assert again.config.clip_sample is False and again.config.set_alpha_to_one is False
