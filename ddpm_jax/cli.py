@@ -256,11 +256,6 @@ def add_stable_diffusion_commands(sub: Any) -> None:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def per_prompt(texts: list[str] | None, num_prompts: int) -> list[str] | None:
-    """--negative (--prompt-2, …) given once → for every prompt; else one per prompt (checked by the pipeline)."""
-    return texts * num_prompts if texts and len(texts) == 1 else texts
-
-
 def from_png(args: argparse.Namespace) -> None:
     """``txt2img --from-png``: the PNG's recorded parameters (``png_metadata``) fill every option not given."""
     g = png_metadata.read_generation(args.from_png)
@@ -331,8 +326,10 @@ def dispatch(args: argparse.Namespace) -> list[Any]:
             load_diffusion_model(args.workdir), args.prompts, args.out or pathlib.Path(args.workdir) / "txt2img.png",
             guidance_scale=args.guidance, steps=args.steps, seed=args.seed or 0, attention_maps=args.attention_maps,
             sampler=args.scheduler)
-    texts = {name: per_prompt(getattr(args, option), len(args.prompts)) for name, option in (
-        ("negative_prompts", "negative"), ("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2"))}
+    texts = {name: sd.per_prompt(text[0] if text and len(text) == 1 else text, len(args.prompts), what)  # once → all
+             for name, what, text in (("negative_prompts", "negative prompts", args.negative),
+                                      ("prompts_2", "prompts_2", args.prompt_2),
+                                      ("negative_prompts_2", "negative_prompts_2", args.negative_prompt_2))}
     kwargs = dict(seed=args.seed or 0, height=args.height, width=args.width, **texts,
                   num_images_per_prompt=args.num_images_per_prompt, guidance_rescale=args.guidance_rescale or 0.0)
     if args.command == "txt2img":
