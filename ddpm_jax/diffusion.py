@@ -276,6 +276,34 @@ def draw_t_eps(schedule: Schedule, x0: jax.Array, key: jax.Array) -> tuple[jax.A
     return t, eps
 
 
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """The signal-to-noise ratio of x_t (Kingma et al. 2021, Eq. 2): SNR(t) = ᾱ_t / (1 − ᾱ_t). t [B] → [B]."""
+    alpha_bar = schedule.alphas_cumprod[t]
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float, prediction: str = "eps") -> jax.Array:
+    """Min-SNR-γ loss weights (Hang et al. 2023), per example: t [B] → w_t [B].
+
+    The paper weights the x_0 error by min{SNR(t), γ}, so that the nearly clean timesteps (huge SNR) stop
+    dominating the gradient. The same objective for the other targets follows from
+    ‖ε − ε̂‖² = SNR(t) ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR(t) + 1) ‖x_0 − x̂_0‖²:
+
+        w_t = min{SNR(t), γ}                 prediction "x0"
+        w_t = min{SNR(t), γ} / SNR(t)        prediction "eps"   (= 1 where SNR(t) ≤ γ: L_simple there)
+        w_t = min{SNR(t), γ} / (SNR(t) + 1)  prediction "v"
+
+    so all three train toward min{SNR(t), γ} ‖x_0 − x̂_0‖². The paper's default is γ = 5.
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise ValueError(f"min-SNR γ (config: diffusion.min_snr_gamma) must be a number > 0, got {gamma!r} "
+                         f"(Hang et al. use 5; None turns the weighting off)")
+    ratio = snr(schedule, t)                                                       # [B]
+    clipped = jnp.minimum(ratio, gamma)
+    return {"x0": clipped, "eps": clipped / ratio, "v": clipped / (ratio + 1.0)}[prediction]
+
+
 def loss_simple(
     schedule: Schedule,
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -283,6 +311,7 @@ def loss_simple(
     key: jax.Array,
     *,
     prediction: str = "eps",
+    min_snr_gamma: float | None = None,
     q_sample_fn: Callable = q_sample,
 ) -> jax.Array:
     """Algorithm 1 / Eq. 14: L_simple = E_{t, x_0, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖².
@@ -292,6 +321,8 @@ def loss_simple(
     ``prediction`` "x0" or "v" the target is x_0 or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead of ε.
     ``key`` is one typed key, or one per example [B]: then example b's (t, ε) come from key[b] alone,
     exactly what ``key[b]`` would draw for a batch of one (the training step's per-example rule).
+    ``min_snr_gamma``: weight example b's squared error by :func:`min_snr_weight` (Min-SNR-γ, Hang et
+    al. 2023) before the mean; None (default) is the paper's unweighted L_simple.
     """
     _check_choice("prediction", prediction, PREDICTIONS)
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:  # one key per example
@@ -309,7 +340,10 @@ def loss_simple(
         target = x0
     else:
         target = v_from_x0_eps(schedule, x0, t, eps)
-    return jnp.mean((target - model_fn(x_t, t)) ** 2)
+    if min_snr_gamma is None:
+        return jnp.mean((target - model_fn(x_t, t)) ** 2)
+    weight = min_snr_weight(schedule, t, min_snr_gamma, prediction)                # [B]
+    return jnp.mean(weight * mean_flat((target - model_fn(x_t, t)) ** 2))
 
 
 # ================================================================================================

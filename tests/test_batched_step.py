@@ -95,3 +95,26 @@ def test_batched_train_step_equals_the_per_example_step():
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))),
                                rtol=1e-5)
+
+
+def test_train_step_weights_the_loss_by_config_min_snr_gamma():
+    """``config.diffusion.min_snr_gamma`` reaches the step: its loss is ``loss_simple(..., min_snr_gamma=γ)``
+    on the examples' own (t, ε) keys, and it differs from the unweighted L_simple."""
+    config = tiny_config()
+    config.data.random_flip, config.model.dropout = False, 0.0
+    model = UNet(UNetConfig(**config.model.to_dict()))
+    schedule = get_schedule("linear", config.diffusion.num_timesteps)
+    tx = loop.make_optimizer(config.train.lr, config.train.warmup_steps, config.train.grad_clip)
+    state = diffusion_trainer.create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1))
+    x0, key = jnp.asarray(tiny_images(n=8)), jax.random.key(7)
+    step_key = jax.random.fold_in(key, state.step)
+    loss_keys = jnp.stack([jax.random.split(jax.random.fold_in(step_key, i), 4)[1] for i in range(8)])
+    model_fn = lambda x_t, t: model.apply({"params": state.params}, x_t, t)
+    losses = {}
+    for gamma in (None, 0.5):
+        config.diffusion.min_snr_gamma = gamma
+        _, metrics = jax.jit(diffusion_trainer.make_train_step(model, schedule, config))(state, x0, key)
+        expected = diffusion.loss_simple(schedule, model_fn, x0, loss_keys, min_snr_gamma=gamma)
+        np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+        losses[gamma] = float(metrics["loss"])
+    assert losses[0.5] < 0.9 * losses[None]                  # w_t = min(SNR, 0.5)/SNR < 1 for most t

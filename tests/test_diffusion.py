@@ -193,6 +193,68 @@ def test_loss_simple_with_optimal_predictor_equals_closed_form(prediction):
     assert abs(loss - expected) < N_SE * se, (loss, expected, se)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_with_optimal_predictor_equals_closed_form(prediction):
+    """Min-SNR-γ (Hang et al. 2023) on the Gaussian case above: the expected weighted loss is the mean over
+    t of w_t Var(y | x_t), and for every target it equals mean_t min{SNR_t, γ} Var(x_0 | x_t), the paper's
+    weighted x_0 objective (Var(ε | x_t) = SNR_t Var(x_0 | x_t), Var(v | x_t) = (SNR_t + 1) Var(x_0 | x_t)).
+    Tolerance 5 SE as above."""
+    sched, gamma = get_schedule("cosine", 200), 5.0
+    sigma, n = 0.5, 400_000
+    ab = np.asarray(sched.alphas_cumprod, np.float64)
+    a, b = np.sqrt(ab), np.sqrt(1 - ab)
+    snr = ab / (1 - ab)
+    var_x0 = sigma**2 - (a * sigma**2) ** 2 / (a**2 * sigma**2 + b**2)        # Var(x_0 | x_t) [T]
+    expected = float(np.mean(np.minimum(snr, gamma) * var_x0))               # the same for every target
+    c_x, c_e = {"eps": (0.0, 1.0), "x0": (1.0, 0.0), "v": (-b, a)}[prediction]
+    var_xt = a**2 * sigma**2 + b**2
+    cov = c_x * a * sigma**2 + c_e * b
+    weight = np.asarray(D.min_snr_weight(sched, jnp.arange(200), gamma, prediction), np.float64)
+    v_t = weight * (c_x**2 * sigma**2 + c_e**2 - cov**2 / var_xt)           # w_t Var(y | x_t)
+    np.testing.assert_allclose(v_t.mean(), expected, rtol=1e-4)             # the identity, in float64
+    se = math.sqrt((3 * (v_t**2).mean() - v_t.mean() ** 2) / n)
+
+    gain = jnp.asarray(cov / var_xt, jnp.float32)
+    model_fn = lambda x_t, t: gain[t][:, None] * x_t
+    x0 = sigma * jax.random.normal(jax.random.key(1), (n, 1))
+    loss = float(jax.jit(lambda k: D.loss_simple(sched, model_fn, x0, k, prediction=prediction,
+                                                 min_snr_gamma=gamma))(jax.random.key(2)))
+    assert abs(loss - expected) < N_SE * se, (loss, expected, se)
+
+
+def test_min_snr_weights_are_one_objective_for_every_target():
+    """Exact, per draw: a predictor of x̂_0, written as ε̂ or v̂ (its conversions), gets the same min-SNR-γ
+    loss as min{SNR, γ} ‖x_0 − x̂_0‖² under every target (≤ 1e-5 relative); the weights are the formulas;
+    γ → ∞ gives back the unweighted L_simple for ε (w = 1), and γ ≤ 0 is refused."""
+    sched, gamma = get_schedule("linear", 1000), 5.0
+    t = jnp.array([0, 10, 100, 300, 600, 999])
+    snr = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = snr / (1 - snr)
+    clipped = np.minimum(snr, gamma)
+    for prediction, formula in (("x0", clipped), ("eps", clipped / snr), ("v", clipped / (snr + 1))):
+        np.testing.assert_allclose(D.min_snr_weight(sched, t, gamma, prediction), formula, rtol=1e-5)
+
+    x0 = jax.random.uniform(jax.random.key(0), (32, 4, 4, 1), minval=-1, maxval=1)
+    x0_hat_of = lambda x_t, t: jnp.tanh(0.7 * x_t) * (1 - t[:, None, None, None] / 2000)   # any x̂_0(x_t, t)
+    outputs = {"x0": x0_hat_of,
+               "eps": lambda x_t, t: D.predict_eps_from_x0(sched, x_t, t, x0_hat_of(x_t, t)),
+               "v": lambda x_t, t: D.v_from_x0_eps(sched, x0_hat_of(x_t, t), t,
+                                                   D.predict_eps_from_x0(sched, x_t, t, x0_hat_of(x_t, t)))}
+    key = jax.random.key(3)
+    losses = {p: float(D.loss_simple(sched, f, x0, key, prediction=p, min_snr_gamma=gamma)) for p, f in outputs.items()}
+    t_drawn, eps = D.draw_t_eps(sched, x0, key)
+    x_t = D.q_sample(sched, x0, t_drawn, eps)
+    direct = jnp.mean(jnp.minimum(D.snr(sched, t_drawn), gamma) * D.mean_flat((x0 - x0_hat_of(x_t, t_drawn)) ** 2))
+    for p, loss in losses.items():
+        assert loss == pytest.approx(float(direct), rel=1e-5), (p, losses, float(direct))
+    plain = D.loss_simple(sched, outputs["eps"], x0, key)
+    assert float(D.loss_simple(sched, outputs["eps"], x0, key, min_snr_gamma=1e30)) == pytest.approx(float(plain), rel=1e-6)
+    assert float(plain) != pytest.approx(losses["eps"], rel=1e-2)        # the weighting changes the loss
+    for bad in (0.0, -5.0, "five"):
+        with pytest.raises(ValueError, match="min-SNR"):
+            D.min_snr_weight(sched, t, bad)
+
+
 def test_loss_simple_uses_the_swapped_q_sample():
     s = get_schedule("linear", 100)
     x0 = jnp.zeros((16, 2))

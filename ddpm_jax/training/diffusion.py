@@ -43,6 +43,8 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.diffusion.num_timesteps int T (1000)
     config.diffusion.prediction str    "eps" | "x0" | "v"   (what the model predicts)
     config.diffusion.variance   str    "fixed_small" | "fixed_large"   (ancestral sampling)
+    config.diffusion.min_snr_gamma float | None  Min-SNR-γ loss weighting (Hang et al. 2023,
+                                       ``diffusion.min_snr_weight``; 5 is the paper's); None = L_simple (default)
     config.train.batch_size     int    global batch (all devices, all hosts); divisible by the device count
     config.train.num_steps      int    total optimizer steps
     config.train.lr             float  peak learning rate (2e-4)
@@ -156,7 +158,8 @@ def _example_draws(example: dict[str, jax.Array], key: jax.Array, *, random_flip
 
 def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: jax.Array, *, model: nn.Module,
                     schedule: Schedule, prediction: str, random_flip: bool, p_uncond: float,
-                    null_condition: dict[str, jax.Array]) -> tuple[jax.Array, PyTree]:
+                    null_condition: dict[str, jax.Array], min_snr_gamma: float | None = None,
+                    ) -> tuple[jax.Array, PyTree]:
     """Mean L_simple over the batch's examples and its gradient; one key per example [B].
 
     ``batch["x0"]`` [B, H, W, C] are the images (or scaled latents); a conditional model also gets
@@ -179,7 +182,8 @@ def _loss_and_grads(params: PyTree, batch: dict[str, jax.Array], example_keys: j
             eps = model.apply({"params": params}, x_t, t, train=True, dropout_keys=dropout_keys, **kwargs)
             return eps.astype(jnp.float32)                    # the loss in float32 whatever the compute dtype
 
-        return diffusion.loss_simple(schedule, model_fn, examples["x0"], loss_keys, prediction=prediction)
+        return diffusion.loss_simple(schedule, model_fn, examples["x0"], loss_keys, prediction=prediction,
+                                     min_snr_gamma=min_snr_gamma)
 
     return jax.value_and_grad(loss_fn)(params)
 
@@ -211,6 +215,7 @@ def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections
     loss_and_grads = functools.partial(
         _loss_and_grads, model=model, schedule=schedule, prediction=config.diffusion.prediction,
         random_flip=bool(config.data.get("random_flip", False)),
+        min_snr_gamma=config.diffusion.get("min_snr_gamma"),
         p_uncond=float(config.get("condition", {}).get("p_uncond", 0.1)),
         null_condition={k: jnp.asarray(v) for k, v in (null_condition or {}).items()})
     ema_decay = float(config.train.ema_decay)
