@@ -5,6 +5,13 @@ import os
 
 import pytest
 
+# torch's OpenMP threads (libgomp) sleep when idle instead of spinning: read once, when torch's library loads, so set
+# before any test module imports torch (subprocesses inherit it). Spinning threads on 2 cores shared with the other
+# xdist worker (and whatever else runs) wait for each other a whole scheduler slice at every parallel region: measured
+# on 2 busy cores (load 5), one [2, 32, 8, 8] 3×3 conv2d took 31 ms spinning, 0.16–0.33 ms passive, and a tiny
+# diffusers U-Net call 1.4 s vs 9 ms. It changes how idle threads wait, not what is computed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # CI=true: a test skipped because a reference library (torch, diffusers, …) failed to import fails the run.
 from _ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
