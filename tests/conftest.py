@@ -63,6 +63,20 @@ def _module_compile_level(request):
         yield
 
 
+@pytest.fixture(scope="module")
+def shared_compilation_cache():
+    """The suite's persistent compilation cache (tests/_training_fixtures.py) for the module's compiles, in this process
+    and in the subprocesses it starts: a module that compiles the same program more than once (a model loaded again
+    builds new jitted functions; two benchmarks on one tiny config) compiles it once. Use it with
+    ``pytestmark = pytest.mark.usefixtures("shared_compilation_cache")``."""
+    from _training_fixtures import CACHE_ENV, in_process_compilation_cache
+
+    with pytest.MonkeyPatch.context() as env, in_process_compilation_cache():
+        for name, value in CACHE_ENV.items():
+            env.setenv(name, value)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _test_compile_level(request):
     if request.node.get_closest_marker("full_optimization") is None:

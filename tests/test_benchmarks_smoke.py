@@ -13,20 +13,10 @@ import sys
 
 import pytest
 
-from _training_fixtures import CACHE_ENV, in_process_compilation_cache
+# compile-bound (tests/conftest.py); bench_gpu's train_jax and sd_jax_float32 parts compile the very programs of
+# bench_unet's and bench_stable_diffusion's tiny runs (same configs, batches and steps): the shared cache loads them
+pytestmark = [pytest.mark.fast_compile, pytest.mark.usefixtures("shared_compilation_cache")]
 
-pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache():
-    """The suite's persistent compilation cache, here and in the benchmarks' subprocesses: bench_gpu's train_jax and
-    sd_jax_float32 parts compile the very programs of bench_unet's and bench_stable_diffusion's tiny runs (same
-    configs, batches and steps), so they load them instead of compiling them again."""
-    with pytest.MonkeyPatch.context() as env, in_process_compilation_cache():
-        for name, value in CACHE_ENV.items():
-            env.setenv(name, value)
-        yield
 
 def _load_benchmark(name: str):
     """benchmarks/<name>.py as a module (works without the repo on sys.path)."""
