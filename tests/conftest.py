@@ -26,12 +26,13 @@ os.environ.setdefault("DDPM_JAX_COMPILE_CACHE", "off")
 # test_every_solver + test_stable_diffusion + test_unet 598 → 379 CPU s (same tests passing); but training
 # loops, 1000-step chains and the Inception network run 2–5× slower unoptimised, so it is not the default.
 # A test in such a module that runs long programs opts back in with `@pytest.mark.full_optimization`.
+# A compile-bound test in a module that is not is marked `@pytest.mark.fast_compile` itself (its own programs only).
 FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "fast_compile: (module) compile this module's programs without XLA's "
-                                       "backend optimisation (tests/conftest.py)")
+    config.addinivalue_line("markers", "fast_compile: (module or test) compile the module's (the test's) programs "
+                                       "without XLA's backend optimisation (tests/conftest.py)")
     config.addinivalue_line("markers", "full_optimization: (test) compile at XLA's default level inside a "
                                        "fast_compile module")
 
@@ -79,10 +80,15 @@ def shared_compilation_cache():
 
 @pytest.fixture(autouse=True)
 def _test_compile_level(request):
-    if request.node.get_closest_marker("full_optimization") is None:
+    if request.node.get_closest_marker("full_optimization") is not None:
+        fast = False
+    elif (request.node.get_closest_marker("fast_compile") is not None
+          and request.node.getparent(pytest.Module).get_closest_marker("fast_compile") is None):
+        fast = True  # one compile-bound test in a module that is not
+    else:
         yield
         return
-    with _disable_most_optimizations(False):
+    with _disable_most_optimizations(fast):
         yield
 
 

@@ -30,9 +30,7 @@ from ddpm_jax.pipelines import generate, training_data
 from ddpm_jax.training import diffusion as diffusion_trainer
 from ddpm_jax.workdir import diffusion_model_from_config
 
-# compile-bound: tiny programs, a few calls each (tests/conftest.py); every CLI run loads its model again (new jitted
-# functions): the stochastic solvers' second runs load their programs from the shared cache instead of compiling them
-pytestmark = [pytest.mark.fast_compile, pytest.mark.usefixtures("shared_compilation_cache")]
+pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
 
 SOLVERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "heun", "unipc")
 STEPS = 3
