@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.fast_compile  # compile-bound: tiny programs, a few calls each (tests/conftest.py)
+# compile-bound (tests/conftest.py); bench_gpu's train_jax and sd_jax_float32 parts compile the very programs of
+# bench_unet's and bench_stable_diffusion's tiny runs (same configs, batches and steps): the shared cache loads them
+pytestmark = [pytest.mark.fast_compile, pytest.mark.usefixtures("shared_compilation_cache")]
+
 
 def _load_benchmark(name: str):
     """benchmarks/<name>.py as a module (works without the repo on sys.path)."""
