@@ -2,27 +2,53 @@
 
 Command::
 
-    make demo                      # = ddpm-jax demo --workdir runs/mnist (figures + train + samples)
+    make demo                      # = ddpm-jax demo --workdir runs/mnist (figures + train + samples + evaluation)
     ddpm-jax train --config experiments/mnist.py --workdir runs/mnist   # training only
     ddpm-jax sample --workdir runs/mnist --num 64 --out runs/mnist/samples.png
 
-Hardware: a 2-core CPU (measured on 2 cores of an AMD EPYC server: ~2.6 train steps/s, so 1,200
-steps take ~8 minutes; the whole `make demo` about 9–10 minutes after installation).
+Hardware: a 2-core CPU (2 cores of an AMD EPYC server, quiet: the 16×16 U-Net trains at ~1.95 steps/s at batch
+64 and ~2.3–2.9× that at batch 32, so 1,900 steps of batch 32 take about 6–7 minutes; the whole `make demo`,
+evaluation included, under 10 minutes after installation).
 
-Expected result: the loss (ε-MSE) falls from ~1 to ~0.04–0.05, and the 64-sample grid (EMA parameters,
-100 stochastic DDIM steps, η = 1) shows digits most of which are clearly recognisable at 16×16, with
-some malformed ones: this is 1,200 steps (15 epochs of the 5,000 digits), not a converged model.
+Expected result: the loss (ε-MSE, Min-SNR-weighted) falls from ~0.33 at step 50 to ~0.026 at step 1,900; the
+64-sample grid (EMA parameters, 100 stochastic DDIM steps, η = 1) shows digits most of which are clearly
+recognisable at 16×16, with some malformed ones (12 epochs of the 5,000 digits, not a converged model); the
+offline judge gives classifier FID ≈ 35 on 256 samples (real-digit floor 10.7) and confidence ≈ 0.85.
 
-Why these numbers (chosen by measurement for the 10-minute budget): at 32×32 a 1.6M-parameter U-Net
-trains at 0.34 steps/s on 2 cores, far too slow; 16×16 digits (area-downsampled from 28×28) with a
-two-level U-Net (32 and 64 channels, one ResNet block per level, self-attention only in the 8×8 mid
-block, 651k parameters) train ~8× faster and still look like digits. lr 2e-3 (10× the paper's, which is
-for a 35.7M model and 800k steps) and a short EMA with warm-up: with the paper's EMA of 0.9999, or even
-0.999 without warm-up, a 1,200-step run samples mostly from its random initialisation. Stochastic
-sampling (η = 1) gives clearly better digits than deterministic DDIM (η = 0) at this stage of training;
-`ddpm-jax sample --sampler ddpm` (all 1,000 steps, ~100 s) is better still. For better digits, train
-longer: `ddpm-jax train --config experiments/mnist.py --workdir runs/mnist train.num_steps=5000`
-(re-running it continues from the last checkpoint).
+Chosen by measurement for the 10-minute budget (issue 15, 2026-12-07). Every run below is this file with the
+changes in its row, judged by the library's judge AT THE RUN'S OWN RESOLUTION (``evaluation.report.evaluate``: 256
+samples, DDIM 100 steps η = 1, seed 0; classifier FID against the judge's 1,000 held-out real digits; the floor is
+256 real training digits through the same judge: 10.7 at 16×16, 32.0 at 28×28, so a run is judged by cFID/floor).
+Quality at a fixed number of steps does not depend on the machine's load; the training times are for this quiet
+machine (steps/s measured alone: 16×16 batch 64 1.95; 28×28 three-level batch 64 1.66, batch 32 3.77; 16×16 batch
+32 2.3–2.9× batch 64, measured side by side at load 3–4; 4.0–5.3 steps/s near the end of the lr-1e-3 run, alone).
+
+| image | U-Net | batch × steps | loss | training (quiet) | cFID | cFID/floor | confidence | rarest class |
+| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |
+| 16×16 | 2 levels (32, 64), 651k | 64 × 1,200 | L_simple | 10.3 min (over budget) | 38.2 | 3.56 | 0.828 | 4.7 % |
+| 16×16 | 2 levels (32, 64), 651k | 64 × 950 | L_simple | 8.1 min | 49.6 | 4.62 | 0.829 | 5.1 % |
+| 16×16 | 2 levels (32, 64), 651k | 64 × 950 | Min-SNR-5 | 8.1 min | 39.3 | 3.67 | 0.833 | 5.9 % |
+| 16×16 | 2 levels (32, 64), 651k | 32 × 1,900 | L_simple | ≈ 6–7 min | 38.6 | 3.59 | 0.847 | 5.9 % |
+| **16×16** | **2 levels (32, 64), 651k** | **32 × 1,900** | **Min-SNR-5** | **≈ 6–7 min** | **35.3** | **3.29** | **0.852** | **5.9 %** |
+| 16×16 | 2 levels (32, 64), 651k | 32 × 1,900, lr 1e-3 | Min-SNR-5 | ≈ 6–7 min | 39.2 | 3.66 | 0.843 | 7.0 % |
+| 28×28 | 3 levels (16, 32, 64), 636k | 64 × 800 | L_simple | 8.0 min | 362.2 | 11.3 | 0.840 | 1.6 % |
+| 28×28 | 3 levels (16, 32, 64), 636k | 32 × 1,600 | Min-SNR-5 | 7.1 min | 145.7 | 4.56 | 0.871 | 6.6 % |
+
+The first row is the demo until 2026-12-07 (the session-11 model, 10.3 min of training alone at 1.95 steps/s:
+over budget). So: Min-SNR-γ weighting (Hang et al. 2023, γ = 5, ``diffusion.min_snr_gamma``) recovers what
+cutting 1,200 steps to 950 lost; batch 32 trains more images per second than batch 64 on this CPU (its
+activations stay in cache) and doubles the number of updates; both together beat the old demo in less time; halving the learning rate with the batch
+(1e-3, the linear-scaling rule) was worse.
+MNIST's own 28×28, with a three-level U-Net of the same size (28 → 14 → 7), gives rounder strokes and the most
+confident judge, but relative to its real-digit floor it is worse than 16×16 at this budget (4.56 vs 3.29), so the
+demo stays at 16×16 (issue 15's rule); padded 32×32 was not trained (1.23 steps/s at batch 64: still slower).
+Not re-swept here, from the first session's measurements: the learning rate 2e-3 (10× the paper's 2e-4, which is
+for a 35.7M model and 800k steps), the short EMA with warm-up (with the paper's 0.9999, or 0.999 without
+warm-up, a short run samples mostly from its random initialisation), and stochastic sampling (η = 1 gives clearly
+better digits than deterministic DDIM, η = 0, at this stage of training; ``ddpm-jax sample --sampler ddpm``, all
+1,000 steps, is better still). For better digits, train longer:
+``ddpm-jax train --config experiments/mnist.py --workdir runs/mnist train.num_steps=5000`` (re-running it continues
+from the last checkpoint).
 """
 
 import ml_collections
@@ -30,7 +56,7 @@ import ml_collections
 from ddpm_jax.config import dataclass_to_config
 from ddpm_jax.models.unet import UNetConfig
 
-IMAGE_SIZE = 16  # 28 (the native size) trains ~3× slower: ~500 steps in the budget, only strokes
+IMAGE_SIZE = 16  # 28 (the native size) with a 3-level U-Net: worse relative to its floor at this budget (table)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -58,18 +84,19 @@ def get_config() -> ml_collections.ConfigDict:
             up_block_types=("UpBlock2D", "UpBlock2D"),
             add_attention=True,  # self-attention in the mid block only (8×8: cheap)
             norm_num_groups=8,
-            dropout=0.0,  # a 1,200-step run does not overfit 5,000 digits; use 0.1 for long runs
+            dropout=0.0,  # a 1,900-step run does not overfit 5,000 digits; use 0.1 for long runs
         )
     )
 
     config.diffusion = ml_collections.ConfigDict(
-        dict(schedule="linear", num_timesteps=1000, prediction="eps", variance="fixed_small")
+        dict(schedule="linear", num_timesteps=1000, prediction="eps", variance="fixed_small",
+             min_snr_gamma=5.0)  # Min-SNR-γ loss weights (Hang et al. 2023); 0 = the paper's L_simple
     )
 
     config.train = ml_collections.ConfigDict(
         dict(
-            batch_size=64,
-            num_steps=1200,  # ~8 min at ~2.6 steps/s on 2 CPU cores
+            batch_size=32,  # more images/s than 64 on a CPU (cache), twice the updates: see the table
+            num_steps=1900,  # ~6–7 min on 2 quiet CPU cores
             lr=2e-3,  # 10x the paper's 2e-4 (a 35.7M model over 800k steps): short run, small model
             warmup_steps=100,
             grad_clip=1.0,

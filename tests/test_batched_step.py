@@ -99,7 +99,7 @@ def test_batched_train_step_equals_the_per_example_step():
 
 def test_train_step_weights_the_loss_by_config_min_snr_gamma():
     """``config.diffusion.min_snr_gamma`` reaches the step: its loss is ``loss_simple(..., min_snr_gamma=γ)``
-    on the examples' own (t, ε) keys, and it differs from the unweighted L_simple."""
+    on the examples' own (t, ε) keys, and it differs from the unweighted L_simple (γ = None or 0)."""
     config = tiny_config()
     config.data.random_flip, config.model.dropout = False, 0.0
     model = UNet(UNetConfig(**config.model.to_dict()))
@@ -111,10 +111,15 @@ def test_train_step_weights_the_loss_by_config_min_snr_gamma():
     loss_keys = jnp.stack([jax.random.split(jax.random.fold_in(step_key, i), 4)[1] for i in range(8)])
     model_fn = lambda x_t, t: model.apply({"params": state.params}, x_t, t)
     losses = {}
-    for gamma in (None, 0.5):
+    for gamma in (None, 0.0, 0.5):
         config.diffusion.min_snr_gamma = gamma
         _, metrics = jax.jit(diffusion_trainer.make_train_step(model, schedule, config))(state, x0, key)
-        expected = diffusion.loss_simple(schedule, model_fn, x0, loss_keys, min_snr_gamma=gamma)
+        expected = diffusion.loss_simple(schedule, model_fn, x0, loss_keys, min_snr_gamma=gamma or None)  # 0: off
         np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
         losses[gamma] = float(metrics["loss"])
+    assert losses[0.0] == losses[None]
     assert losses[0.5] < 0.9 * losses[None]                  # w_t = min(SNR, 0.5)/SNR < 1 for most t
+    config.diffusion.min_snr_gamma = -1.0                     # a bad value: one line naming the config field
+    with pytest.raises(ValueError, match="diffusion.min_snr_gamma") as info:
+        jax.jit(diffusion_trainer.make_train_step(model, schedule, config))(state, x0, key)
+    assert "\n" not in str(info.value)

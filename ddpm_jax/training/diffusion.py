@@ -44,7 +44,8 @@ Config (an ``ml_collections.ConfigDict``; the experiment files in ``experiments/
     config.diffusion.prediction str    "eps" | "x0" | "v"   (what the model predicts)
     config.diffusion.variance   str    "fixed_small" | "fixed_large"   (ancestral sampling)
     config.diffusion.min_snr_gamma float | None  Min-SNR-γ loss weighting (Hang et al. 2023,
-                                       ``diffusion.min_snr_weight``; 5 is the paper's); None = L_simple (default)
+                                       ``diffusion.min_snr_weight``; 5 is the paper's); None (default) or 0
+                                       = L_simple (0 turns it off from the command line)
     config.train.batch_size     int    global batch (all devices, all hosts); divisible by the device count
     config.train.num_steps      int    total optimizer steps
     config.train.lr             float  peak learning rate (2e-4)
@@ -215,7 +216,7 @@ def make_train_step(model: nn.Module, schedule: Schedule, config: ml_collections
     loss_and_grads = functools.partial(
         _loss_and_grads, model=model, schedule=schedule, prediction=config.diffusion.prediction,
         random_flip=bool(config.data.get("random_flip", False)),
-        min_snr_gamma=config.diffusion.get("min_snr_gamma"),
+        min_snr_gamma=config.diffusion.get("min_snr_gamma") or None,          # None or 0: L_simple
         p_uncond=float(config.get("condition", {}).get("p_uncond", 0.1)),
         null_condition={k: jnp.asarray(v) for k, v in (null_condition or {}).items()})
     ema_decay = float(config.train.ema_decay)
