@@ -35,9 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     spec.loader.exec_module(base)
     config = base.get_config()  # the demo's data, diffusion, optimizer and sampler settings
     # ... with the training recipe the results above were measured with (the demo's until 2026-12-07; the demo
-    # now trains 1,900 steps of batch 32 with Min-SNR-5 weighting, see experiments/mnist.py):
+    # now trains 1,900 steps of batch 32, see experiments/mnist.py):
     config.train.update(batch_size=64, num_steps=1200)
-    config.diffusion.min_snr_gamma = None  # the paper's L_simple
 
     config.model.num_class_embeds = NUM_CLASSES + 1  # the demo's U-Net + a label table; ∅ = index 10
     config.condition = ml_collections.ConfigDict(dict(kind="class", num_classes=NUM_CLASSES, p_uncond=0.1))
