@@ -26,7 +26,7 @@ $(VENV)/.notebooks: $(VENV)/.base
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
-## make demo: train the default MNIST DDPM on the CPU (~10 min) and write samples + figures to $(WORKDIR)
+## make demo: train the default MNIST DDPM on the CPU (~7 min on 2 cores) and write samples + figures to $(WORKDIR)
 demo: $(VENV)/.base
 	$(VENV)/bin/ddpm-jax demo --workdir $(WORKDIR)
 
